@@ -1,0 +1,63 @@
+"""Datasets and batches: in-memory arrays, seeded loaders, Fashion-MNIST and sklearn digits.
+
+``load_dataset(name, split)`` builds a dataset by its registry name (``DATASETS.names()``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdistill.data.arrays import ArrayDataset, Batch, BatchLoader, split_train_val, take
+from kdistill.data.digits import DIGITS_CLASSES, load_digits
+from kdistill.data.fashion_mnist import (
+    DEFAULT_FASHION_MNIST_DIRS,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    resolve_fashion_mnist_root,
+)
+from kdistill.data.idx import read_idx
+from kdistill.registry import Registry
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_FASHION_MNIST_DIRS",
+    "DIGITS_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "ArrayDataset",
+    "Batch",
+    "BatchLoader",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "read_idx",
+    "resolve_fashion_mnist_root",
+    "split_train_val",
+    "take",
+]
+
+#: dataset name → constructor ``(split, root=None, **kwargs) -> ArrayDataset``.
+DATASETS: Registry[ArrayDataset] = Registry("dataset")
+
+
+@DATASETS.register("fashion_mnist")
+def _fashion_mnist(split: str, root: str | Path | None = None, **kwargs: Any) -> ArrayDataset:
+    return load_fashion_mnist(split, root=root, **kwargs)
+
+
+@DATASETS.register("digits")
+def _digits(split: str, root: str | Path | None = None, **kwargs: Any) -> ArrayDataset:
+    del root  # bundled with scikit-learn, nothing to locate
+    return load_digits(split, **kwargs)
+
+
+def load_dataset(
+    name: str, split: str, root: str | Path | None = None, **kwargs: Any
+) -> ArrayDataset:
+    """``DATASETS.create(name, split=split, root=root, **kwargs)``; unknown names get
+    suggestions."""
+    return DATASETS.create(name, split=split, root=root, **kwargs)

@@ -1,0 +1,336 @@
+"""In-memory datasets, seeded batch iteration, and deterministic splits.
+
+Everything here is deterministic given a seed, so that every model of an experiment (teacher,
+student alone, distilled students) sees exactly the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from kdistill.errors import DataError
+
+__all__ = [
+    "ArrayDataset",
+    "Batch",
+    "BatchLoader",
+    "IndexedDataset",
+    "split_train_val",
+    "take",
+]
+
+
+@dataclass(eq=False)
+class ArrayDataset:
+    """A whole dataset held in memory as two tensors.
+
+    ``inputs`` is ``N×C×H×W`` float32 (already normalised), ``targets`` is ``N`` int64 with
+    values in ``[0, len(classes))``. The tensors are treated as read-only: subsets and batches are
+    new tensors made by indexing, nothing writes into them in place.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    classes: list[str]
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Tensor) or not isinstance(self.targets, Tensor):
+            raise DataError(
+                f"dataset {self.name!r}: inputs and targets must be tensors, got "
+                f"{type(self.inputs).__name__} and {type(self.targets).__name__}"
+            )
+        if self.inputs.dim() < 1:
+            raise DataError(f"dataset {self.name!r}: inputs must have a sample dimension, got 0-d")
+        if self.targets.dim() != 1:
+            raise DataError(
+                f"dataset {self.name!r}: targets must be 1-D, got shape {tuple(self.targets.shape)}"
+            )
+        if self.targets.dtype != torch.int64:
+            raise DataError(
+                f"dataset {self.name!r}: targets must be int64, got {self.targets.dtype}"
+            )
+        if len(self.inputs) != len(self.targets):
+            raise DataError(
+                f"dataset {self.name!r}: {len(self.inputs)} inputs but {len(self.targets)} targets"
+            )
+        self.classes = list(self.classes)
+        if len(self.targets) > 0:
+            low, high = int(self.targets.min()), int(self.targets.max())
+            if low < 0 or high >= len(self.classes):
+                raise DataError(
+                    f"dataset {self.name!r}: targets must lie in [0, {len(self.classes)}) "
+                    f"for {len(self.classes)} classes, found values in [{low}, {high}]"
+                )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayDataset(name={self.name!r}, size={len(self)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, ``(C, H, W)`` for images."""
+        return tuple(self.inputs.shape[1:])
+
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inputs[indices], targets[indices])`` by one fancy-indexing call per tensor."""
+        return self.inputs[indices], self.targets[indices]
+
+    def subset(self, indices: Sequence[int] | Tensor, name: str | None = None) -> ArrayDataset:
+        """A new dataset holding the samples at ``indices`` (in that order)."""
+        index = _as_index(indices, len(self), self.name)
+        return ArrayDataset(
+            inputs=self.inputs[index],
+            targets=self.targets[index],
+            classes=list(self.classes),
+            name=name if name is not None else f"{self.name}-subset",
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest over the dtypes, shapes and bytes of ``inputs`` and ``targets``.
+
+        Two datasets with equal tensors have equal fingerprints whatever their names; it serves as
+        a cache key (e.g. for precomputed teacher outputs).
+        """
+        digest = hashlib.sha256()
+        for label, tensor in (("inputs", self.inputs), ("targets", self.targets)):
+            array = tensor.detach().cpu().contiguous().numpy()
+            digest.update(f"{label}:{array.dtype.str}:{tuple(array.shape)};".encode())
+            digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+
+def _as_index(indices: Sequence[int] | Tensor, size: int, name: str) -> Tensor:
+    """``indices`` as a 1-D int64 tensor, checked against ``[0, size)``."""
+    index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+    if index.numel() > 0:
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= size:
+            raise IndexError(
+                f"dataset {name!r}: indices must lie in [0, {size}), "
+                f"found values in [{low}, {high}]"
+            )
+    return index
+
+
+@dataclass(eq=False)
+class Batch:
+    """One batch: ``inputs``, ``target`` and ``index`` (int64 positions in the dataset)."""
+
+    inputs: Tensor
+    target: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with all three tensors moved to ``device``."""
+        return Batch(
+            inputs=self.inputs.to(device, non_blocking=non_blocking),
+            target=self.target.to(device, non_blocking=non_blocking),
+            index=self.index.to(device, non_blocking=non_blocking),
+        )
+
+
+class IndexedDataset(Protocol):
+    """What :class:`BatchLoader` needs from a dataset."""
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit generator seed derived from ``(seed, epoch)`` by sha256.
+
+    Unlike ``seed + epoch`` it does not make (seed 0, epoch 1) and (seed 1, epoch 0) collide.
+    """
+    digest = hashlib.sha256(f"kdistill-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+class BatchLoader:
+    """Iterates a dataset in batches of :class:`Batch`.
+
+    Order: ``arange(N)``, or with ``shuffle`` ``torch.randperm(N)`` drawn from a
+    ``torch.Generator`` seeded by ``epoch_seed(seed, epoch)`` — every model trained with the same
+    seed sees the same order, and a resumed run replays it exactly.
+
+    Sharding (like ``torch.utils.data.DistributedSampler``): the epoch's order is padded by
+    wrapping around to ``world_size · ceil(N / world_size)`` indices, and rank ``r`` takes
+    ``order[r::world_size]``, so every rank gets ``ceil(N / world_size)`` samples.
+    ``batch_size`` is the per-rank batch; ``drop_last`` drops this rank's final short batch.
+    """
+
+    def __init__(
+        self,
+        dataset: IndexedDataset,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must satisfy 0 <= rank < world_size={world_size}, got {rank!r}")
+        if len(dataset) == 0:
+            name = getattr(dataset, "name", type(dataset).__name__)
+            raise DataError(f"dataset '{name}' is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch: ``ceil(N / world_size)``."""
+        return math.ceil(len(self.dataset) / self.world_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order ``__iter__`` and ``iter_from`` use."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = epoch
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        """This rank's sample indices (int64) for ``epoch``, in iteration order."""
+        size = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(size, generator=generator)
+        else:
+            order = torch.arange(size)
+        total = self.num_samples * self.world_size
+        if total > size:
+            repeats = math.ceil(total / size)
+            order = order.repeat(repeats)[:total]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+    def iter_from(self, step: int) -> Iterator[Batch]:
+        """The current epoch's batches from batch number ``step`` on (mid-epoch resume).
+
+        Skipped batches are never built: iteration starts at ``order[step · batch_size]``.
+        """
+        if not isinstance(step, int) or not 0 <= step <= len(self):
+            raise ValueError(f"step must lie in [0, {len(self)}] for this epoch, got {step!r}")
+        return self._batches(self.epoch_order(self.epoch), step)
+
+    def _batches(self, order: Tensor, start: int) -> Iterator[Batch]:
+        size = self.batch_size
+        for step in range(start, len(self)):
+            index = order[step * size : (step + 1) * size]
+            inputs, target = self.dataset.get_batch(index)
+            yield Batch(inputs=inputs, target=target, index=index)
+
+
+def _stratified_pick(targets: Tensor, count: int, seed: int, stratify: bool) -> Tensor:
+    """``count`` distinct positions drawn at random (seeded), returned sorted.
+
+    With ``stratify`` each class c of size n_c gets ``count · n_c / N`` picks, rounded by the
+    largest-remainder method so the total is exactly ``count`` (ties go to the lower class).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    size = len(targets)
+    if not stratify:
+        return torch.randperm(size, generator=generator)[:count].sort().values
+    classes, members = torch.unique(targets, return_counts=True)
+    quota = [count * int(n) // size for n in members]
+    remainder = [count * int(n) % size for n in members]
+    missing = count - sum(quota)
+    by_remainder = sorted(range(len(quota)), key=lambda i: (-remainder[i], i))
+    for i in by_remainder[:missing]:
+        quota[i] += 1
+    picked = []
+    for label, take_n in zip(classes.tolist(), quota, strict=True):
+        positions = torch.nonzero(targets == label).reshape(-1)
+        picked.append(positions[torch.randperm(len(positions), generator=generator)[:take_n]])
+    return torch.cat(picked).sort().values
+
+
+def split_train_val(
+    dataset: ArrayDataset, val_size: int | float, seed: int = 0, *, stratify: bool = True
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Split into ``(train, val)`` by a seeded random draw of the validation samples.
+
+    ``val_size`` is a count (int ≥ 1) or a fraction in (0, 1) (rounded to the nearest count).
+    With ``stratify`` each class keeps its share (see ``_stratified_pick``). Both parts keep the
+    dataset's original sample order; together they hold every sample exactly once.
+    """
+    size = len(dataset)
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise ValueError(f"val_size must be an int or a float, got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0.0 < val_size < 1.0:
+            raise ValueError(f"val_size as a fraction must lie in (0, 1), got {val_size}")
+        count = round(val_size * size)
+    else:
+        count = val_size
+    if count < 1:
+        raise DataError(
+            f"dataset {dataset.name!r}: val_size={val_size!r} of {size} samples gives no "
+            f"validation samples"
+        )
+    if count >= size:
+        raise DataError(
+            f"dataset {dataset.name!r}: val_size={val_size!r} of {size} samples leaves no "
+            f"training data"
+        )
+    val_index = _stratified_pick(dataset.targets, count, seed, stratify)
+    is_val = torch.zeros(size, dtype=torch.bool)
+    is_val[val_index] = True
+    train_index = torch.nonzero(~is_val).reshape(-1)
+    train = dataset.subset(train_index, name=f"{dataset.name}-train")
+    val = dataset.subset(val_index, name=f"{dataset.name}-val")
+    return train, val
+
+
+def take(
+    dataset: ArrayDataset, n: int | None, seed: int = 0, *, stratify: bool = True
+) -> ArrayDataset:
+    """A seeded random subset of ``n`` samples (original order kept); ``None`` or ``n ≥ N``
+    returns ``dataset`` itself. With ``stratify`` each class keeps its share."""
+    if n is None:
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if n >= len(dataset):
+        return dataset
+    index = _stratified_pick(dataset.targets, n, seed, stratify)
+    return dataset.subset(index, name=f"{dataset.name}-take{n}")

@@ -1,0 +1,320 @@
+"""The Distiller: a frozen teacher, a student, and a list of weighted loss terms.
+
+    loss = Σ_i  w_i · ramp_i · loss_i(student side, teacher side[, target][, index])
+
+A term reads each side from the model output (a tensor, or one key of a dict output) or from a
+layer tapped by name. The teacher is kept frozen: eval mode whatever `.train()` is called with,
+parameters without gradients, forward under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.connectors import align_spatial, build_connector
+from kdistill.errors import NonFiniteLossError
+from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
+from kdistill.taps import Taps
+
+ModelOutput = Tensor | Mapping[str, Tensor]
+
+
+@dataclass
+class Term:
+    """One weighted loss term.
+
+    `student` / `teacher`: a `named_modules()` name to tap, or None for the model output.
+    `output`: the key to pick when a model returns a dict (e.g. ``"seg"``).
+    `warmup_epochs`: the weight ramps linearly from 0 to `weight` over this many epochs
+    (DKD's warm-up); the engine reports progress with `Distiller.set_progress`.
+    """
+
+    loss: nn.Module
+    weight: float = 1.0
+    student: str | None = None
+    teacher: str | None = None
+    output: str | None = None
+    name: str | None = None
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)):
+            raise ValueError(f"term weight must be a finite number, got {self.weight!r}")
+        if self.weight < 0:
+            raise ValueError(f"term weight must be >= 0, got {self.weight}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(getattr(self.loss, "needs", (STUDENT, TEACHER)))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return TEACHER in self.needs
+
+    def ramp(self, progress_epochs: float) -> float:
+        if self.warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, progress_epochs / self.warmup_epochs)
+
+
+@dataclass
+class DistillOutput:
+    """`loss`: the weighted sum (0-dim, differentiable); `parts`: each term's weighted share."""
+
+    loss: Tensor
+    parts: dict[str, float]
+    student_output: ModelOutput
+    teacher_output: ModelOutput | None = None
+    raw_parts: dict[str, float] = field(default_factory=dict)
+
+
+def select_output(output: Any, key: str | None, side: str) -> Tensor:
+    """The tensor a term reads from a model output: the tensor itself or `output[key]`."""
+    if isinstance(output, Mapping):
+        if key is None:
+            raise ValueError(
+                f"the {side} returns a dict with keys {sorted(output)}; "
+                "say which one a term uses with Term(..., output=<key>)"
+            )
+        if key not in output:
+            raise KeyError(f"the {side} output has no key {key!r}; it has {sorted(output)}")
+        return output[key]
+    if key is not None:
+        raise ValueError(f"Term(output={key!r}) was given but the {side} returns a plain tensor")
+    if not isinstance(output, Tensor):
+        raise TypeError(f"the {side} returned {type(output).__name__}; expected a tensor or a dict")
+    return output
+
+
+def _clone_tree(output: Any) -> Any:
+    """Normal tensors from inference-mode ones, so autograd may save them."""
+    if isinstance(output, Tensor):
+        return output.clone()
+    if isinstance(output, Mapping):
+        return {key: _clone_tree(value) for key, value in output.items()}
+    return output
+
+
+def _unique_names(terms: Sequence[Term]) -> list[str]:
+    names: list[str] = []
+    for term in terms:
+        base = term.name or getattr(term.loss, "name", "") or type(term.loss).__name__.lower()
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+class Distiller(nn.Module):
+    """Teacher (frozen) + student + terms. Call it like a model: ``out = distiller(x, target=y)``."""
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        terms: Sequence[Term],
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if not terms:
+            raise ValueError("a Distiller needs at least one Term")
+        self.terms = list(terms)
+        self.term_names = _unique_names(self.terms)
+        self.needs_teacher = any(term.uses_teacher for term in self.terms)
+        if self.needs_teacher and teacher is None:
+            users = [n for n, t in zip(self.term_names, self.terms) if t.uses_teacher]
+            raise ValueError(f"terms {users} need a teacher, but teacher is None")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.losses = nn.ModuleList(term.loss for term in self.terms)
+        self.connectors = nn.ModuleDict()
+        self.check_finite = check_finite
+        self.progress_epochs = 0.0
+        student_layers = [t.student for t in self.terms if t.student is not None]
+        teacher_layers = [t.teacher for t in self.terms if t.teacher is not None and t.uses_teacher]
+        self.student_taps = Taps(student, student_layers, "student") if student_layers else None
+        self.teacher_taps = None
+        if teacher_layers:
+            assert teacher is not None
+            self.teacher_taps = Taps(teacher, teacher_layers, "teacher")
+
+    # -- modes and parameters -------------------------------------------------------------
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student + connector (+ loss-owned, e.g. embedding heads) parameters; never the teacher's."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        params += [p for p in self.connectors.parameters() if p.requires_grad]
+        params += [p for p in self.losses.parameters() if p.requires_grad]
+        return params
+
+    def set_progress(self, epochs: float) -> None:
+        """Training progress in epochs (fractional), for the terms' warm-up ramps."""
+        self.progress_epochs = float(epochs)
+
+    def close(self) -> None:
+        """Remove every forward hook this distiller put on the models."""
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.close()
+
+    # -- forward ----------------------------------------------------------------------------
+    def run_teacher(self, inputs: Tensor) -> tuple[ModelOutput, dict[str, Tensor]]:
+        """Teacher output and tapped features, computed without autograd."""
+        assert self.teacher is not None
+        if self.teacher_taps is not None:
+            self.teacher_taps.clear()
+        with torch.inference_mode():
+            output = self.teacher(inputs)
+            features = self.teacher_taps.collect() if self.teacher_taps is not None else {}
+        return _clone_tree(output), {k: v.clone() for k, v in features.items()}
+
+    @torch.no_grad()
+    def build(self, inputs: Tensor) -> None:
+        """Create the connectors from one batch's shapes (no training-mode side effects)."""
+        if not any(getattr(term.loss, "uses_connector", False) for term in self.terms):
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            self._forward(inputs, None, None, None, None, build_only=True)
+        finally:
+            self.train(was_training)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        target: Tensor | None = None,
+        index: Tensor | None = None,
+        teacher_output: ModelOutput | None = None,
+        teacher_features: Mapping[str, Tensor] | None = None,
+    ) -> DistillOutput:
+        """`teacher_output` / `teacher_features` may come from a cache; the teacher then does not run."""
+        return self._forward(inputs, target, index, teacher_output, teacher_features)
+
+    def _forward(self, inputs, target, index, teacher_output, teacher_features, build_only=False):
+        if self.student_taps is not None:
+            self.student_taps.clear()
+        student_output = self.student(inputs)
+        student_features = self.student_taps.collect() if self.student_taps is not None else {}
+
+        if self.needs_teacher:
+            have_features = teacher_features is not None or self.teacher_taps is None
+            if teacher_output is None or not have_features:
+                teacher_output, teacher_features = self.run_teacher(inputs)
+        teacher_features = teacher_features or {}
+
+        total: Tensor | None = None
+        parts: dict[str, float] = {}
+        raw_parts: dict[str, float] = {}
+        for name, term in zip(self.term_names, self.terms):
+            args = self._term_inputs(
+                name,
+                term,
+                student_output,
+                student_features,
+                teacher_output,
+                teacher_features,
+                target,
+                index,
+                build_only,
+            )
+            if build_only:
+                continue
+            try:
+                value = term.loss(*args)
+            except (ValueError, RuntimeError) as error:
+                raise type(error)(f"term {self._describe(name, term)}: {error}") from error
+            weight = term.weight * term.ramp(self.progress_epochs)
+            raw = float(value.detach())
+            if self.check_finite and not math.isfinite(raw):
+                raise NonFiniteLossError(
+                    f"loss term {self._describe(name, term)} is {raw} "
+                    f"(weight {weight:g}); stopping before it corrupts the weights",
+                    term=name,
+                )
+            raw_parts[name] = raw
+            parts[name] = weight * raw
+            contribution = value * weight
+            total = contribution if total is None else total + contribution
+        if build_only:
+            return None
+        assert total is not None
+        return DistillOutput(total, parts, student_output, teacher_output, raw_parts)
+
+    def _describe(self, name: str, term: Term) -> str:
+        sides = []
+        if term.student is not None:
+            sides.append(f"student layer {term.student!r}")
+        if term.teacher is not None and term.uses_teacher:
+            sides.append(f"teacher layer {term.teacher!r}")
+        return f"{name!r}" + (f" ({' → '.join(sides)})" if sides else "")
+
+    def _term_inputs(
+        self,
+        name,
+        term,
+        student_output,
+        student_features,
+        teacher_output,
+        teacher_features,
+        target,
+        index,
+        build_only=False,
+    ) -> list[Tensor]:
+        student_value = (
+            student_features[term.student]
+            if term.student is not None
+            else select_output(student_output, term.output, "student")
+        )
+        teacher_value = None
+        if term.uses_teacher:
+            teacher_value = (
+                teacher_features[term.teacher]
+                if term.teacher is not None
+                else select_output(teacher_output, term.output, "teacher")
+            )
+            if getattr(term.loss, "uses_connector", False):
+                student_value = self._connect(name, term, student_value, teacher_value)
+                student_value, teacher_value = align_spatial(student_value, teacher_value)
+        values = {STUDENT: student_value, TEACHER: teacher_value, TARGET: target, INDEX: index}
+        if build_only:
+            return []
+        for need in term.needs:
+            if values.get(need) is None:
+                raise ValueError(f"term {name!r} needs {need!r}, which was not given")
+        return [values[need] for need in term.needs]
+
+    def _connect(
+        self, name: str, term: Term, student_value: Tensor, teacher_value: Tensor
+    ) -> Tensor:
+        if name not in self.connectors:
+            if (
+                student_value.dim() == teacher_value.dim()
+                and student_value.shape[1] == teacher_value.shape[1]
+            ):
+                return student_value
+            connector = build_connector(
+                tuple(student_value.shape),
+                tuple(teacher_value.shape),
+                term.student or "output",
+                term.teacher or "output",
+            )
+            self.connectors[name] = connector.to(student_value.device)
+        return self.connectors[name](student_value)

@@ -1,0 +1,30 @@
+"""Training settings the engine understands (validated by pydantic; recipes embed them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """How one model is trained: budget, optimiser, schedule, and what to do on a bad batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    step_epochs: int = Field(1, ge=1, description="step schedule: decay every this many epochs")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss stops the run (naming the term) or skips the batch"
+    )
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
+    device: str = "cpu"
+    progress: bool = True

@@ -1,0 +1,60 @@
+"""Evaluation metrics as small objects: `update()` per batch, `compute()` at the end.
+
+Counts are kept as tensors so a distributed run can sum them across ranks before `compute()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Accuracy:
+    """Top-1 accuracy and mean cross-entropy over everything seen since `reset()`."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(3, dtype=torch.float64)  # correct, total, summed loss
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        logits = logits.detach().float()
+        correct = (logits.argmax(dim=1) == target).sum()
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        self.counts += torch.stack([correct.double(), torch.tensor(float(len(target))), loss.double().cpu()])
+
+    def compute(self) -> dict[str, float]:
+        correct, total, loss = self.counts.tolist()
+        if total == 0:
+            raise ValueError("accuracy of an empty evaluation set")
+        return {"accuracy": correct / total, "loss": loss / total}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Accuracy and loss of `model` (restored to its previous mode) over `loader`."""
+    was_training = model.training
+    model.eval()
+    metric = Accuracy()
+    try:
+        for batch in loader:
+            metric.update(model(batch.inputs.to(device)), batch.target.to(device))
+    finally:
+        model.train(was_training)
+    return metric.compute()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: str | torch.device = "cpu") -> Tensor:
+    """The model's outputs over an unshuffled loader, stacked in dataset order (eval mode)."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for batch in loader:
+            outputs.append(model(batch.inputs.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)

@@ -1,0 +1,34 @@
+"""The exceptions kdistill raises on bad input. Each message says what was wrong and where."""
+
+from __future__ import annotations
+
+
+class KdistillError(Exception):
+    """Base class for kdistill's own errors."""
+
+
+class DataError(KdistillError, ValueError):
+    """A data file is missing, truncated, corrupt or inconsistent; the message names the file."""
+
+
+class ConfigError(KdistillError, ValueError):
+    """A recipe or option is invalid; the message gives the path to the bad field."""
+
+
+class CheckpointError(KdistillError, ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class LayerNotFoundError(KdistillError, KeyError):
+    """A tap names a module that the model does not have; the message suggests close names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteLossError(KdistillError, FloatingPointError):
+    """A loss term became NaN or infinite; the message names the term (and the step when known)."""
+
+    def __init__(self, message: str, term: str | None = None):
+        super().__init__(message)
+        self.term = term

@@ -1,0 +1,55 @@
+"""What every kdistill loss shares: the `needs` declaration and the name registry.
+
+A loss is a pure `nn.Module`: tensors in, a 0-dim tensor out. It declares in `needs` which values
+the distiller must pass, in order:
+
+- ``"student"`` / ``"teacher"``: the model output (or the tapped layer output) of each side;
+- ``"target"``: the labels of the batch;
+- ``"index"``: the dataset positions of the batch's samples (memory-bank losses).
+
+Weights, warm-up and layer selection live in `kdistill.Term`, never inside a loss.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from kdistill.registry import Registry
+
+LOSSES: Registry[nn.Module] = Registry("loss")
+
+STUDENT = "student"
+TEACHER = "teacher"
+TARGET = "target"
+INDEX = "index"
+
+
+class DistillLoss(nn.Module):
+    """Base for kdistill losses: only adds the `needs` contract and the registry name."""
+
+    needs: ClassVar[tuple[str, ...]] = (STUDENT, TEACHER)
+    name: ClassVar[str] = ""
+    # True when student and teacher tensors may differ in channels and a trainable connector
+    # (1×1 conv / linear) should map the student's channels to the teacher's.
+    uses_connector: ClassVar[bool] = False
+
+
+def register_loss(name: str):
+    """Class decorator: register under `name` and record the name on the class."""
+
+    def add(cls):
+        cls.name = name
+        return LOSSES.register(name)(cls)
+
+    return add
+
+
+def create_loss(name: str, **params) -> nn.Module:
+    """Build a registered loss by name, e.g. ``create_loss("kd", temperature=2.0)``."""
+    constructor = LOSSES.get(name)
+    try:
+        return constructor(**params)
+    except TypeError as error:
+        raise TypeError(f"loss {name!r}: {error}") from None

@@ -1,0 +1,70 @@
+"""Ready-made teachers and students, reachable by name.
+
+Models are plain `nn.Module`s taking `in_channels` and `num_classes` (and `image_size` where
+the architecture needs it) and returning `N×num_classes` logits::
+
+    from kdistill.models import create_model, count_parameters
+
+    teacher = create_model("resnet20", in_channels=1, num_classes=10)
+    student = create_model("middle_student", channels=(8, 16))
+    count_parameters(student)
+
+`list_models()` names them all; an unknown name raises KeyError with close names suggested.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdistill.models.classic import ClassicTeacher, MiddleStudent, MiniStudent
+from kdistill.models.resnet import (
+    BasicBlock,
+    ResNet,
+    blocks_per_stage,
+    resnet8,
+    resnet14,
+    resnet20,
+    resnet32,
+)
+from kdistill.registry import Registry
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "ClassicTeacher",
+    "MiddleStudent",
+    "MiniStudent",
+    "ResNet",
+    "blocks_per_stage",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+]
+
+MODELS: Registry[nn.Module] = Registry("model")
+MODELS.register("classic_teacher")(ClassicTeacher)
+MODELS.register("mini_student")(MiniStudent)
+MODELS.register("middle_student")(MiddleStudent)
+MODELS.register("resnet8")(resnet8)
+MODELS.register("resnet14")(resnet14)
+MODELS.register("resnet20")(resnet20)
+MODELS.register("resnet32")(resnet32)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model `name` with constructor keyword arguments `kwargs`."""
+    return MODELS.create(name, **kwargs)
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return MODELS.names()
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (shared tensors counted once); buffers are not counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,217 @@
+"""The recipe file: a validated description of one experiment (pydantic 2).
+
+A recipe names the data, the teacher, the students, one training budget shared by every student
+(alone or distilled: same epochs, optimiser, data order, seeds) and the distillation methods.
+The distilled objective of a method is
+
+    loss = (1 − α) · hard_loss(z_s, y)  +  α · Σ_i w_i · soft_i
+
+and `tune.grid` lists the values of α and of loss parameters (e.g. `temperature`) to try on the
+validation split held out from the training set — never on the test set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdistill.engine.config import TrainConfig
+from kdistill.errors import ConfigError
+from kdistill.losses import LOSSES
+from kdistill.models import MODELS
+from kdistill.registry import unknown_name_message
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    dataset: str = "fashion_mnist"
+    root: str | None = Field(None, description="folder with the dataset files (default: search)")
+    val_size: int | float = Field(5000, gt=0, description="held out of the training split")
+    train_limit: int | None = Field(None, ge=1, description="use a random subset (quick runs)")
+    test_limit: int | None = Field(None, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def known_dataset(cls, name: str) -> str:
+        from kdistill.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(unknown_name_message("dataset", name, DATASETS.names()))
+        return name
+
+
+class ModelSpec(Strict):
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def known_model(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(unknown_name_message("model", name, MODELS.names()))
+        return name
+
+
+class TeacherSpec(ModelSpec):
+    checkpoint: str | None = Field(
+        None, description="safetensors weights to load instead of training the teacher"
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2))
+
+
+class StudentSpec(ModelSpec):
+    name: str
+
+
+class TermSpec(Strict):
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    student: str | None = None
+    teacher: str | None = None
+    output: str | None = None
+    warmup_epochs: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def known_loss_and_params(self) -> TermSpec:
+        if self.loss not in LOSSES:
+            raise ValueError(unknown_name_message("loss", self.loss, LOSSES.names()))
+        accepted = loss_parameters(self.loss)
+        unknown = sorted(set(self.params) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"loss {self.loss!r} has no parameter(s) {unknown}; it takes {sorted(accepted)}"
+            )
+        return self
+
+
+def loss_parameters(name: str) -> list[str]:
+    signature = inspect.signature(LOSSES.get(name).__init__)
+    return [p for p in signature.parameters if p != "self"]
+
+
+class DistillSpec(Strict):
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft terms; 1 − α on hard")
+    hard_loss: str = "ce"
+    methods: dict[str, list[TermSpec]] = Field(
+        default_factory=lambda: {"kd": [TermSpec(loss="kd", params={"temperature": 4.0})]}
+    )
+    cache_teacher_outputs: bool = Field(
+        True,
+        description="compute the teacher's outputs once over the training set when no term taps "
+        "teacher layers (exact: no random augmentation is applied)",
+    )
+
+    @model_validator(mode="after")
+    def non_empty_methods(self) -> DistillSpec:
+        if not self.methods:
+            raise ValueError("distill.methods must name at least one method")
+        for name, terms in self.methods.items():
+            if not terms:
+                raise ValueError(f"method {name!r} has no terms")
+        if self.hard_loss not in LOSSES:
+            raise ValueError(unknown_name_message("loss", self.hard_loss, LOSSES.names()))
+        return self
+
+
+class TuneSpec(Strict):
+    enabled: bool = True
+    grid: dict[str, list[float]] = Field(default_factory=dict)
+    epochs: int | None = Field(None, ge=1, description="budget per trial (default: train.epochs)")
+    seed: int = 0
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    seeds: int = Field(1, ge=1, description="students are trained once per seed: seed, seed+1, …")
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec
+    students: list[StudentSpec] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+
+    @model_validator(mode="after")
+    def grid_keys_exist(self) -> Recipe:
+        for key, values in self.tune.grid.items():
+            if not values:
+                raise ValueError(f"tune.grid.{key} is empty")
+            if key == "alpha":
+                continue
+            for method, terms in self.distill.methods.items():
+                if not any(key in loss_parameters(term.loss) for term in terms):
+                    raise ValueError(
+                        f"tune.grid.{key}: no loss of method {method!r} has a parameter {key!r}"
+                    )
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student names must be unique, got {names}")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """`set_dotted(d, "train.epochs", 3)`; list items by index: `students.0.model`."""
+    keys = dotted.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if key not in node or not isinstance(node[key], (dict, list)):
+            node[key] = {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["train.epochs=3", "tune.enabled=false"]` → pairs, values parsed as YAML scalars."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw)))
+    return pairs
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, apply `--set` overrides, and validate; errors name the file and the bad field."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        try:
+            set_dotted(data, key, value)
+        except (IndexError, ValueError, TypeError):
+            raise ConfigError(f"--set {key}: no such place in the recipe") from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, str(path))) from None

@@ -1,0 +1,92 @@
+"""Taps: capture the outputs of modules picked by their `named_modules()` name, with forward hooks.
+
+A tap keeps the output of the **last** call of its module in a forward pass (a module called
+twice, e.g. a shared block, reports its second output); `calls[name]` counts the calls since the
+last `clear()`, so a caller can detect reuse. Hooks are removed by `close()` or on leaving a
+`with` block, including when an error is raised inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from kdistill.errors import LayerNotFoundError
+from kdistill.registry import close_matches
+
+
+def find_modules(
+    model: nn.Module, names: Iterable[str], model_label: str = "model"
+) -> dict[str, nn.Module]:
+    """Map each name to its submodule; an unknown name fails with the closest valid names."""
+    modules = dict(model.named_modules())
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        if name not in modules:
+            valid = [n for n in modules if n]
+            suggestions = close_matches(name, valid, n=5)
+            hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
+            raise LayerNotFoundError(
+                f"{model_label} ({type(model).__name__}) has no module named {name!r}{hint}. "
+                f"Valid names are those of model.named_modules(), e.g. {', '.join(valid[:8])}"
+            )
+        found[name] = modules[name]
+    return found
+
+
+class Taps:
+    """Forward hooks on named modules; `outputs[name]` holds the latest output of each."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], model_label: str = "model"):
+        self.model_label = model_label
+        self.names = list(dict.fromkeys(names))
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self._handles = [
+            module.register_forward_hook(self._recorder(name))
+            for name, module in find_modules(model, self.names, model_label).items()
+        ]
+
+    def _recorder(self, name: str):
+        def record(module: nn.Module, inputs, output) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"{self.model_label} layer {name!r} ({type(module).__name__}) returned "
+                    f"{type(output).__name__}, not a tensor; tap a module that returns a tensor "
+                    f"(e.g. one of its children)"
+                )
+            self.outputs[name] = output
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+        return record
+
+    def clear(self) -> None:
+        self.outputs = {}
+        self.calls = {}
+
+    def collect(self) -> dict[str, Tensor]:
+        """The outputs of the last forward pass; a module that never ran is an error."""
+        missing = [name for name in self.names if name not in self.outputs]
+        if missing:
+            raise RuntimeError(
+                f"{self.model_label} layers {missing} were not called in the forward pass; "
+                "tap modules that the model's forward actually uses"
+            )
+        return dict(self.outputs)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> Taps:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
