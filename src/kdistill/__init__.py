@@ -1,1 +1,42 @@
-"""kdistill: knowledge distillation for PyTorch."""
+"""kdistill: knowledge distillation for PyTorch.
+
+    import kdistill as kd
+    from kdistill import losses as L
+
+    distiller = kd.Distiller(teacher, student, terms=[
+        kd.Term(L.KD(temperature=4.0), weight=0.9),
+        kd.Term(L.CE(), weight=0.1),
+    ])
+    out = distiller(images, target=labels)   # out.loss, out.parts, out.student_output
+"""
+
+from kdistill import losses
+from kdistill.distiller import Distiller, DistillOutput, Term
+from kdistill.engine import TrainConfig, fit
+from kdistill.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    KdistillError,
+    LayerNotFoundError,
+    NonFiniteLossError,
+)
+from kdistill.taps import Taps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DistillOutput",
+    "Distiller",
+    "KdistillError",
+    "LayerNotFoundError",
+    "NonFiniteLossError",
+    "Taps",
+    "Term",
+    "TrainConfig",
+    "fit",
+    "losses",
+]

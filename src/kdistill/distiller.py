@@ -48,7 +48,7 @@ class Term:
             raise ValueError(f"term weight must be a finite number, got {self.weight!r}")
         if self.weight < 0:
             raise ValueError(f"term weight must be >= 0, got {self.weight}")
-        if self.warmup_epochs < 0:
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
     @property
@@ -316,5 +316,6 @@ class Distiller(nn.Module):
                 term.student or "output",
                 term.teacher or "output",
             )
-            self.connectors[name] = connector.to(student_value.device)
+            connector = connector.to(device=student_value.device, dtype=student_value.dtype)
+            self.connectors[name] = connector.train(self.training)
         return self.connectors[name](student_value)

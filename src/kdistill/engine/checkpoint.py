@@ -1,9 +1,11 @@
-"""Checkpoints: tensors in safetensors, everything else in JSON, both written atomically.
+"""Checkpoints: one safetensors file holding the tensors and, in its metadata, the JSON state.
 
-A checkpoint `<dir>/<name>` is two files: `<name>.safetensors` (weights, optimiser moments, RNG
-state) and `<name>.json` (epoch, step, config, optimiser hyperparameters, and the SHA-256 of the
-tensor file). Each is written to a temporary file, flushed to disk and renamed into place; the JSON
-is renamed last, so a checkpoint whose JSON exists is complete. Nothing is ever unpickled.
+A checkpoint `<dir>/<name>.safetensors` carries weights, optimiser moments and RNG state as
+tensors, and in its header metadata the JSON state (epoch, step, config, …) and a SHA-256 digest
+of the tensors. One file means one atomic rename: it is written to a temporary file, flushed to
+disk and renamed into place, so a crash leaves either the old or the new checkpoint, never a mix.
+With `keep_previous`, the checkpoint being replaced is kept as `<name>.prev.safetensors`, so a
+corrupted latest checkpoint still leaves the previous good one usable. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from kdistill.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+META_KEY = "kdistill"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -45,68 +48,110 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def sha256_file(path: Path) -> str:
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 
-def _save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+def checkpoint_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.safetensors"
+
+
+def previous_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{name}.prev.safetensors"
+
+
+def save_checkpoint(
+    directory: Path,
+    name: str,
+    tensors: Mapping[str, Tensor],
+    state: dict,
+    keep_previous: bool = False,
+) -> Path:
+    """Atomically write `<directory>/<name>.safetensors` with `state` in its metadata."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, name)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    meta = {"format": FORMAT_VERSION, "sha256": tensors_digest(contiguous), "state": state}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(contiguous, tmp)
+        save_file(contiguous, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(directory, name))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_checkpoint(directory: Path, name: str, tensors: Mapping[str, Tensor], state: dict) -> Path:
-    """Write `<name>.safetensors` then `<name>.json` (with the tensor file's checksum)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensor_path = directory / f"{name}.safetensors"
-    _save_tensors(tensor_path, tensors)
-    meta = {"format": FORMAT_VERSION, "sha256": sha256_file(tensor_path), "state": state}
-    atomic_write_text(directory / f"{name}.json", json.dumps(meta, indent=1, sort_keys=True))
-    return tensor_path
+    return path
 
 
 def load_checkpoint(directory: Path, name: str) -> tuple[dict[str, Tensor], dict]:
     """Read and verify a checkpoint; any defect raises CheckpointError saying which file and why."""
-    directory = Path(directory)
-    json_path = directory / f"{name}.json"
-    tensor_path = directory / f"{name}.safetensors"
-    if not json_path.exists():
-        raise CheckpointError(f"{json_path}: no such checkpoint (its JSON file is missing)")
+    return read_checkpoint_file(checkpoint_path(directory, name))
+
+
+def read_checkpoint_file(path: Path) -> tuple[dict[str, Tensor], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{json_path}: corrupt checkpoint metadata ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
+    if META_KEY not in header:
         raise CheckpointError(
-            f"{json_path}: unsupported checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}"
-            f" (this kdistill reads format {FORMAT_VERSION})"
+            f"{path}: a safetensors file without kdistill metadata (not written by kdistill's "
+            "save_checkpoint); load plain weights with safetensors.torch.load_file"
         )
-    if not tensor_path.exists():
-        raise CheckpointError(f"{tensor_path}: missing (its metadata {json_path.name} exists)")
-    actual = sha256_file(tensor_path)
-    if actual != meta.get("sha256"):
+    try:
+        meta = json.loads(header[META_KEY])
+        version, expected, state = meta["format"], meta["sha256"], meta["state"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({error!r})") from None
+    if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{tensor_path}: checksum mismatch (expected {meta.get('sha256')}, found {actual}); "
+            f"{path}: unsupported checkpoint format {version!r} (this kdistill reads format "
+            f"{FORMAT_VERSION})"
+        )
+    actual = tensors_digest(tensors)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: checksum mismatch (expected {expected}, found {actual}); "
             "the file is corrupt or was changed after it was written"
         )
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (state is not a mapping)")
+    return tensors, state
+
+
+def load_latest_checkpoint(directory: Path, name: str) -> tuple[dict[str, Tensor], dict, Path]:
+    """The latest checkpoint, or the previous one when the latest is missing or corrupt.
+
+    Raises CheckpointError naming both files when neither is usable.
+    """
+    latest, previous = checkpoint_path(directory, name), previous_path(directory, name)
     try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({error})") from None
-    return tensors, meta["state"]
+        tensors, state = read_checkpoint_file(latest)
+        return tensors, state, latest
+    except CheckpointError as latest_error:
+        if not previous.exists():
+            raise
+        try:
+            tensors, state = read_checkpoint_file(previous)
+        except CheckpointError as previous_error:
+            raise CheckpointError(f"{latest_error}; and the previous one: {previous_error}") from None
+        return tensors, state, previous
 
 
 def with_prefix(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -167,3 +212,34 @@ def optimizer_from_flat(
     for param_id, slots in meta.get("plain_state", {}).items():
         state.setdefault(int(param_id), {}).update(slots)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Weights from a file, loaded safely: a kdistill checkpoint (verified), a plain safetensors
+    file, or a PyTorch state dict (`.pt`/`.pth`) read with `torch.load(weights_only=True)`.
+
+    A kdistill checkpoint may prefix its keys (`student.`); pass the stripped dict to the model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                is_kdistill = META_KEY in (handle.metadata() or {})
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
+        if is_kdistill:
+            return read_checkpoint_file(path)[0]
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(
+            f"{path}: cannot be loaded as a state dict with weights_only=True ({error}). "
+            "kdistill never unpickles arbitrary objects; save model.state_dict() or safetensors"
+        ) from None
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
+    return dict(loaded)

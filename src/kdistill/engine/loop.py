@@ -6,6 +6,7 @@ reports `out.parts`. Features are plain flags on `TrainConfig`, not callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kdistill.distiller import Distiller
 from kdistill.engine.checkpoint import (
-    load_checkpoint,
+    load_latest_checkpoint,
     load_weights,
     optimizer_from_flat,
     optimizer_to_flat,
@@ -80,20 +81,42 @@ def load_trained_state(distiller: Distiller, tensors: dict[str, Tensor], source:
     load_weights(distiller.losses, strip_prefix("losses", tensors), "loss modules", source)
 
 
-def _save(directory, distiller, optimizer, scheduler, label, epoch, step, history, config):
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint must restore for an exact resume."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # batches finished in the current epoch
+    part_sums: dict[str, float] = field(default_factory=dict)  # of the current epoch
+    steps_seen: int = 0  # optimiser steps taken in the current epoch
+    history: list[dict] = field(default_factory=list)
+    skipped_batches: int = 0
+
+
+def _save(directory, distiller, optimizer, scheduler, progress: Progress, label, config) -> None:
     optim_tensors, optim_meta = optimizer_to_flat(optimizer)
     tensors = {**trained_state(distiller), **optim_tensors, "rng.torch": torch.get_rng_state()}
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {
         "label": label,
-        "epoch": epoch,
-        "step": step,
-        "history": history,
+        "progress": dataclasses.asdict(progress),
         "optimizer": optim_meta,
-        "scheduler": scheduler_state,
+        "scheduler": scheduler.state_dict(),
         "config": config.model_dump(),
     }
-    save_checkpoint(directory, CHECKPOINT_NAME, tensors, state)
+    save_checkpoint(directory, CHECKPOINT_NAME, tensors, state, keep_previous=True)
+
+
+def _restore(checkpoint_dir, distiller, optimizer, scheduler, label) -> Progress:
+    tensors, state, path = load_latest_checkpoint(Path(checkpoint_dir), CHECKPOINT_NAME)
+    if path.name != f"{CHECKPOINT_NAME}.safetensors":
+        log.warning("%s: the latest checkpoint is unusable; resuming from %s", label, path)
+    load_trained_state(distiller, tensors, str(path))
+    optimizer_from_flat(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    progress = Progress(**state["progress"])
+    log.info("%s: resumed at epoch %d, step %d", label, progress.epoch + 1, progress.step)
+    return progress
 
 
 def fit(
@@ -112,44 +135,37 @@ def fit(
 
     `teacher_outputs`: the teacher's outputs for every training sample, indexed by
     `batch.index` (offline distillation); the teacher then never runs during training.
-    With `resume`, training continues from `checkpoint_dir/last` when it exists.
+    With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
+    optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
+    bit for bit on CPU, as an uninterrupted run.
     """
     device = torch.device(config.device)
     distiller.to(device)
-    first = next(iter(train_loader))
-    distiller.build(first.inputs.to(device))
+    distiller.build(next(iter(train_loader)).inputs.to(device))
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
-    result = FitResult()
-    start_epoch, start_step = 0, 0
-
-    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / f"{CHECKPOINT_NAME}.json").exists():
-        tensors, state = load_checkpoint(Path(checkpoint_dir), CHECKPOINT_NAME)
-        load_trained_state(distiller, tensors, str(checkpoint_dir))
-        optimizer_from_flat(optimizer, tensors, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        result.history = state["history"]
-        log.info("%s: resumed at epoch %d, step %d", label, start_epoch, start_step)
+    progress = Progress()
+    if resume and checkpoint_dir is not None:
+        directory = Path(checkpoint_dir)
+        if any(directory.glob(f"{CHECKPOINT_NAME}*.safetensors")):
+            progress = _restore(directory, distiller, optimizer, scheduler, label)
 
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
-    for epoch in range(start_epoch, config.epochs):
+    while progress.epoch < config.epochs:
+        epoch = progress.epoch
         train_loader.set_epoch(epoch)
         distiller.train()
-        sums: dict[str, float] = {}
-        seen = 0
         bar = tqdm(
-            train_loader.iter_from(start_step),
+            train_loader.iter_from(progress.step),
             total=steps_per_epoch,
-            initial=start_step,
+            initial=progress.step,
             desc=f"{label} {epoch + 1}/{config.epochs}",
             disable=not config.progress,
             leave=False,
             dynamic_ncols=True,
         )
-        for step, batch in enumerate(bar, start=start_step):
+        for step, batch in enumerate(bar, start=progress.step):
             distiller.set_progress(epoch + step / steps_per_epoch)
             cached = None if teacher_outputs is None else teacher_outputs[batch.index].to(device)
             try:
@@ -160,51 +176,52 @@ def fit(
                     teacher_output=cached,
                 )
             except NonFiniteLossError as error:
-                if config.on_nonfinite == "skip":
-                    result.skipped_batches += 1
-                    log.warning("%s epoch %d step %d: skipped batch: %s", label, epoch + 1, step, error)
-                    scheduler.step()
-                    continue
-                raise NonFiniteLossError(
-                    f"{label}, epoch {epoch + 1}, step {step}: {error}", term=error.term
-                ) from error
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), config.grad_clip)
-            optimizer.step()
+                if config.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"{label}, epoch {epoch + 1}, step {step}: {error}", term=error.term
+                    ) from error
+                progress.skipped_batches += 1
+                log.warning("%s epoch %d step %d: skipped batch: %s", label, epoch + 1, step, error)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), config.grad_clip)
+                optimizer.step()
+                progress.steps_seen += 1
+                for name, value in out.parts.items():
+                    progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
             scheduler.step()
-            seen += 1
-            for name, value in out.parts.items():
-                sums[name] = sums.get(name, 0.0) + value
-            if step % 20 == 0:
-                bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()}, refresh=False)
+            progress.step = step + 1
+            if step % 20 == 0 and progress.steps_seen:
+                bar.set_postfix(
+                    {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
+                    refresh=False,
+                )
             if (
                 checkpoint_dir is not None
                 and config.checkpoint_every_steps
-                and (step + 1) % config.checkpoint_every_steps == 0
-                and step + 1 < steps_per_epoch
+                and progress.step % config.checkpoint_every_steps == 0
+                and progress.step < steps_per_epoch
             ):
-                _save(checkpoint_dir, distiller, optimizer, scheduler, label, epoch, step + 1,
-                      result.history, config)
+                _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config)
         bar.close()
-        start_step = 0
 
+        seen = max(progress.steps_seen, 1)
         record = {
             "model": label,
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": sum(sums.values()) / max(seen, 1),
-            "train_parts": {k: v / max(seen, 1) for k, v in sums.items()},
+            "train_loss": sum(progress.part_sums.values()) / seen,
+            "train_parts": {k: v / seen for k, v in progress.part_sums.items()},
             "seconds": round(time.perf_counter() - started, 3),
         }
         if evaluate is not None:
             record.update({f"val_{k}": v for k, v in evaluate(distiller.student).items()})
-        result.history.append(record)
+        progress.history.append(record)
+        progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
         if metrics_log is not None:
             metrics_log.write(record)
         if checkpoint_dir is not None:
-            _save(checkpoint_dir, distiller, optimizer, scheduler, label, epoch + 1, 0,
-                  result.history, config)
-    result.seconds = time.perf_counter() - started
-    return result
+            _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config)
+    return FitResult(progress.history, time.perf_counter() - started, progress.skipped_batches)

@@ -1,0 +1,50 @@
+# One-command set-up: `make demo` and `make test` each create the virtual environment, install
+# torch (the local CPU wheel, never a multi-GB CUDA build), the project with its dev extras, and
+# the Fashion-MNIST files when they are absent.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-slow lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed data
+
+data:
+	@if [ -n "$$KDISTILL_DATA" ] || ls $(FASHION_MNIST_DIR)/train-images-idx3-ubyte* >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST not found and apt-get is not available."; \
+		echo "Put the four official files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
+		echo "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and set KDISTILL_DATA to it."; \
+		exit 1; \
+	fi
+
+demo: setup
+	$(BIN)/kdistill demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

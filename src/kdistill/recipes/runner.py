@@ -1,0 +1,325 @@
+"""The experiment a recipe describes, top to bottom:
+
+1. load the data; hold a validation split out of the training set;
+2. train the teacher (or load it: an explicit checkpoint, or the one a previous run of the same
+   recipe left in the run folder);
+3. for each student and method, choose the distillation settings on the validation split
+   (`tune.grid`), never on the test set;
+4. for each seed: train the student alone and distilled with the chosen settings — same
+   initial weights, data order and budget — and evaluate every model on the test set;
+5. write `metrics.jsonl`, checkpoints, `results.json`, `report.md` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kdistill.data import ArrayDataset, BatchLoader, load_dataset, split_train_val, take
+from kdistill.distiller import Distiller, Term
+from kdistill.engine import MetricsLog, TrainConfig, evaluate_classifier, fit, predict
+from kdistill.engine.checkpoint import (
+    atomic_write_text,
+    checkpoint_path,
+    load_checkpoint,
+    load_state_dict_file,
+    load_weights,
+    read_checkpoint_file,
+    save_checkpoint,
+)
+from kdistill.errors import CheckpointError
+from kdistill.losses import create_loss
+from kdistill.models import MODELS, count_parameters
+from kdistill.recipes.schema import DistillSpec, ModelSpec, Recipe, TeacherSpec, loss_parameters
+
+EVAL_BATCH = 1000
+
+
+@dataclass
+class Splits:
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+
+@dataclass
+class RunRecord:
+    """One trained model evaluated on the test set."""
+
+    label: str
+    student: str | None  # None for the teacher
+    method: str  # "teacher", "alone" or a method name
+    seed: int
+    params: int
+    test_accuracy: float
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    records: list[RunRecord]
+    chosen: dict[str, dict[str, dict]]  # student → method → settings
+    tuning: list[dict]
+    seconds: float
+
+
+def load_splits(recipe: Recipe) -> Splits:
+    spec = recipe.data
+    full_train = take(load_dataset(spec.dataset, "train", root=spec.root), spec.train_limit, seed=recipe.seed)
+    test = take(load_dataset(spec.dataset, "test", root=spec.root), spec.test_limit, seed=recipe.seed)
+    train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed)
+    return Splits(train, val, test)
+
+
+def build_model(spec: ModelSpec, data: ArrayDataset, seed: int) -> nn.Module:
+    """Seeded construction: the same seed gives the same initial weights."""
+    constructor = MODELS.get(spec.model)
+    kwargs = {"in_channels": data.input_shape[0], "num_classes": data.num_classes}
+    if "image_size" in inspect.signature(constructor).parameters:
+        kwargs["image_size"] = data.input_shape[-1]
+    kwargs.update(spec.kwargs)
+    torch.manual_seed(seed)
+    return constructor(**kwargs)
+
+
+def method_terms(distill: DistillSpec, method: str, settings: dict) -> list[Term]:
+    """`(1 − α)·hard + α·Σ wᵢ·softᵢ`, with grid settings applied to the losses that take them."""
+    alpha = settings.get("alpha", distill.alpha)
+    terms = []
+    if alpha < 1:
+        terms.append(Term(create_loss(distill.hard_loss), weight=1 - alpha, name="hard"))
+    for spec in distill.methods[method]:
+        accepted = loss_parameters(spec.loss)
+        params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+        terms.append(
+            Term(
+                create_loss(spec.loss, **params),
+                weight=alpha * spec.weight,
+                student=spec.student,
+                teacher=spec.teacher,
+                output=spec.output,
+                warmup_epochs=spec.warmup_epochs,
+            )
+        )
+    return terms
+
+
+def needs_teacher_layers(distill: DistillSpec, method: str) -> bool:
+    return any(spec.teacher is not None for spec in distill.methods[method])
+
+
+def grid_settings(recipe: Recipe) -> list[dict]:
+    grid = recipe.tune.grid if recipe.tune.enabled else {}
+    if not grid:
+        return [{}]
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def settings_label(settings: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "default"
+
+
+class Experiment:
+    """Runs one recipe into `out_dir`; each public step can also be called on its own."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False, progress: bool = True):
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+        if not resume and (self.out_dir / "metrics.jsonl").exists():
+            (self.out_dir / "metrics.jsonl").unlink()
+            shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.splits = load_splits(recipe)
+        self.teacher: nn.Module | None = None
+        self.teacher_train_outputs: Tensor | None = None
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            tqdm.write(message)
+
+    def loader(self, data: ArrayDataset, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
+        return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def evaluator(self, data: ArrayDataset):
+        loader = self.loader(data, 0, EVAL_BATCH, shuffle=False)
+        device = self.recipe.train.device
+        return lambda model: evaluate_classifier(model, loader, device)
+
+    def train_config(self, base: TrainConfig, epochs: int | None = None) -> TrainConfig:
+        updates: dict = {"progress": self.progress and base.progress}
+        if epochs is not None:
+            updates["epochs"] = epochs
+        return base.model_copy(update=updates)
+
+    # -- teacher ----------------------------------------------------------------------------
+    def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
+        spec: TeacherSpec = self.recipe.teacher
+        teacher = build_model(spec, self.splits.train, self.recipe.seed)
+        models_dir = self.out_dir / "models"
+        identity = {
+            "model": spec.model_dump(mode="json", exclude={"checkpoint"}),
+            "data": self.recipe.data.model_dump(mode="json"),
+            "seed": self.recipe.seed,
+        }
+        started = time.perf_counter()
+        if spec.checkpoint is not None:
+            load_weights(teacher, load_state_dict_file(spec.checkpoint), "teacher", spec.checkpoint)
+            self.say(f"teacher: loaded {spec.checkpoint}")
+        elif self._saved_teacher_matches(models_dir, identity):
+            tensors, _ = load_checkpoint(models_dir, "teacher")
+            load_weights(teacher, tensors, "teacher", str(checkpoint_path(models_dir, "teacher")))
+            self.say(f"teacher: loaded {models_dir / 'teacher.safetensors'} (same recipe and data)")
+        else:
+            self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
+            config = self.train_config(spec.train)
+            fit(
+                Distiller(None, teacher, [Term(create_loss("ce"), name="ce")]),
+                self.loader(self.splits.train, self.recipe.seed, config.batch_size, shuffle=True),
+                config,
+                evaluate=self.evaluator(self.splits.val),
+                label="teacher",
+                metrics_log=self.metrics,
+                checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
+                resume=self.resume,
+            )
+            save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+        teacher.eval()
+        accuracy = self.evaluator(self.splits.test)(teacher)["accuracy"]
+        record = RunRecord(
+            "teacher", None, "teacher", self.recipe.seed, count_parameters(teacher), accuracy,
+            seconds=time.perf_counter() - started,
+        )
+        self.say(f"teacher: test accuracy {accuracy:.4f}")
+        self.teacher = teacher
+        if self.recipe.distill.cache_teacher_outputs:
+            self.teacher_train_outputs = predict(
+                teacher, self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
+                self.recipe.train.device,
+            )
+        return teacher, record
+
+    @staticmethod
+    def _saved_teacher_matches(models_dir: Path, identity: dict) -> bool:
+        """A teacher saved by an earlier run of the same recipe on the same data, intact."""
+        path = checkpoint_path(models_dir, "teacher")
+        if not path.exists():
+            return False
+        try:
+            _, state = read_checkpoint_file(path)
+        except CheckpointError as error:
+            tqdm.write(f"teacher: not reusing {path}: {error}")
+            return False
+        return state.get("identity") == identity
+
+    # -- students ---------------------------------------------------------------------------
+    def train_student(
+        self,
+        label: str,
+        spec: ModelSpec,
+        seed: int,
+        terms: list[Term],
+        method: str,
+        evaluate_on: ArrayDataset,
+        epochs: int | None = None,
+        keep_checkpoint: bool = True,
+    ) -> tuple[nn.Module, float]:
+        """Train one student; returns it and its accuracy on `evaluate_on` after the last epoch."""
+        student = build_model(spec, self.splits.train, seed)
+        uses_teacher = any(term.uses_teacher for term in terms)
+        distiller = Distiller(self.teacher if uses_teacher else None, student, terms)
+        cached = None
+        if uses_teacher and not needs_teacher_layers(self.recipe.distill, method):
+            cached = self.teacher_train_outputs
+        config = self.train_config(self.recipe.train, epochs)
+        try:
+            fit(
+                distiller,
+                self.loader(self.splits.train, seed, config.batch_size, shuffle=True),
+                config,
+                evaluate=self.evaluator(self.splits.val),
+                label=label,
+                metrics_log=self.metrics,
+                checkpoint_dir=self.out_dir / "checkpoints" / label if keep_checkpoint else None,
+                resume=self.resume and keep_checkpoint,
+                teacher_outputs=cached,
+            )
+        finally:
+            distiller.close()
+        accuracy = self.evaluator(evaluate_on)(student)["accuracy"]
+        return student, accuracy
+
+    def tune(self, spec, method: str) -> tuple[dict, list[dict]]:
+        """The grid point with the best validation accuracy (ties: the first listed)."""
+        trials = []
+        candidates = grid_settings(self.recipe)
+        if len(candidates) == 1:
+            return candidates[0], trials
+        for settings in candidates:
+            label = f"tune/{spec.name}/{method}/{settings_label(settings)}"
+            terms = method_terms(self.recipe.distill, method, settings)
+            _, val_accuracy = self.train_student(
+                label, spec, self.recipe.tune.seed, terms, method, self.splits.val,
+                epochs=self.recipe.tune.epochs, keep_checkpoint=False,
+            )
+            trials.append({"student": spec.name, "method": method, "settings": settings,
+                           "val_accuracy": val_accuracy})
+            self.say(f"  {label}: validation accuracy {val_accuracy:.4f}")
+        best = max(trials, key=lambda trial: trial["val_accuracy"])
+        return best["settings"], trials
+
+    # -- the whole experiment ---------------------------------------------------------------
+    def run(self, methods: list[str] | None = None) -> RunSummary:
+        started = time.perf_counter()
+        recipe = self.recipe
+        methods = methods or list(recipe.distill.methods)
+        atomic_write_text(self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        _, teacher_record = self.prepare_teacher()
+        records = [teacher_record]
+        chosen: dict[str, dict[str, dict]] = {}
+        tuning: list[dict] = []
+        for spec in recipe.students:
+            chosen[spec.name] = {}
+            for method in methods:
+                settings, trials = self.tune(spec, method)
+                chosen[spec.name][method] = settings
+                tuning.extend(trials)
+                if trials:
+                    self.say(f"{spec.name}/{method}: chose {settings_label(settings)} on validation")
+        for index in range(recipe.seeds):
+            seed = recipe.seed + index
+            for spec in recipe.students:
+                plan = [("alone", [Term(create_loss(recipe.distill.hard_loss), name="hard")], {})]
+                for method in methods:
+                    settings = chosen[spec.name][method]
+                    plan.append((method, method_terms(recipe.distill, method, settings), settings))
+                for method, terms, settings in plan:
+                    label = f"{spec.name}/{method}/seed{seed}"
+                    run_started = time.perf_counter()
+                    student, accuracy = self.train_student(
+                        label, spec, seed, terms, method, self.splits.test
+                    )
+                    save_checkpoint(self.out_dir / "models", label.replace("/", "__"),
+                                    student.state_dict(), {"label": label, "settings": settings})
+                    records.append(RunRecord(
+                        label, spec.name, method, seed, count_parameters(student), accuracy,
+                        settings, time.perf_counter() - run_started,
+                    ))
+                    self.say(f"{label}: test accuracy {accuracy:.4f}")
+        summary = RunSummary(self.out_dir, records, chosen, tuning, time.perf_counter() - started)
+        return summary

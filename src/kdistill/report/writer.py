@@ -1,0 +1,66 @@
+"""Writes a run folder's `results.json`, `report.md` and `curves.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from kdistill.engine.checkpoint import atomic_write_text
+from kdistill.engine.loop import MetricsLog
+from kdistill.report.plots import plot_curves
+from kdistill.report.table import build_rows, format_settings, markdown_table
+
+
+def write_report(summary, recipe, command: str) -> str:
+    """Write the files and return the Markdown table (what the CLI prints)."""
+    out_dir = Path(summary.out_dir)
+    rows = build_rows(summary.records)
+    table = markdown_table(rows)
+    results = {
+        "recipe": recipe.name,
+        "seconds": round(summary.seconds, 1),
+        "records": [dataclasses.asdict(record) for record in summary.records],
+        "rows": [
+            {**dataclasses.asdict(row), "mean": row.mean, "std": row.std} for row in rows
+        ],
+        "chosen": summary.chosen,
+        "tuning": summary.tuning,
+    }
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+    curves = plot_curves(MetricsLog(out_dir / "metrics.jsonl").read(), out_dir / "curves.png", recipe.seed)
+
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {summary.seconds / 60:.1f} min. Dataset: {recipe.data.dataset}; "
+        f"teacher {recipe.teacher.model}; students trained {recipe.train.epochs} epochs "
+        f"({recipe.train.optimizer}, lr {recipe.train.lr:g}, {recipe.train.schedule}); "
+        f"{recipe.seeds} seed(s).",
+        "",
+        table,
+        "",
+        "Gap closed = (distilled − student alone) / (teacher − student alone), on mean accuracy.",
+    ]
+    if summary.tuning:
+        lines += [
+            "",
+            "## Settings chosen on the validation split",
+            "",
+            f"Each grid point trained with seed {recipe.tune.seed} and evaluated on the "
+            f"{recipe.data.val_size} validation images held out of the training set; "
+            "the test set was not used for the choice.",
+            "",
+            "| student | method | settings | validation accuracy % |",
+            "|---|---|---|---:|",
+        ]
+        for trial in summary.tuning:
+            lines.append(
+                f"| {trial['student']} | {trial['method']} | {format_settings(trial['settings'])} "
+                f"| {100 * trial['val_accuracy']:.2f} |"
+            )
+    if curves is not None:
+        lines += ["", "![validation accuracy per epoch](curves.png)"]
+    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    return table

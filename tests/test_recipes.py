@@ -1,0 +1,131 @@
+"""Recipe schema, overrides, the runner's term building and the results table."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kdistill import losses as L
+from kdistill.errors import ConfigError
+from kdistill.recipes import load_recipe, method_terms
+from kdistill.recipes.runner import grid_settings, settings_label
+from kdistill.report.table import build_rows, gap_closed, markdown_table
+from kdistill.recipes.runner import RunRecord
+
+MINIMAL = """
+name: tiny
+teacher: {model: middle_student}
+students:
+  - {name: mini, model: mini_student}
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_minimal_recipe_gets_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.distill.alpha == 0.9
+    assert list(recipe.distill.methods) == ["kd"]
+    assert recipe.train.epochs == 3 and recipe.teacher.train.epochs == 2
+
+
+def test_builtin_recipe_validates():
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/fashion_mnist.yaml")
+    assert recipe.seeds == 3 and [s.name for s in recipe.students] == ["mini", "middle"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "path_fragment", "message_fragment"),
+    [
+        ("train: {epochs: 0}", "train.epochs", "greater than or equal to 1"),
+        ("train: {optimiser: adam}", "train.optimiser", "Extra inputs"),
+        ("distill: {alpha: 1.5}", "distill.alpha", "less than or equal to 1"),
+        ("distill: {methods: {kd: [{loss: kdd}]}}", "distill.methods.kd.0", "did you mean 'kd'"),
+        (
+            "distill: {methods: {kd: [{loss: kd, params: {temprature: 2}}]}}",
+            "distill.methods.kd.0",
+            "temprature",
+        ),
+        ("tune: {grid: {temprature: [1, 2]}}", "(top level)", "tune.grid.temprature"),
+    ],
+)
+def test_invalid_fields_are_reported_with_their_path(tmp_path, extra, path_fragment, message_fragment):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, MINIMAL + extra))
+    message = str(info.value)
+    assert path_fragment in message and message_fragment in message
+    assert "recipe.yaml" in message
+
+
+def test_unknown_model_suggests_close_names(tmp_path):
+    text = MINIMAL.replace("model: mini_student", "model: mini_studnet")
+    with pytest.raises(ConfigError, match=r"students\.0\.model.*mini_student"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "name: [unclosed"))
+
+
+def test_set_overrides_are_applied_and_validated(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["train.epochs=7", "students.0.model=middle_student", "tune.enabled=false"])
+    assert recipe.train.epochs == 7
+    assert recipe.students[0].model == "middle_student"
+    assert recipe.tune.enabled is False
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_recipe(path, ["train.epochs=-1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_recipe(path, ["train.epochs"])
+
+
+def test_method_terms_follow_the_alpha_formula(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL + "distill: {alpha: 0.75}"))
+    terms = method_terms(recipe.distill, "kd", {"temperature": 2.0})
+    assert [type(t.loss) for t in terms] == [L.CE, L.KD]
+    assert terms[0].weight == pytest.approx(0.25) and terms[1].weight == pytest.approx(0.75)
+    assert terms[1].loss.temperature == 2.0
+    only_soft = method_terms(recipe.distill, "kd", {"alpha": 1.0})
+    assert [type(t.loss) for t in only_soft] == [L.KD]
+
+
+def test_grid_is_the_cartesian_product(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, MINIMAL + "tune: {grid: {alpha: [0.5, 0.9], temperature: [1, 2, 4]}}")
+    )
+    settings = grid_settings(recipe)
+    assert len(settings) == 6
+    assert {"alpha": 0.9, "temperature": 4} in settings
+    assert settings_label({"temperature": 4.0, "alpha": 0.5}) == "alpha=0.5,temperature=4"
+
+
+def test_gap_closed_by_hand():
+    # teacher 90, alone 70, distilled 75: (75 − 70) / (90 − 70) = 0.25
+    assert gap_closed(0.75, 0.70, 0.90) == pytest.approx(0.25)
+    assert gap_closed(0.65, 0.70, 0.90) == pytest.approx(-0.25)
+    assert gap_closed(0.80, 0.70, 0.70) is None  # the teacher is no better: undefined
+
+
+def test_table_aggregates_seeds():
+    records = [
+        RunRecord("teacher", None, "teacher", 0, 1000, 0.90),
+        RunRecord("s/alone/seed0", "s", "alone", 0, 10, 0.70),
+        RunRecord("s/alone/seed1", "s", "alone", 1, 10, 0.72),
+        RunRecord("s/kd/seed0", "s", "kd", 0, 10, 0.80, {"temperature": 4.0}),
+        RunRecord("s/kd/seed1", "s", "kd", 1, 10, 0.82, {"temperature": 4.0}),
+    ]
+    rows = {(r.model, r.method): r for r in build_rows(records)}
+    kd = rows[("s", "kd")]
+    assert kd.mean == pytest.approx(0.81)
+    # sample std of [0.80, 0.82] = 0.02 / sqrt(2)
+    assert kd.std == pytest.approx(0.02 / 2**0.5)
+    assert kd.gap_closed == pytest.approx((0.81 - 0.71) / (0.90 - 0.71))
+    table = markdown_table(list(rows.values()))
+    assert "81.00 ± 1.41" in table and "+53 %" in table
