@@ -29,13 +29,20 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 QUICK = [
-    "--set", "data.train_limit=2400",
-    "--set", "data.val_size=400",
-    "--set", "data.test_limit=1000",
-    "--set", "teacher.train.epochs=2",
-    "--set", "train.epochs=2",
-    "--set", "tune.grid.alpha=[0.5,0.9]",
-    "--set", "tune.grid.temperature=[4]",
+    "--set",
+    "data.train_limit=2400",
+    "--set",
+    "data.val_size=400",
+    "--set",
+    "data.test_limit=1000",
+    "--set",
+    "teacher.train.epochs=2",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "tune.grid.alpha=[0.5,0.9]",
+    "--set",
+    "tune.grid.temperature=[4]",
     "--quiet",
 ]
 
@@ -43,20 +50,42 @@ QUICK = [
 @needs_fashion_mnist
 def test_run_on_real_fashion_mnist_writes_a_sane_run_folder(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "kdistill", "run", "recipes/fashion_mnist.yaml", *QUICK,
-               "--seeds", "2", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "kdistill",
+        "run",
+        "recipes/fashion_mnist.yaml",
+        *QUICK,
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+    ]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "| teacher | teacher |" in finished.stdout
 
-    for name in ["report.md", "results.json", "metrics.jsonl", "curves.png", "recipe.yaml",
-                 "models/teacher.safetensors", "models/mini__kd__seed1.safetensors"]:
+    for name in [
+        "report.md",
+        "results.json",
+        "metrics.jsonl",
+        "curves.png",
+        "recipe.yaml",
+        "models/teacher.safetensors",
+        "models/mini__kd__seed1.safetensors",
+    ]:
         assert (out / name).is_file(), name
 
     results = json.loads((out / "results.json").read_text())
     rows = {(r["model"], r["method"]): r for r in results["rows"]}
-    assert set(rows) == {("teacher", "teacher"), ("mini", "alone"), ("mini", "kd"),
-                         ("middle", "alone"), ("middle", "kd")}
+    assert set(rows) == {
+        ("teacher", "teacher"),
+        ("mini", "alone"),
+        ("mini", "kd"),
+        ("middle", "alone"),
+        ("middle", "kd"),
+    }
     # sane figures: a 2-epoch teacher on 2,000 images is far above chance (10 %); every
     # student learned something; two seeds each
     assert rows[("teacher", "teacher")]["mean"] > 0.6
@@ -75,8 +104,13 @@ def test_run_on_real_fashion_mnist_writes_a_sane_run_folder(tmp_path):
     assert "gap closed" in report and "curves.png" in report
 
     # a second run in the same folder loads the teacher instead of training it
-    again = subprocess.run(command[:-2] + ["--out", str(out), "--seeds", "1", "--no-tune"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        command[:-2] + ["--out", str(out), "--seeds", "1", "--no-tune"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     relog = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert relog and not any(line["model"] == "teacher" for line in relog)

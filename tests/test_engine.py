@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save as safetensors_save
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import kdistill.engine.checkpoint as checkpoint_module
@@ -32,7 +37,12 @@ from kdistill.engine import (
     save_checkpoint,
     trained_state,
 )
-from kdistill.engine.checkpoint import load_weights
+from kdistill.engine.checkpoint import (
+    load_latest_checkpoint,
+    load_state_dict_file,
+    load_weights,
+    read_checkpoint_file,
+)
 from kdistill.engine.optim import lr_factor, make_optimizer, make_scheduler
 from kdistill.errors import CheckpointError, NonFiniteLossError
 from kdistill.losses import CE, KD, FitNet
@@ -72,6 +82,60 @@ SAMPLE_STATE = {
     "flag": None,
 }
 
+# safetensors dtype codes → the torch dtype names the checkpoint digest is defined over
+SAFETENSORS_DTYPES = {
+    "F64": "torch.float64",
+    "F32": "torch.float32",
+    "F16": "torch.float16",
+    "BF16": "torch.bfloat16",
+    "I64": "torch.int64",
+    "I32": "torch.int32",
+    "U8": "torch.uint8",
+    "BOOL": "torch.bool",
+}
+
+
+def parse_safetensors(data: bytes) -> tuple[dict, bytes]:
+    """The JSON header and the payload of a safetensors file, parsed by hand (not by the library
+    under test): 8 bytes little-endian header length, the header, then the tensor bytes."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size].decode("utf-8")), data[8 + size :]
+
+
+def digest_of_file_bytes(data: bytes) -> str:
+    """SHA-256 over, in name order, `name|dtype|shape|` and the raw bytes of every tensor, taken
+    from the serialised file itself."""
+    header, payload = parse_safetensors(data)
+    digest = hashlib.sha256()
+    for name in sorted(key for key in header if key != "__metadata__"):
+        info = header[name]
+        start, end = info["data_offsets"]
+        digest.update(
+            f"{name}|{SAFETENSORS_DTYPES[info['dtype']]}|{tuple(info['shape'])}|".encode()
+        )
+        digest.update(payload[start:end])
+    return digest.hexdigest()
+
+
+def independent_digest(tensors: dict[str, Tensor]) -> str:
+    return digest_of_file_bytes(safetensors_save(tensors))
+
+
+def kdistill_meta(path: Path) -> dict:
+    """The decoded `kdistill` metadata of a checkpoint file, read without kdistill."""
+    header, _ = parse_safetensors(Path(path).read_bytes())
+    return json.loads(header["__metadata__"]["kdistill"])
+
+
+def write_with_metadata(path: Path, tensors: dict[str, Tensor], metadata: dict | None) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def flip_payload_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5] ^= 0x01  # inside the tensor payload: the header still parses
+    path.write_bytes(bytes(data))
+
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     tensors = sample_tensors()
@@ -85,83 +149,191 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert state == SAMPLE_STATE
 
 
-def test_checkpoint_json_holds_sha256_of_tensor_file(tmp_path):
-    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
-    meta = json.loads((tmp_path / "ck.json").read_text())
-    expected = hashlib.sha256((tmp_path / "ck.safetensors").read_bytes()).hexdigest()
-    assert meta["sha256"] == expected
+def test_checkpoint_metadata_holds_sha256_of_the_tensors(tmp_path):
+    tensors = sample_tensors()
+    path = save_checkpoint(tmp_path, "ck", tensors, SAMPLE_STATE)
+    assert path == tmp_path / "ck.safetensors"
+    data = path.read_bytes()
+    header, _ = parse_safetensors(data)
+    assert set(header["__metadata__"]) == {"kdistill"}
+    meta = json.loads(header["__metadata__"]["kdistill"])
+    assert meta["format"] == 2
+    assert meta["state"] == SAMPLE_STATE
+    # the digest covers what is in the file, and equals the digest of the tensors given
+    assert meta["sha256"] == digest_of_file_bytes(data)
+    assert meta["sha256"] == independent_digest(tensors)
+    # it depends on the values, the names and the dtypes
+    changed = dict(tensors, w=tensors["w"] + 1)
+    renamed = {("W" if k == "w" else k): v for k, v in tensors.items()}
+    retyped = dict(tensors, ids=tensors["ids"].to(torch.int32))
+    for other in (changed, renamed, retyped):
+        assert independent_digest(other) != meta["sha256"]
+
+
+def test_a_hand_written_checkpoint_in_the_documented_format_loads(tmp_path):
+    """The format is the documented one, not whatever save_checkpoint happens to write."""
+    tensors = sample_tensors()
+    meta = {"format": 2, "sha256": independent_digest(tensors), "state": SAMPLE_STATE}
+    write_with_metadata(tmp_path / "ck.safetensors", tensors, {"kdistill": json.dumps(meta)})
+    got, state = load_checkpoint(tmp_path, "ck")
+    assert state == SAMPLE_STATE
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
 
 
 def test_no_temporary_files_are_left_after_saving(tmp_path):
     save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
     save_checkpoint(tmp_path, "ck", sample_tensors(), {"epoch": 4})  # overwrite
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json", "ck.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.safetensors"]
+    save_checkpoint(tmp_path, "ck", sample_tensors(), {"epoch": 5}, keep_previous=True)
+    save_checkpoint(tmp_path, "ck", sample_tensors(), {"epoch": 6}, keep_previous=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.prev.safetensors", "ck.safetensors"]
+
+
+def test_keep_previous_keeps_exactly_the_one_before(tmp_path):
+    for epoch in (1, 2, 3):
+        tensors = {"w": torch.full((2,), float(epoch))}
+        save_checkpoint(tmp_path, "ck", tensors, {"epoch": epoch}, keep_previous=True)
+    got, state = load_checkpoint(tmp_path, "ck")
+    assert state == {"epoch": 3} and torch.equal(got["w"], torch.full((2,), 3.0))
+    got, state = read_checkpoint_file(tmp_path / "ck.prev.safetensors")
+    assert state == {"epoch": 2} and torch.equal(got["w"], torch.full((2,), 2.0))
 
 
 def test_flipped_byte_in_tensor_file_fails_the_checksum(tmp_path):
     save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
+    flip_payload_byte(tmp_path / "ck.safetensors")
+    with pytest.raises(CheckpointError, match="checksum") as info:
+        load_checkpoint(tmp_path, "ck")
+    assert "ck.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate-payload", "truncate-header", "empty", "binary"])
+def test_damaged_file_raises_checkpoint_error(tmp_path, damage):
+    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
     path = tmp_path / "ck.safetensors"
-    data = bytearray(path.read_bytes())
-    data[len(data) - 5] ^= 0x01  # inside the tensor payload, the header still parses
-    path.write_bytes(bytes(data))
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    if damage == "truncate-payload":
+        path.write_bytes(data[: (header_end + len(data)) // 2])
+    elif damage == "truncate-header":
+        path.write_bytes(data[: header_end // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # bytes that are not UTF-8 in the middle of the JSON header
+        at = data.index(b"epoch", 8)
+        path.write_bytes(data[:at] + b"\xff\xfe\x00\x9c\xff" + data[at + 5 :])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, "ck")
+    assert "ck.safetensors" in str(info.value)
+
+
+def damaged_metadata(damage: str, tensors: dict[str, Tensor]) -> str:
+    """The `kdistill` metadata string, damaged; the checksum is right wherever there is one."""
+    good = json.dumps({"format": 2, "sha256": independent_digest(tensors), "state": SAMPLE_STATE})
+    if damage == "garbage":
+        return "this is not json {"
+    if damage == "truncate":
+        return good[: len(good) // 2]
+    if damage == "empty":
+        return ""
+    if damage == "not-an-object":
+        return "[1, 2, 3]"
+    meta = json.loads(good)
+    if damage == "no-state":
+        del meta["state"]
+    elif damage == "no-sha256":
+        del meta["sha256"]
+    elif damage == "no-format":
+        del meta["format"]
+    elif damage == "state-not-an-object":
+        meta["state"] = [1, 2, 3]
+    return json.dumps(meta)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "garbage",
+        "truncate",
+        "empty",
+        "not-an-object",
+        "no-state",
+        "no-sha256",
+        "no-format",
+        "state-not-an-object",
+    ],
+)
+def test_damaged_metadata_raises_checkpoint_error(tmp_path, damage):
+    tensors = sample_tensors()
+    path = tmp_path / "ck.safetensors"
+    write_with_metadata(path, tensors, {"kdistill": damaged_metadata(damage, tensors)})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, "ck")
+    assert "ck.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("version", [1, 3, "2", None])
+def test_other_format_versions_are_refused(tmp_path, version):
+    tensors = sample_tensors()
+    meta = {"format": version, "sha256": independent_digest(tensors), "state": SAMPLE_STATE}
+    write_with_metadata(tmp_path / "ck.safetensors", tensors, {"kdistill": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="format") as info:
+        load_checkpoint(tmp_path, "ck")
+    assert "ck.safetensors" in str(info.value)
+
+
+def test_wrong_checksum_in_metadata_is_refused(tmp_path):
+    tensors = sample_tensors()
+    meta = {"format": 2, "sha256": hashlib.sha256(b"other").hexdigest(), "state": SAMPLE_STATE}
+    write_with_metadata(tmp_path / "ck.safetensors", tensors, {"kdistill": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(tmp_path, "ck")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "binary", "not-an-object"])
-def test_damaged_json_raises_checkpoint_error(tmp_path, damage):
-    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
-    path = tmp_path / "ck.json"
-    text = path.read_text()
-    if damage == "truncate":
-        path.write_text(text[: len(text) // 2])
-    elif damage == "garbage":
-        path.write_text("this is not json {")
-    elif damage == "binary":
-        path.write_bytes(b"\xff\xfe\x00\x9c garbage")
-    else:
-        path.write_text("[1, 2, 3]")
-    with pytest.raises(CheckpointError) as info:
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_plain_safetensors_file_is_not_a_checkpoint(tmp_path, metadata):
+    write_with_metadata(tmp_path / "ck.safetensors", sample_tensors(), metadata)
+    with pytest.raises(CheckpointError, match="without kdistill metadata") as info:
         load_checkpoint(tmp_path, "ck")
-    assert "ck.json" in str(info.value)
-
-
-def test_json_without_state_raises_checkpoint_error(tmp_path):
-    """Valid JSON with the right format and checksum but no `state` is still a defect."""
-    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
-    path = tmp_path / "ck.json"
-    meta = json.loads(path.read_text())
-    del meta["state"]
-    path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path, "ck")
+    assert "ck.safetensors" in str(info.value)
 
 
 def test_missing_files_raise_checkpoint_error_naming_the_path(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path, "nothing")
-    assert str(tmp_path / "nothing.json") in str(info.value)
-
-    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE)
-    (tmp_path / "ck.safetensors").unlink()
+    assert str(tmp_path / "nothing.safetensors") in str(info.value)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path, "ck")
-    assert str(tmp_path / "ck.safetensors") in str(info.value)
+        load_latest_checkpoint(tmp_path, "nothing")
+    assert str(tmp_path / "nothing.safetensors") in str(info.value)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint_file(tmp_path / "elsewhere.safetensors")
+    assert str(tmp_path / "elsewhere.safetensors") in str(info.value)
 
 
-def test_failed_tensor_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+def half_writing_save_file(tensors, filename, *args, **kwargs):
+    """`save_file` that dies half-way through writing the file."""
+    data = safetensors_save(tensors, metadata=kwargs.get("metadata"))
+    Path(filename).write_bytes(data[: len(data) // 2])
+    raise OSError("disk full")
+
+
+def bumped(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        key: value + 1 if value.is_floating_point() else value for key, value in tensors.items()
+    }
+
+
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_failed_tensor_write_leaves_previous_checkpoint_intact(
+    tmp_path, monkeypatch, keep_previous
+):
     old = sample_tensors()
-    save_checkpoint(tmp_path, "ck", old, SAMPLE_STATE)
+    save_checkpoint(tmp_path, "ck", old, SAMPLE_STATE, keep_previous=keep_previous)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def broken_save_file(tensors, filename, *args, **kwargs):
-        Path(filename).write_bytes(b"partial")  # die half-way through the write
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint_module, "save_file", broken_save_file)
-    new = {key: value + 1 if value.is_floating_point() else value for key, value in old.items()}
+    monkeypatch.setattr(checkpoint_module, "save_file", half_writing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, "ck", new, {"epoch": 99})
+        save_checkpoint(tmp_path, "ck", bumped(old), {"epoch": 99}, keep_previous=keep_previous)
     monkeypatch.undo()
 
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -171,27 +343,65 @@ def test_failed_tensor_write_leaves_previous_checkpoint_intact(tmp_path, monkeyp
     assert all(torch.equal(got[k], old[k]) for k in old)
 
 
-def test_failed_json_write_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
-    """A crash after the new tensor file is in place but before its JSON is: the directory must
-    still hold one complete checkpoint (the old or the new one), not a mismatched pair."""
-    old = sample_tensors()
-    save_checkpoint(tmp_path, "ck", old, SAMPLE_STATE)
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_failed_rename_leaves_the_last_good_checkpoint_loadable(
+    tmp_path, monkeypatch, keep_previous
+):
+    """A crash at the final rename (after a complete temporary file was written): no temporary
+    is left, and the newest complete checkpoint is still the one that loads."""
+    older, old = sample_tensors(), bumped(sample_tensors())
+    save_checkpoint(tmp_path, "ck", older, {"epoch": 1}, keep_previous=keep_previous)
+    save_checkpoint(tmp_path, "ck", old, SAMPLE_STATE, keep_previous=keep_previous)
+    latest = tmp_path / "ck.safetensors"
+    real_replace = os.replace
 
-    def broken_write_text(path, text):
-        raise OSError("killed before the JSON was written")
+    def failing_replace(src, dst):
+        if Path(dst) == latest:
+            raise OSError("killed during the rename")
+        real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint_module, "atomic_write_text", broken_write_text)
-    new = {key: value + 1 if value.is_floating_point() else value for key, value in old.items()}
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, "ck", new, {"epoch": 99})
+    monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, "ck", bumped(old), {"epoch": 99}, keep_previous=keep_previous)
     monkeypatch.undo()
 
-    got, state = load_checkpoint(tmp_path, "ck")
-    if state == SAMPLE_STATE:
-        assert all(torch.equal(got[k], old[k]) for k in old)
-    else:
-        assert state == {"epoch": 99}
-        assert all(torch.equal(got[k], new[k]) for k in new)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    got, state, _ = load_latest_checkpoint(tmp_path, "ck")
+    assert state == SAMPLE_STATE
+    assert all(torch.equal(got[k], old[k]) for k in old)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    old, new = sample_tensors(), bumped(sample_tensors())
+    save_checkpoint(tmp_path, "ck", old, SAMPLE_STATE, keep_previous=True)
+    save_checkpoint(tmp_path, "ck", new, {"epoch": 99}, keep_previous=True)
+
+    got, state, path = load_latest_checkpoint(tmp_path, "ck")  # both good: the latest
+    assert state == {"epoch": 99} and path == tmp_path / "ck.safetensors"
+    assert all(torch.equal(got[k], new[k]) for k in new)
+
+    flip_payload_byte(tmp_path / "ck.safetensors")
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path, "ck")  # the plain loader does not fall back
+    got, state, path = load_latest_checkpoint(tmp_path, "ck")
+    assert state == SAMPLE_STATE and path == tmp_path / "ck.prev.safetensors"
+    assert all(torch.equal(got[k], old[k]) for k in old)
+
+    (tmp_path / "ck.safetensors").unlink()  # latest missing: the previous one too
+    got, state, path = load_latest_checkpoint(tmp_path, "ck")
+    assert state == SAMPLE_STATE and path == tmp_path / "ck.prev.safetensors"
+
+
+def test_both_checkpoints_corrupt_raises_naming_both_files(tmp_path):
+    save_checkpoint(tmp_path, "ck", sample_tensors(), SAMPLE_STATE, keep_previous=True)
+    save_checkpoint(tmp_path, "ck", bumped(sample_tensors()), {"epoch": 99}, keep_previous=True)
+    flip_payload_byte(tmp_path / "ck.safetensors")
+    (tmp_path / "ck.prev.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError) as info:
+        load_latest_checkpoint(tmp_path, "ck")
+    message = str(info.value)
+    assert str(tmp_path / "ck.safetensors") in message
+    assert str(tmp_path / "ck.prev.safetensors") in message
 
 
 def test_load_weights_reports_missing_key(tmp_path):
@@ -220,6 +430,88 @@ def test_load_weights_reports_unexpected_key_and_loads_a_good_state():
     load_weights(model, good, "student", "ck")
     assert torch.equal(model.weight, torch.ones(3, 4))
     assert torch.equal(model.bias, torch.full((3,), 2.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state_dict_file: weights from a file, never unpickling arbitrary objects
+# ---------------------------------------------------------------------------------------------
+
+
+class Detonator:
+    """Unpickling this creates a folder: proof that a loader ran arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pt_state_dict_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    got = load_state_dict_file(tmp_path / "w.pt")
+    assert set(got) == {"weight", "bias"}
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    fresh = nn.Linear(4, 3)
+    load_weights(fresh, got, "student", "w.pt")
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_pickled_module_is_refused_without_being_unpickled(tmp_path):
+    torch.save(nn.Linear(4, 3), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="weights_only") as info:
+        load_state_dict_file(tmp_path / "model.pt")
+    assert "model.pt" in str(info.value)
+
+    marker = tmp_path / "was-unpickled"
+    torch.save({"weight": torch.zeros(2), "payload": Detonator(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_state_dict_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[torch.zeros(2)], {"state_dict": {"weight": torch.zeros(2)}}, {"weight": 1.0}],
+    ids=["list", "nested", "not-a-tensor"],
+)
+def test_pt_file_that_is_not_a_flat_state_dict_is_refused(tmp_path, content):
+    torch.save(content, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="state dict"):
+        load_state_dict_file(tmp_path / "w.pt")
+
+
+def test_plain_safetensors_weights_load(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    write_with_metadata(tmp_path / "w.safetensors", model.state_dict(), None)
+    got = load_state_dict_file(tmp_path / "w.safetensors")
+    assert set(got) == {"weight", "bias"}
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_kdistill_checkpoint_weights_load_verified(tmp_path):
+    tensors = sample_tensors()
+    path = save_checkpoint(tmp_path, "ck", tensors, SAMPLE_STATE)
+    got = load_state_dict_file(path)
+    assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    flip_payload_byte(path)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_state_dict_file(path)
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pt", "missing.pt"])
+def test_unreadable_weights_files_are_refused(tmp_path, name):
+    if name == "w.safetensors":
+        data = safetensors_save({"w": torch.zeros(64)})
+        (tmp_path / name).write_bytes(data[: len(data) - 16])  # truncated payload
+    elif name == "w.pt":
+        (tmp_path / name).write_bytes(b"not a torch file at all")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(tmp_path / name)
+    assert name in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +682,16 @@ def test_fit_learns_the_separable_problem(tmp_path, data):
         assert record["model"] == "alone" and record["epoch"] == epoch
         assert set(record["train_parts"]) == {"ce"}
     assert records == log.read()
-    assert (tmp_path / "ck" / "last.safetensors").exists()
-    assert (tmp_path / "ck" / "last.json").exists()
-    state = json.loads((tmp_path / "ck" / "last.json").read_text())["state"]
-    assert state["epoch"] == 4 and state["step"] == 0
+    # one checkpoint per epoch, the one before kept, no temporary files left
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "last.prev.safetensors",
+        "last.safetensors",
+    ]
+    progress = kdistill_meta(tmp_path / "ck" / "last.safetensors")["state"]["progress"]
+    assert progress["epoch"] == 4 and progress["step"] == 0
+    assert progress["history"] == records
+    previous = kdistill_meta(tmp_path / "ck" / "last.prev.safetensors")["state"]["progress"]
+    assert previous["epoch"] == 3 and previous["history"] == records[:3]
 
 
 def test_trained_state_excludes_the_teacher():
@@ -413,13 +711,21 @@ def uninterrupted_run(tmp_path: Path, train: ArrayDataset, **overrides) -> tuple
 
 
 def interrupted_then_resumed_run(
-    tmp_path: Path, train: ArrayDataset, stop_at: tuple[int, int], **overrides
+    tmp_path: Path,
+    train: ArrayDataset,
+    stop_at: tuple[int, int],
+    damage: Callable[[Path], None] | None = None,
+    **overrides,
 ) -> tuple[dict, FitResult, dict]:
+    """Train until Ctrl-C at `stop_at`, apply `damage` to the checkpoint folder, then resume in
+    fresh objects. Returns the final weights, the resumed run's result and the saved progress."""
     directory = tmp_path / "parts"
     loader = InterruptingLoader(train, batch_size=32, shuffle=True, seed=5, stop_at=stop_at)
     with pytest.raises(KeyboardInterrupt):
         fit(make_distiller(), loader, config(**overrides), checkpoint_dir=directory)
-    saved = json.loads((directory / "last.json").read_text())["state"]
+    saved = kdistill_meta(directory / "last.safetensors")["state"]["progress"]
+    if damage is not None:
+        damage(directory)
 
     resumed = make_distiller()  # fresh objects, same seed
     torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from here
@@ -437,6 +743,7 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(tmp_path, data):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for a, b in zip(resumed.history, full.history):
         assert a["train_loss"] == b["train_loss"]
+        assert a["lr"] == b["lr"]  # the schedule resumed where it was
 
 
 def test_resume_in_the_middle_of_an_epoch_is_bit_exact(tmp_path, data):
@@ -448,6 +755,7 @@ def test_resume_in_the_middle_of_an_epoch_is_bit_exact(tmp_path, data):
         tmp_path, train, stop_at=(1, 5), checkpoint_every_steps=2
     )
     assert (saved["epoch"], saved["step"]) == (1, 4)
+    assert saved["steps_seen"] == 4 and saved["part_sums"]  # the partial epoch is saved
     assert_bitwise_equal(got, expected)
 
 
@@ -462,6 +770,50 @@ def test_mid_epoch_resume_reports_the_same_epoch_loss(tmp_path, data):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for a, b in zip(resumed.history, full.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), a["epoch"]
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_corrupt(
+    tmp_path, data, caplog
+):
+    """Latest checkpoint (epoch index 1, step 4) corrupt: resume from the previous one (step 2)
+    and still reproduce the uninterrupted run bit for bit."""
+    train, _ = data
+    expected, full = uninterrupted_run(tmp_path, train, checkpoint_every_steps=2)
+    previous = {}
+
+    def corrupt_latest(directory: Path) -> None:
+        previous.update(kdistill_meta(directory / "last.prev.safetensors")["state"]["progress"])
+        flip_payload_byte(directory / "last.safetensors")
+
+    with caplog.at_level(logging.WARNING, logger="kdistill"):
+        got, resumed, saved = interrupted_then_resumed_run(
+            tmp_path, train, stop_at=(1, 5), damage=corrupt_latest, checkpoint_every_steps=2
+        )
+    assert (saved["epoch"], saved["step"]) == (1, 4)
+    assert (previous["epoch"], previous["step"]) == (1, 2)
+    assert "last.prev.safetensors" in caplog.text
+    assert_bitwise_equal(got, expected)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for a, b in zip(resumed.history, full.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), a["epoch"]
+    # the finished run wrote good checkpoints over the damaged one
+    _, state = load_checkpoint(tmp_path / "parts", "last")
+    assert state["progress"]["epoch"] == 3
+
+
+def test_resume_with_both_checkpoints_corrupt_raises(tmp_path, data):
+    train, _ = data
+    directory = tmp_path / "parts"
+    loader = InterruptingLoader(train, batch_size=32, shuffle=True, seed=5, stop_at=(1, 5))
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_distiller(), loader, config(checkpoint_every_steps=2), checkpoint_dir=directory)
+    flip_payload_byte(directory / "last.safetensors")
+    flip_payload_byte(directory / "last.prev.safetensors")
+    loader = BatchLoader(train, batch_size=32, shuffle=True, seed=5)
+    with pytest.raises(CheckpointError) as info:
+        fit(make_distiller(), loader, config(), checkpoint_dir=directory, resume=True)
+    message = str(info.value)
+    assert "last.safetensors" in message and "last.prev.safetensors" in message
 
 
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path, data):

@@ -10,9 +10,8 @@ import pytest
 from kdistill import losses as L
 from kdistill.errors import ConfigError
 from kdistill.recipes import load_recipe, method_terms
-from kdistill.recipes.runner import grid_settings, settings_label
+from kdistill.recipes.runner import RunRecord, grid_settings, settings_label
 from kdistill.report.table import build_rows, gap_closed, markdown_table
-from kdistill.recipes.runner import RunRecord
 
 MINIMAL = """
 name: tiny
@@ -55,7 +54,9 @@ def test_builtin_recipe_validates():
         ("tune: {grid: {temprature: [1, 2]}}", "(top level)", "tune.grid.temprature"),
     ],
 )
-def test_invalid_fields_are_reported_with_their_path(tmp_path, extra, path_fragment, message_fragment):
+def test_invalid_fields_are_reported_with_their_path(
+    tmp_path, extra, path_fragment, message_fragment
+):
     with pytest.raises(ConfigError) as info:
         load_recipe(write(tmp_path, MINIMAL + extra))
     message = str(info.value)
@@ -76,7 +77,9 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
 
 def test_set_overrides_are_applied_and_validated(tmp_path):
     path = write(tmp_path, MINIMAL)
-    recipe = load_recipe(path, ["train.epochs=7", "students.0.model=middle_student", "tune.enabled=false"])
+    recipe = load_recipe(
+        path, ["train.epochs=7", "students.0.model=middle_student", "tune.enabled=false"]
+    )
     assert recipe.train.epochs == 7
     assert recipe.students[0].model == "middle_student"
     assert recipe.tune.enabled is False

@@ -1,13 +1,13 @@
 """kdistill: knowledge distillation for PyTorch.
 
-    import kdistill as kd
-    from kdistill import losses as L
+import kdistill as kd
+from kdistill import losses as L
 
-    distiller = kd.Distiller(teacher, student, terms=[
-        kd.Term(L.KD(temperature=4.0), weight=0.9),
-        kd.Term(L.CE(), weight=0.1),
-    ])
-    out = distiller(images, target=labels)   # out.loss, out.parts, out.student_output
+distiller = kd.Distiller(teacher, student, terms=[
+    kd.Term(L.KD(temperature=4.0), weight=0.9),
+    kd.Term(L.CE(), weight=0.1),
+])
+out = distiller(images, target=labels)   # out.loss, out.parts, out.student_output
 """
 
 from kdistill import losses

@@ -8,7 +8,8 @@ from torch import Tensor
 def check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
     if a.shape != b.shape:
         raise ValueError(
-            f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+            f"{a_name} and {b_name} must have the same shape, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
 
 

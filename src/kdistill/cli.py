@@ -24,19 +24,35 @@ def resolve_recipe(name_or_path: str) -> Path:
     if builtin.exists():
         return builtin
     known = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
-    raise KdistillError(f"{name_or_path}: no such recipe file or built-in recipe (built-in: {known})")
+    raise KdistillError(
+        f"{name_or_path}: no such recipe file or built-in recipe (built-in: {known})"
+    )
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
+    )
     parser.add_argument("--seeds", type=int, help="train every student with this many seeds")
-    parser.add_argument("--methods", help="comma-separated methods of the recipe to run (default: all)")
+    parser.add_argument(
+        "--methods", help="comma-separated methods of the recipe to run (default: all)"
+    )
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run in the same folder; finished models are kept")
-    parser.add_argument("--no-tune", action="store_true",
-                        help="skip the validation grid; use the recipe's distillation settings")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in the same folder; finished models are kept",
+    )
+    parser.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="skip the validation grid; use the recipe's distillation settings",
+    )
     parser.add_argument("--data-root", help="folder holding the dataset files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
@@ -68,15 +84,21 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
     command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table = write_report(summary, recipe, command)
     print(table)
-    print(f"\n{out_dir}: report.md, results.json, metrics.jsonl, curves.png "
-          f"({summary.seconds / 60:.1f} min)")
+    print(
+        f"\n{out_dir}: report.md, results.json, metrics.jsonl, curves.png "
+        f"({summary.seconds / 60:.1f} min)"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="kdistill", description="Knowledge distillation for PyTorch."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a recipe: teacher, students alone, distilled students")
+    run = commands.add_parser(
+        "run", help="run a recipe: teacher, students alone, distilled students"
+    )
     run.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
     add_run_options(run)
     demo = commands.add_parser("demo", help=f"run the default recipe ({DEFAULT_RECIPE})")
@@ -103,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kdistill: interrupted after {time.perf_counter() - started:.0f} s; "
-              "run again with --resume to continue", file=sys.stderr)
+        print(
+            f"kdistill: interrupted after {time.perf_counter() - started:.0f} s; "
+            "run again with --resume to continue",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -115,7 +115,7 @@ def _unique_names(terms: Sequence[Term]) -> list[str]:
 
 
 class Distiller(nn.Module):
-    """Teacher (frozen) + student + terms. Call it like a model: ``out = distiller(x, target=y)``."""
+    """Teacher (frozen) + student + terms; call it like a model: ``distiller(x, target=y)``."""
 
     def __init__(
         self,
@@ -158,7 +158,7 @@ class Distiller(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student + connector (+ loss-owned, e.g. embedding heads) parameters; never the teacher's."""
+        """Student, connector and loss-owned parameters (e.g. embedding heads); not the teacher."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.connectors.parameters() if p.requires_grad]
         params += [p for p in self.losses.parameters() if p.requires_grad]
@@ -205,7 +205,7 @@ class Distiller(nn.Module):
         teacher_output: ModelOutput | None = None,
         teacher_features: Mapping[str, Tensor] | None = None,
     ) -> DistillOutput:
-        """`teacher_output` / `teacher_features` may come from a cache; the teacher then does not run."""
+        """`teacher_output` / `teacher_features` may come from a cache (the teacher then skips)."""
         return self._forward(inputs, target, index, teacher_output, teacher_features)
 
     def _forward(self, inputs, target, index, teacher_output, teacher_features, build_only=False):

@@ -54,7 +54,9 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
     for key in sorted(tensors):
         value = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(
+            value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
+        )
     return digest.hexdigest()
 
 
@@ -150,7 +152,9 @@ def load_latest_checkpoint(directory: Path, name: str) -> tuple[dict[str, Tensor
         try:
             tensors, state = read_checkpoint_file(previous)
         except CheckpointError as previous_error:
-            raise CheckpointError(f"{latest_error}; and the previous one: {previous_error}") from None
+            raise CheckpointError(
+                f"{latest_error}; and the previous one: {previous_error}"
+            ) from None
         return tensors, state, previous
 
 
@@ -178,7 +182,9 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], label: str, sour
         if missing:
             problems.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
         if unexpected:
-            problems.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+            problems.append(
+                f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+            )
         if wrong_shape:
             problems.append("shape mismatches: " + "; ".join(wrong_shape[:5]))
         raise CheckpointError(
@@ -241,5 +247,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             "kdistill never unpickles arbitrary objects; save model.state_dict() or safetensors"
         ) from None
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors, got {type(loaded).__name__}"
+        )
     return dict(loaded)

@@ -186,7 +186,9 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), config.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(
+                        distiller.trainable_parameters(), config.grad_clip
+                    )
                 optimizer.step()
                 progress.steps_seen += 1
                 for name, value in out.parts.items():

@@ -23,7 +23,9 @@ class Accuracy:
         logits = logits.detach().float()
         correct = (logits.argmax(dim=1) == target).sum()
         loss = F.cross_entropy(logits, target, reduction="sum")
-        self.counts += torch.stack([correct.double(), torch.tensor(float(len(target))), loss.double().cpu()])
+        self.counts += torch.stack(
+            [correct.double(), torch.tensor(float(len(target))), loss.double().cpu()]
+        )
 
     def compute(self) -> dict[str, float]:
         correct, total, loss = self.counts.tolist()
@@ -33,7 +35,9 @@ class Accuracy:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate_classifier(
+    model: nn.Module, loader, device: str | torch.device = "cpu"
+) -> dict[str, float]:
     """Accuracy and loss of `model` (restored to its previous mode) over `loader`."""
     was_training = model.training
     model.eval()

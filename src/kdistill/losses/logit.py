@@ -59,7 +59,7 @@ class KD(DistillLoss):
 
 @register_loss("ce")
 class CE(DistillLoss):
-    """Cross-entropy with the hard labels: ``mean_n −log softmax(z_s)[n, y_n]`` (optionally smoothed)."""
+    """Cross-entropy with the labels: ``mean_n −log softmax(z_s)[n, y_n]`` (may be smoothed)."""
 
     needs = (STUDENT, TARGET)
 
@@ -123,7 +123,9 @@ class DKD(DistillLoss):
             return F.log_softmax(kept / t, dim=1)
 
         tckd = kl_rows(binary_log_masses(teacher_logits), binary_log_masses(student_logits))
-        nckd = kl_rows(non_target_log_softmax(teacher_logits), non_target_log_softmax(student_logits))
+        nckd = kl_rows(
+            non_target_log_softmax(teacher_logits), non_target_log_softmax(student_logits)
+        )
         return tckd.mean() * t * t, nckd.mean() * t * t
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:

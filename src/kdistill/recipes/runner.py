@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -77,8 +76,12 @@ class RunSummary:
 
 def load_splits(recipe: Recipe) -> Splits:
     spec = recipe.data
-    full_train = take(load_dataset(spec.dataset, "train", root=spec.root), spec.train_limit, seed=recipe.seed)
-    test = take(load_dataset(spec.dataset, "test", root=spec.root), spec.test_limit, seed=recipe.seed)
+    full_train = take(
+        load_dataset(spec.dataset, "train", root=spec.root), spec.train_limit, seed=recipe.seed
+    )
+    test = take(
+        load_dataset(spec.dataset, "test", root=spec.root), spec.test_limit, seed=recipe.seed
+    )
     train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed)
     return Splits(train, val, test)
 
@@ -140,8 +143,9 @@ class Experiment:
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.progress = progress
-        if not resume and (self.out_dir / "metrics.jsonl").exists():
-            (self.out_dir / "metrics.jsonl").unlink()
+        if not resume:  # a fresh run: forget the previous run's logs (a saved teacher is kept)
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.out_dir / "tuning.json").unlink(missing_ok=True)
             shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -173,7 +177,9 @@ class Experiment:
         teacher = build_model(spec, self.splits.train, self.recipe.seed)
         models_dir = self.out_dir / "models"
         identity = {
-            "model": spec.model_dump(mode="json", exclude={"checkpoint"}),
+            "model": spec.model_dump(
+                mode="json", exclude={"checkpoint": True, "train": {"progress", "device"}}
+            ),
             "data": self.recipe.data.model_dump(mode="json"),
             "seed": self.recipe.seed,
         }
@@ -202,14 +208,20 @@ class Experiment:
         teacher.eval()
         accuracy = self.evaluator(self.splits.test)(teacher)["accuracy"]
         record = RunRecord(
-            "teacher", None, "teacher", self.recipe.seed, count_parameters(teacher), accuracy,
+            "teacher",
+            None,
+            "teacher",
+            self.recipe.seed,
+            count_parameters(teacher),
+            accuracy,
             seconds=time.perf_counter() - started,
         )
         self.say(f"teacher: test accuracy {accuracy:.4f}")
         self.teacher = teacher
         if self.recipe.distill.cache_teacher_outputs:
             self.teacher_train_outputs = predict(
-                teacher, self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
+                teacher,
+                self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
                 self.recipe.train.device,
             )
         return teacher, record
@@ -265,30 +277,61 @@ class Experiment:
         return student, accuracy
 
     def tune(self, spec, method: str) -> tuple[dict, list[dict]]:
-        """The grid point with the best validation accuracy (ties: the first listed)."""
-        trials = []
+        """The grid point with the best validation accuracy (ties: the first listed).
+
+        Finished trials are recorded in `tuning.json`; `--resume` reuses them.
+        """
+        trials: list[dict] = []
         candidates = grid_settings(self.recipe)
         if len(candidates) == 1:
             return candidates[0], trials
+        done = {trial["label"]: trial for trial in self._read_tuning()} if self.resume else {}
         for settings in candidates:
             label = f"tune/{spec.name}/{method}/{settings_label(settings)}"
+            if label in done:
+                trials.append(done[label])
+                continue
             terms = method_terms(self.recipe.distill, method, settings)
             _, val_accuracy = self.train_student(
-                label, spec, self.recipe.tune.seed, terms, method, self.splits.val,
-                epochs=self.recipe.tune.epochs, keep_checkpoint=False,
+                label,
+                spec,
+                self.recipe.tune.seed,
+                terms,
+                method,
+                self.splits.val,
+                epochs=self.recipe.tune.epochs,
+                keep_checkpoint=False,
             )
-            trials.append({"student": spec.name, "method": method, "settings": settings,
-                           "val_accuracy": val_accuracy})
+            trial = {
+                "label": label,
+                "student": spec.name,
+                "method": method,
+                "settings": settings,
+                "val_accuracy": val_accuracy,
+            }
+            trials.append(trial)
+            self._record_tuning(trial)
             self.say(f"  {label}: validation accuracy {val_accuracy:.4f}")
         best = max(trials, key=lambda trial: trial["val_accuracy"])
         return best["settings"], trials
+
+    def _read_tuning(self) -> list[dict]:
+        path = self.out_dir / "tuning.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _record_tuning(self, trial: dict) -> None:
+        trials = [t for t in self._read_tuning() if t["label"] != trial["label"]] + [trial]
+        atomic_write_text(self.out_dir / "tuning.json", json.dumps(trials, indent=1))
 
     # -- the whole experiment ---------------------------------------------------------------
     def run(self, methods: list[str] | None = None) -> RunSummary:
         started = time.perf_counter()
         recipe = self.recipe
         methods = methods or list(recipe.distill.methods)
-        atomic_write_text(self.out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(
+            self.out_dir / "recipe.yaml",
+            yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+        )
         _, teacher_record = self.prepare_teacher()
         records = [teacher_record]
         chosen: dict[str, dict[str, dict]] = {}
@@ -300,7 +343,9 @@ class Experiment:
                 chosen[spec.name][method] = settings
                 tuning.extend(trials)
                 if trials:
-                    self.say(f"{spec.name}/{method}: chose {settings_label(settings)} on validation")
+                    self.say(
+                        f"{spec.name}/{method}: chose {settings_label(settings)} on validation"
+                    )
         for index in range(recipe.seeds):
             seed = recipe.seed + index
             for spec in recipe.students:
@@ -314,12 +359,24 @@ class Experiment:
                     student, accuracy = self.train_student(
                         label, spec, seed, terms, method, self.splits.test
                     )
-                    save_checkpoint(self.out_dir / "models", label.replace("/", "__"),
-                                    student.state_dict(), {"label": label, "settings": settings})
-                    records.append(RunRecord(
-                        label, spec.name, method, seed, count_parameters(student), accuracy,
-                        settings, time.perf_counter() - run_started,
-                    ))
+                    save_checkpoint(
+                        self.out_dir / "models",
+                        label.replace("/", "__"),
+                        student.state_dict(),
+                        {"label": label, "settings": settings},
+                    )
+                    records.append(
+                        RunRecord(
+                            label,
+                            spec.name,
+                            method,
+                            seed,
+                            count_parameters(student),
+                            accuracy,
+                            settings,
+                            time.perf_counter() - run_started,
+                        )
+                    )
                     self.say(f"{label}: test accuracy {accuracy:.4f}")
         summary = RunSummary(self.out_dir, records, chosen, tuning, time.perf_counter() - started)
         return summary

@@ -27,7 +27,9 @@ def plot_curves(records: Sequence[dict], path: Path, seed: int) -> Path | None:
     for label, points in sorted(curves.items()):
         points.sort()
         style = "--" if label == "teacher" else "-"
-        axis.plot([p[0] for p in points], [100 * p[1] for p in points], style, marker="o", label=label)
+        axis.plot(
+            [p[0] for p in points], [100 * p[1] for p in points], style, marker="o", label=label
+        )
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_title(f"Validation accuracy per epoch (seed {seed})")

@@ -21,14 +21,14 @@ def write_report(summary, recipe, command: str) -> str:
         "recipe": recipe.name,
         "seconds": round(summary.seconds, 1),
         "records": [dataclasses.asdict(record) for record in summary.records],
-        "rows": [
-            {**dataclasses.asdict(row), "mean": row.mean, "std": row.std} for row in rows
-        ],
+        "rows": [{**dataclasses.asdict(row), "mean": row.mean, "std": row.std} for row in rows],
         "chosen": summary.chosen,
         "tuning": summary.tuning,
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    curves = plot_curves(MetricsLog(out_dir / "metrics.jsonl").read(), out_dir / "curves.png", recipe.seed)
+    curves = plot_curves(
+        MetricsLog(out_dir / "metrics.jsonl").read(), out_dir / "curves.png", recipe.seed
+    )
 
     lines = [
         f"# {recipe.name}",
