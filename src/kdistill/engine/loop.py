@@ -108,8 +108,11 @@ def _save(directory, distiller, optimizer, scheduler, progress: Progress, label,
 
 def _restore(checkpoint_dir, distiller, optimizer, scheduler, label) -> Progress:
     tensors, state, path = load_latest_checkpoint(Path(checkpoint_dir), CHECKPOINT_NAME)
-    if path.name != f"{CHECKPOINT_NAME}.safetensors":
+    latest = Path(checkpoint_dir) / f"{CHECKPOINT_NAME}.safetensors"
+    if path != latest:
         log.warning("%s: the latest checkpoint is unusable; resuming from %s", label, path)
+        if latest.exists():  # set it aside, so the next save does not rotate it over the good one
+            latest.replace(latest.with_suffix(".corrupt"))
     load_trained_state(distiller, tensors, str(path))
     optimizer_from_flat(optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
