@@ -193,7 +193,9 @@ class Distiller(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            self._forward(inputs, None, None, None, None, build_only=True)
+            sides = self._run_models(inputs, None, None)
+            for name, term in zip(self.term_names, self.terms):
+                self._term_sides(name, term, *sides)
         finally:
             self.train(was_training)
 
@@ -206,39 +208,19 @@ class Distiller(nn.Module):
         teacher_features: Mapping[str, Tensor] | None = None,
     ) -> DistillOutput:
         """`teacher_output` / `teacher_features` may come from a cache (the teacher then skips)."""
-        return self._forward(inputs, target, index, teacher_output, teacher_features)
-
-    def _forward(self, inputs, target, index, teacher_output, teacher_features, build_only=False):
-        if self.student_taps is not None:
-            self.student_taps.clear()
-        student_output = self.student(inputs)
-        student_features = self.student_taps.collect() if self.student_taps is not None else {}
-
-        if self.needs_teacher:
-            have_features = teacher_features is not None or self.teacher_taps is None
-            if teacher_output is None or not have_features:
-                teacher_output, teacher_features = self.run_teacher(inputs)
-        teacher_features = teacher_features or {}
-
+        sides = self._run_models(inputs, teacher_output, teacher_features)
+        extras = {TARGET: target, INDEX: index}
         total: Tensor | None = None
         parts: dict[str, float] = {}
         raw_parts: dict[str, float] = {}
         for name, term in zip(self.term_names, self.terms):
-            args = self._term_inputs(
-                name,
-                term,
-                student_output,
-                student_features,
-                teacher_output,
-                teacher_features,
-                target,
-                index,
-                build_only,
-            )
-            if build_only:
-                continue
+            student_value, teacher_value = self._term_sides(name, term, *sides)
+            values = {STUDENT: student_value, TEACHER: teacher_value, **extras}
+            missing = [need for need in term.needs if values.get(need) is None]
+            if missing:
+                raise ValueError(f"term {name!r} needs {missing}, which were not given")
             try:
-                value = term.loss(*args)
+                value = term.loss(*(values[need] for need in term.needs))
             except (ValueError, RuntimeError) as error:
                 raise type(error)(f"term {self._describe(name, term)}: {error}") from error
             weight = term.weight * term.ramp(self.progress_epochs)
@@ -251,12 +233,21 @@ class Distiller(nn.Module):
                 )
             raw_parts[name] = raw
             parts[name] = weight * raw
-            contribution = value * weight
-            total = contribution if total is None else total + contribution
-        if build_only:
-            return None
+            total = value * weight if total is None else total + value * weight
         assert total is not None
-        return DistillOutput(total, parts, student_output, teacher_output, raw_parts)
+        return DistillOutput(total, parts, sides[0], sides[2], raw_parts)
+
+    def _run_models(self, inputs, teacher_output, teacher_features):
+        """(student output, student features, teacher output, teacher features)."""
+        if self.student_taps is not None:
+            self.student_taps.clear()
+        student_output = self.student(inputs)
+        student_features = self.student_taps.collect() if self.student_taps is not None else {}
+        if self.needs_teacher:
+            have_features = teacher_features is not None or self.teacher_taps is None
+            if teacher_output is None or not have_features:
+                teacher_output, teacher_features = self.run_teacher(inputs)
+        return student_output, student_features, teacher_output, teacher_features or {}
 
     def _describe(self, name: str, term: Term) -> str:
         sides = []
@@ -266,40 +257,26 @@ class Distiller(nn.Module):
             sides.append(f"teacher layer {term.teacher!r}")
         return f"{name!r}" + (f" ({' → '.join(sides)})" if sides else "")
 
-    def _term_inputs(
-        self,
-        name,
-        term,
-        student_output,
-        student_features,
-        teacher_output,
-        teacher_features,
-        target,
-        index,
-        build_only=False,
-    ) -> list[Tensor]:
+    def _term_sides(
+        self, name, term, student_output, student_features, teacher_output, teacher_features
+    ) -> tuple[Tensor, Tensor | None]:
+        """The student and teacher tensors a term compares (connected and aligned if needed)."""
         student_value = (
             student_features[term.student]
             if term.student is not None
             else select_output(student_output, term.output, "student")
         )
-        teacher_value = None
-        if term.uses_teacher:
-            teacher_value = (
-                teacher_features[term.teacher]
-                if term.teacher is not None
-                else select_output(teacher_output, term.output, "teacher")
-            )
-            if getattr(term.loss, "uses_connector", False):
-                student_value = self._connect(name, term, student_value, teacher_value)
-                student_value, teacher_value = align_spatial(student_value, teacher_value)
-        values = {STUDENT: student_value, TEACHER: teacher_value, TARGET: target, INDEX: index}
-        if build_only:
-            return []
-        for need in term.needs:
-            if values.get(need) is None:
-                raise ValueError(f"term {name!r} needs {need!r}, which was not given")
-        return [values[need] for need in term.needs]
+        if not term.uses_teacher:
+            return student_value, None
+        teacher_value = (
+            teacher_features[term.teacher]
+            if term.teacher is not None
+            else select_output(teacher_output, term.output, "teacher")
+        )
+        if getattr(term.loss, "uses_connector", False):
+            student_value = self._connect(name, term, student_value, teacher_value)
+            student_value, teacher_value = align_spatial(student_value, teacher_value)
+        return student_value, teacher_value
 
     def _connect(
         self, name: str, term: Term, student_value: Tensor, teacher_value: Tensor
