@@ -52,6 +52,13 @@ def test_builtin_recipe_validates():
             "temprature",
         ),
         ("tune: {grid: {temprature: [1, 2]}}", "(top level)", "tune.grid.temprature"),
+        (
+            "distill: {methods: {kd: [{loss: kd, params: {temperature: 0}}]}}",
+            "distill.methods.kd.0",
+            "temperature must be > 0, got 0",
+        ),
+        ("tune: {grid: {temperature: [2, -1]}}", "(top level)", "temperature must be > 0, got -1"),
+        ("tune: {grid: {alpha: [0.5, 1.5]}}", "(top level)", "tune.grid.alpha"),
     ],
 )
 def test_invalid_fields_are_reported_with_their_path(

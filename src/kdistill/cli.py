@@ -91,36 +91,39 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
     return 0
 
 
+def list_recipes(args: argparse.Namespace) -> int:
+    for path in sorted(BUILTIN_RECIPES.glob("*.yaml")):
+        print(f"{path.stem}\t{path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Each sub-command sets `handler`: parsed arguments in, exit code out."""
     parser = argparse.ArgumentParser(
         prog="kdistill", description="Knowledge distillation for PyTorch."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser(
-        "run", help="run a recipe: teacher, students alone, distilled students"
-    )
+
+    run = commands.add_parser("run", help="run a recipe: teacher, students alone, distilled")
     run.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
     add_run_options(run)
+    run.set_defaults(handler=lambda args: run_command(args, args.recipe))
+
     demo = commands.add_parser("demo", help=f"run the default recipe ({DEFAULT_RECIPE})")
     add_run_options(demo)
-    commands.add_parser("recipes", help="list the built-in recipes")
+    demo.set_defaults(handler=lambda args: run_command(args, DEFAULT_RECIPE))
+
+    recipes = commands.add_parser("recipes", help="list the built-in recipes")
+    recipes.set_defaults(handler=list_recipes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:
-        if args.command == "run":
-            return run_command(args, args.recipe)
-        if args.command == "demo":
-            return run_command(args, DEFAULT_RECIPE)
-        if args.command == "recipes":
-            for path in sorted(BUILTIN_RECIPES.glob("*.yaml")):
-                print(f"{path.stem}\t{path}")
-            return 0
+        return args.handler(args)
     except KdistillError as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return 2
@@ -131,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError
-from kdistill.losses import LOSSES
+from kdistill.losses import LOSSES, create_loss
 from kdistill.models import MODELS
 from kdistill.registry import unknown_name_message
 
@@ -89,7 +89,16 @@ class TermSpec(Strict):
             raise ValueError(
                 f"loss {self.loss!r} has no parameter(s) {unknown}; it takes {sorted(accepted)}"
             )
+        check_loss_params(self.loss, self.params)
         return self
+
+
+def check_loss_params(name: str, params: dict[str, Any]) -> None:
+    """Build the loss once so that bad values (T ≤ 0, …) fail when the recipe is read."""
+    try:
+        create_loss(name, **params)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"loss {name!r}: {error}") from None
 
 
 def loss_parameters(name: str) -> list[str]:
@@ -145,12 +154,21 @@ class Recipe(Strict):
             if not values:
                 raise ValueError(f"tune.grid.{key} is empty")
             if key == "alpha":
+                if not all(0 <= value <= 1 for value in values):
+                    raise ValueError(f"tune.grid.alpha: values must lie in [0, 1], got {values}")
                 continue
             for method, terms in self.distill.methods.items():
-                if not any(key in loss_parameters(term.loss) for term in terms):
+                takers = [term for term in terms if key in loss_parameters(term.loss)]
+                if not takers:
                     raise ValueError(
                         f"tune.grid.{key}: no loss of method {method!r} has a parameter {key!r}"
                     )
+                for term in takers:
+                    for value in values:
+                        try:
+                            check_loss_params(term.loss, {**term.params, key: value})
+                        except ValueError as error:
+                            raise ValueError(f"tune.grid.{key}: {error}") from None
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")
