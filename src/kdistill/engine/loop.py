@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +82,26 @@ def load_trained_state(distiller: Distiller, tensors: dict[str, Tensor], source:
     load_weights(distiller.losses, strip_prefix("losses", tensors), "loss modules", source)
 
 
+class TeacherLookup(Protocol):
+    """Stored teacher outputs: `lookup(index)` gives (output, {layer: features}) for a batch."""
+
+    def lookup(self, index: Tensor) -> tuple[Any, dict[str, Tensor]]: ...
+
+
+def lookup_teacher(source, index: Tensor, device: torch.device):
+    """(output, features) of the batch from stored teacher outputs, or (None, None)."""
+    if source is None:
+        return None, None
+    if isinstance(source, Tensor):
+        return source[index].to(device), None
+    output, features = source.lookup(index)
+    if isinstance(output, dict):
+        output = {key: value.to(device) for key, value in output.items()}
+    elif isinstance(output, Tensor):
+        output = output.to(device)
+    return output, {key: value.to(device) for key, value in features.items()}
+
+
 @dataclass
 class Progress:
     """Where training stands: what a checkpoint must restore for an exact resume."""
@@ -132,12 +153,13 @@ def fit(
     metrics_log: MetricsLog | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
-    teacher_outputs: Tensor | None = None,
+    teacher_outputs: Tensor | TeacherLookup | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 
-    `teacher_outputs`: the teacher's outputs for every training sample, indexed by
-    `batch.index` (offline distillation); the teacher then never runs during training.
+    `teacher_outputs`: the teacher's outputs for every training sample (offline distillation):
+    a tensor indexed by `batch.index`, or an object whose `lookup(index)` returns
+    `(output, features)`; the teacher then does not run during training.
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
     bit for bit on CPU, as an uninterrupted run.
@@ -170,13 +192,14 @@ def fit(
         )
         for step, batch in enumerate(bar, start=progress.step):
             distiller.set_progress(epoch + step / steps_per_epoch)
-            cached = None if teacher_outputs is None else teacher_outputs[batch.index].to(device)
+            cached_output, cached_features = lookup_teacher(teacher_outputs, batch.index, device)
             try:
                 out = distiller(
                     batch.inputs.to(device),
                     target=batch.target.to(device),
                     index=batch.index.to(device),
-                    teacher_output=cached,
+                    teacher_output=cached_output,
+                    teacher_features=cached_features,
                 )
             except NonFiniteLossError as error:
                 if config.on_nonfinite == "stop":
