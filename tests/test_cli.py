@@ -71,6 +71,8 @@ def test_run_on_real_fashion_mnist_writes_a_sane_run_folder(tmp_path):
         "results.json",
         "metrics.jsonl",
         "curves.png",
+        "report.html",
+        "tradeoff.png",
         "recipe.yaml",
         "models/teacher.safetensors",
         "models/mini__kd__seed1.safetensors",
@@ -92,6 +94,13 @@ def test_run_on_real_fashion_mnist_writes_a_sane_run_folder(tmp_path):
     for key in [("mini", "alone"), ("mini", "kd"), ("middle", "alone"), ("middle", "kd")]:
         assert len(rows[key]["accuracies"]) == 2
         assert 0.3 < rows[key]["mean"] <= 1.0
+    # every row is costed once per architecture; the teacher dwarfs the mini student
+    for row in rows.values():
+        assert row["cost"]["params"] == row["params"]
+        assert set(row["cost"]["latency_ms"]) == {"1", "64"}
+    assert rows[("teacher", "teacher")]["cost"]["macs"] > 100 * rows[("mini", "kd")]["cost"]["macs"]
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and 'src="http' not in html
     # the choice was made on validation: one trial per grid point and student
     assert len(results["tuning"]) == 4
     assert results["chosen"]["mini"]["kd"]["alpha"] in (0.5, 0.9)

@@ -54,10 +54,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="skip the validation grid; use the recipe's distillation settings",
     )
     parser.add_argument("--data-root", help="folder holding the dataset files")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow the teacher checkpoint to be a pickle (torch.save(model)); unpickling runs "
+        "code from the file, so only for files you trust",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
 
 def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
+    from kdistill.engine.distributed import cleanup, init_distributed
     from kdistill.recipes import Experiment, load_recipe
     from kdistill.report import write_report
 
@@ -68,6 +75,8 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
         overrides.append("tune.enabled=false")
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    if args.trust_checkpoint:
+        overrides.append("teacher.trust_checkpoint=true")
     recipe = load_recipe(resolve_recipe(recipe_arg), overrides)
     methods = None
     if args.methods:
@@ -79,16 +88,107 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
                 f"(it has {sorted(recipe.distill.methods)})"
             )
     out_dir = args.out or Path("runs") / recipe.name
-    experiment = Experiment(recipe, out_dir, resume=args.resume, progress=not args.quiet)
-    summary = experiment.run(methods)
+    world = init_distributed(recipe.train.device)  # under torchrun: join the process group
+    try:
+        experiment = Experiment(recipe, out_dir, resume=args.resume, progress=not args.quiet)
+        summary = experiment.run(methods)
+        if not world.is_main:  # rank 0 writes the report and prints
+            return 0
+        command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        table = write_report(summary, recipe, command)
+        print(table)
+        print(
+            f"\n{out_dir}: report.md, results.json, metrics.jsonl, curves.png "
+            f"({summary.seconds / 60:.1f} min)"
+        )
+        return 0
+    finally:
+        cleanup()
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    """`kdistill compress <recipe>`: prune the teacher → distill → int8, costed at each stage."""
+    from kdistill.compress.pipeline import run_compress
+    from kdistill.compress.report import write_compress_report
+    from kdistill.recipes import load_recipe
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    out_dir = args.out or Path("runs") / recipe.name
+    summary = run_compress(recipe, out_dir, progress=not args.quiet)
     command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    table = write_report(summary, recipe, command)
+    table = write_compress_report(summary, recipe, command)
     print(table)
     print(
-        f"\n{out_dir}: report.md, results.json, metrics.jsonl, curves.png "
+        f"\n{out_dir}: report.md, report.html, results.json, export/ "
         f"({summary.seconds / 60:.1f} min)"
     )
     return 0
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    """`kdistill cache <recipe>`: the teacher's outputs over the training split, stored once."""
+    from kdistill.cache import TeacherCache, build_teacher_cache
+    from kdistill.errors import CacheError
+    from kdistill.recipes import Experiment, load_recipe
+
+    overrides = [*args.overrides, "distill.teacher_cache=off"]  # only the teacher, not a copy
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    run_dir = args.run_dir or Path("runs") / recipe.name
+    experiment = Experiment(recipe, run_dir, resume=True, progress=not args.quiet)
+    teacher, _ = experiment.prepare_teacher()  # trained, or loaded from the run folder
+    if args.layers is None:
+        layers = experiment.teacher_layers()
+    else:
+        layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    settings = {
+        "layers": layers,
+        "dtype": args.dtype or recipe.distill.teacher_cache_dtype,
+        "topk": args.topk if args.topk is not None else recipe.distill.teacher_cache_topk,
+    }
+    out = args.out or run_dir / "teacher_cache"
+    if not args.force:
+        try:
+            cache = TeacherCache.open(out, teacher, experiment.splits.train, **settings)
+            if cache.layers == layers:
+                print(f"up to date (--force rebuilds it)\n{cache.describe()}")
+                return 0
+        except CacheError:
+            pass
+    cache = build_teacher_cache(
+        teacher, experiment.splits.train, out, progress=not args.quiet, **settings
+    )
+    print(cache.describe())
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """`kdistill bench`: runs bench/bench_speed.py of the source checkout."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_speed.py"
+    if not script.exists():
+        raise KdistillError(
+            f"{script}: not found; the benchmark lives in the bench/ folder of a source "
+            "checkout (install it with pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("kdistill_bench_speed", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if key in BENCH_OPTIONS and value is not None
+    ]
+    return module.main(argv + (["--quick"] if args.quick else []))
+
+
+BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples")
 
 
 def list_recipes(args: argparse.Namespace) -> int:
@@ -112,6 +212,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help=f"run the default recipe ({DEFAULT_RECIPE})")
     add_run_options(demo)
     demo.set_defaults(handler=lambda args: run_command(args, DEFAULT_RECIPE))
+
+    compress = commands.add_parser(
+        "compress", help="prune the teacher, distill it, quantize to int8; cost at each stage"
+    )
+    compress.add_argument("recipe", help="a recipe with a compress: section (file or built-in)")
+    compress.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set compress.channels=0.5 (repeatable)",
+    )
+    compress.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
+    compress.add_argument("--data-root", help="folder holding the dataset files")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.set_defaults(handler=compress_command)
+
+    cache = commands.add_parser(
+        "cache", help="store the teacher's outputs over a recipe's training split (offline KD)"
+    )
+    cache.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
+    cache.add_argument("--out", type=Path, help="cache folder (default: <run dir>/teacher_cache)")
+    cache.add_argument("--run-dir", type=Path, help="run folder (default: runs/<recipe name>)")
+    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    cache.add_argument("--topk", type=int, help="keep only the k largest logits per sample")
+    cache.add_argument("--layers", help="comma-separated teacher layers to store too")
+    cache.add_argument("--force", action="store_true", help="rebuild even if it is up to date")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--data-root", help="folder holding the dataset files")
+    cache.add_argument("--quiet", action="store_true", help="no progress bars")
+    cache.set_defaults(handler=cache_command)
+
+    bench = commands.add_parser("bench", help="speed and memory: alone, online, cached, build")
+    bench.add_argument("--json", type=Path, help="also write the results as JSON")
+    bench.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
+    bench.add_argument("--pairs", help="comma-separated: classic, classic_mini, resnet")
+    bench.add_argument("--batch-size", type=int)
+    bench.add_argument("--threads", type=int)
+    bench.add_argument("--steps", type=int)
+    bench.add_argument("--warmup", type=int)
+    bench.add_argument("--samples", type=int, help="samples of the cache-build measurement")
+    bench.set_defaults(handler=bench_command)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)

@@ -103,6 +103,17 @@ def _clone_tree(output: Any) -> Any:
     return output
 
 
+def _float32(value: Any) -> Any:
+    """Half-precision (fp16/bf16) tensors cast up to float32; anything else unchanged.
+
+    Under autocast the models produce half-precision outputs; softmax, log and sums of a loss are
+    far more accurate in float32, so every loss sees float32 inputs and runs outside autocast.
+    """
+    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
 def _unique_names(terms: Sequence[Term]) -> list[str]:
     names: list[str] = []
     for term in terms:
@@ -220,7 +231,9 @@ class Distiller(nn.Module):
             if missing:
                 raise ValueError(f"term {name!r} needs {missing}, which were not given")
             try:
-                value = term.loss(*(values[need] for need in term.needs))
+                # losses run in float32 even under autocast (mixed precision): see _float32
+                with torch.autocast(student_value.device.type, enabled=False):
+                    value = term.loss(*(_float32(values[need]) for need in term.needs))
             except (ValueError, RuntimeError) as error:
                 raise type(error)(f"term {self._describe(name, term)}: {error}") from error
             weight = term.weight * term.ramp(self.progress_epochs)

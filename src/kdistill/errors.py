@@ -32,3 +32,8 @@ class NonFiniteLossError(KdistillError, FloatingPointError):
     def __init__(self, message: str, term: str | None = None):
         super().__init__(message)
         self.term = term
+
+
+class CacheError(KdistillError, ValueError):
+    """A teacher-output cache is stale, mismatched, incomplete or corrupt; the message says what
+    differs (teacher weights, dataset, dtype, layers, top-k) or which file is bad."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -220,10 +221,14 @@ def optimizer_from_flat(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+def load_state_dict_file(path: str | Path, trust: bool = False) -> dict[str, Tensor]:
     """Weights from a file, loaded safely: a kdistill checkpoint (verified), a plain safetensors
     file, or a PyTorch state dict (`.pt`/`.pth`) read with `torch.load(weights_only=True)`.
 
+    A file that needs full unpickling (e.g. a whole model saved with `torch.save(model)`) is
+    refused, because unpickling can run arbitrary code — unless `trust` is set (the user's
+    `--trust-checkpoint`): it is then read with `torch.load(weights_only=False)` and a module
+    gives its `state_dict()`.
     A kdistill checkpoint may prefix its keys (`student.`); pass the stripped dict to the model.
     """
     path = Path(path)
@@ -239,8 +244,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             return read_checkpoint_file(path)[0]
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    if trust:
+        return _load_trusted_pickle(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: this file holds pickled Python objects, not just tensors "
+            "(torch.load(weights_only=True) rejects it; e.g. a whole model saved with "
+            "torch.save(model)). Unpickling can run arbitrary code, so kdistill does not do it by "
+            "default. If you trust where the file comes from, pass --trust-checkpoint (recipe: "
+            "teacher.trust_checkpoint: true); better, re-save it as model.state_dict() or "
+            "safetensors"
+        ) from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
         raise CheckpointError(
             f"{path}: cannot be loaded as a state dict with weights_only=True ({error}). "
@@ -251,3 +267,29 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             f"{path}: expected a state dict of tensors, got {type(loaded).__name__}"
         )
     return dict(loaded)
+
+
+def _load_trusted_pickle(path: Path) -> dict[str, Tensor]:
+    """`torch.load(weights_only=False)` (the user vouched for the file): a module, or a mapping
+    of tensors, possibly under a "state_dict" / "model" key."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(
+            f"{path}: cannot be loaded even with weights_only=False ({error})"
+        ) from None
+    if isinstance(loaded, nn.Module):
+        return dict(loaded.state_dict())
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            inner = loaded.get(key)
+            if isinstance(inner, nn.Module):
+                return dict(inner.state_dict())
+            if isinstance(inner, Mapping):
+                loaded = inner
+                break
+        if all(isinstance(value, Tensor) for value in loaded.values()):
+            return dict(loaded)
+    raise CheckpointError(
+        f"{path}: expected a model or a state dict of tensors, got {type(loaded).__name__}"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -27,4 +27,16 @@ class TrainConfig(BaseModel):
     )
     checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
     device: str = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"
+    )
     progress: bool = True
+
+    @model_validator(mode="after")
+    def precision_fits_device(self) -> TrainConfig:
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"precision fp16 needs a CUDA device (device is {self.device!r}); "
+                "use bf16 on the CPU"
+            )
+        return self

@@ -30,7 +30,18 @@ from kdistill.engine.checkpoint import (
     with_prefix,
 )
 from kdistill.engine.config import TrainConfig
+from kdistill.engine.distributed import (
+    all_gather,
+    all_reduce_sum,
+    any_rank,
+    info,
+    resolve_device,
+    shard_loader,
+    wrap_ddp,
+)
 from kdistill.engine.optim import make_optimizer, make_scheduler
+from kdistill.engine.precision import autocast, check_precision, grad_scaler
+from kdistill.engine.preflight import check_before_training
 from kdistill.errors import NonFiniteLossError
 
 log = logging.getLogger("kdistill")
@@ -114,31 +125,70 @@ class Progress:
     skipped_batches: int = 0
 
 
-def _save(directory, distiller, optimizer, scheduler, progress: Progress, label, config) -> None:
+def _collapse_sums(progress: Progress, names: list[str], everywhere: bool = False) -> None:
+    """Sum the epoch's loss sums and step counts over ranks onto rank 0 (others keep zeros, so
+    that a later reduction stays exact), or with `everywhere` onto every rank (epoch end)."""
+    world = info()
+    if world.world_size == 1:
+        return
+    local = torch.tensor(
+        [progress.steps_seen, *(progress.part_sums.get(n, 0.0) for n in names)],
+        dtype=torch.float64,
+    )
+    total = all_reduce_sum(local).tolist()
+    if world.is_main or everywhere:
+        progress.steps_seen = int(total[0])
+        progress.part_sums = dict(zip(names, total[1:])) if total[0] else {}
+    else:
+        progress.steps_seen, progress.part_sums = 0, {}
+
+
+def _save(
+    directory, distiller, optimizer, scheduler, progress: Progress, label, config, scaler
+) -> None:
+    """Every rank calls it (RNG states are gathered); only rank 0 writes the file."""
+    world = info()
+    rng = {"rng.torch": torch.get_rng_state()}
+    if world.world_size > 1:
+        for rank, state in enumerate(all_gather(rng["rng.torch"])):
+            rng[f"rng.torch.rank{rank}"] = state
+    if not world.is_main:
+        return
     optim_tensors, optim_meta = optimizer_to_flat(optimizer)
-    tensors = {**trained_state(distiller), **optim_tensors, "rng.torch": torch.get_rng_state()}
+    tensors = {**trained_state(distiller), **optim_tensors, **rng}
     state = {
         "label": label,
         "progress": dataclasses.asdict(progress),
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "world_size": world.world_size,
         "config": config.model_dump(),
     }
     save_checkpoint(directory, CHECKPOINT_NAME, tensors, state, keep_previous=True)
 
 
-def _restore(checkpoint_dir, distiller, optimizer, scheduler, label) -> Progress:
+def _restore(checkpoint_dir, distiller, optimizer, scheduler, label, scaler) -> Progress:
     tensors, state, path = load_latest_checkpoint(Path(checkpoint_dir), CHECKPOINT_NAME)
     latest = Path(checkpoint_dir) / f"{CHECKPOINT_NAME}.safetensors"
+    world = info()
     if path != latest:
         log.warning("%s: the latest checkpoint is unusable; resuming from %s", label, path)
-        if latest.exists():  # set it aside, so the next save does not rotate it over the good one
+        if latest.exists() and world.is_main:  # set it aside, so the next save keeps the good one
             latest.replace(latest.with_suffix(".corrupt"))
     load_trained_state(distiller, tensors, str(path))
     optimizer_from_flat(optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    own_rng = f"rng.torch.rank{world.rank}"
+    same_world = state.get("world_size", 1) == world.world_size
+    torch.set_rng_state(
+        tensors[own_rng] if same_world and own_rng in tensors else tensors["rng.torch"]
+    )
     progress = Progress(**state["progress"])
+    if not world.is_main:  # rank 0 carries the epoch's sums so far (see _collapse_sums)
+        progress.steps_seen, progress.part_sums = 0, {}
     log.info("%s: resumed at epoch %d, step %d", label, progress.epoch + 1, progress.step)
     return progress
 
@@ -163,17 +213,32 @@ def fit(
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
     bit for bit on CPU, as an uninterrupted run.
+
+    Before the first step the models run once on the first batch (`engine.preflight`): wrong
+    input channels, teacher/student class-count mismatches and out-of-range labels fail here.
+    `config.precision` bf16/fp16 runs the forward under autocast (`engine.precision`).
+    Under torchrun (an initialised process group) the loader is sharded by rank with
+    `config.batch_size` as the global batch, the distiller is wrapped in DDP without its teacher,
+    training losses are averaged over ranks, and only rank 0 writes metrics and checkpoints
+    (`engine.distributed`).
     """
-    device = torch.device(config.device)
+    world = info()
+    device = resolve_device(config.device)
+    check_precision(config.precision, device)
+    train_loader = shard_loader(train_loader, world)
     distiller.to(device)
-    distiller.build(next(iter(train_loader)).inputs.to(device))
+    first_batch = next(iter(train_loader))
+    check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
+    distiller.build(first_batch.inputs.to(device))
+    model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
+    scaler = grad_scaler(config.precision, device)
     progress = Progress()
     if resume and checkpoint_dir is not None:
         directory = Path(checkpoint_dir)
         if any(directory.glob(f"{CHECKPOINT_NAME}*.safetensors")):
-            progress = _restore(directory, distiller, optimizer, scheduler, label)
+            progress = _restore(directory, distiller, optimizer, scheduler, label, scaler)
 
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
@@ -186,22 +251,31 @@ def fit(
             total=steps_per_epoch,
             initial=progress.step,
             desc=f"{label} {epoch + 1}/{config.epochs}",
-            disable=not config.progress,
+            disable=not (config.progress and world.is_main),
             leave=False,
             dynamic_ncols=True,
         )
         for step, batch in enumerate(bar, start=progress.step):
             distiller.set_progress(epoch + step / steps_per_epoch)
             cached_output, cached_features = lookup_teacher(teacher_outputs, batch.index, device)
+            error: NonFiniteLossError | None = None
             try:
-                out = distiller(
-                    batch.inputs.to(device),
-                    target=batch.target.to(device),
-                    index=batch.index.to(device),
-                    teacher_output=cached_output,
-                    teacher_features=cached_features,
+                with autocast(config.precision, device):
+                    out = model(
+                        batch.inputs.to(device),
+                        target=batch.target.to(device),
+                        index=batch.index.to(device),
+                        teacher_output=cached_output,
+                        teacher_features=cached_features,
+                    )
+            except NonFiniteLossError as caught:
+                error = caught
+            # under DDP every rank must take the same decision, or the others hang in backward
+            if world.world_size > 1 and any_rank(error is not None) and error is None:
+                error = NonFiniteLossError(
+                    "another rank's share of the batch gave a non-finite loss"
                 )
-            except NonFiniteLossError as error:
+            if error is not None:
                 if config.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"{label}, epoch {epoch + 1}, step {step}: {error}", term=error.term
@@ -210,12 +284,14 @@ def fit(
                 log.warning("%s epoch %d step %d: skipped batch: %s", label, epoch + 1, step, error)
             else:
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                scaler.scale(out.loss).backward()
                 if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
                         distiller.trainable_parameters(), config.grad_clip
                     )
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 progress.steps_seen += 1
                 for name, value in out.parts.items():
                     progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
@@ -232,8 +308,12 @@ def fit(
                 and progress.step % config.checkpoint_every_steps == 0
                 and progress.step < steps_per_epoch
             ):
-                _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config)
+                _collapse_sums(progress, distiller.term_names)
+                _save(
+                    checkpoint_dir, distiller, optimizer, scheduler, progress, label, config, scaler
+                )
         bar.close()
+        _collapse_sums(progress, distiller.term_names, everywhere=True)  # the same record on all
 
         seen = max(progress.steps_seen, 1)
         record = {
@@ -248,8 +328,8 @@ def fit(
             record.update({f"val_{k}": v for k, v in evaluate(distiller.student).items()})
         progress.history.append(record)
         progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
-        if metrics_log is not None:
+        if metrics_log is not None and world.is_main:
             metrics_log.write(record)
         if checkpoint_dir is not None:
-            _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config)
+            _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config, scaler)
     return FitResult(progress.history, time.perf_counter() - started, progress.skipped_batches)

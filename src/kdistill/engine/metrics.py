@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.engine.distributed import all_reduce_sum, info
+
 
 class Accuracy:
     """Top-1 accuracy and mean cross-entropy over everything seen since `reset()`."""
@@ -27,6 +29,10 @@ class Accuracy:
             [correct.double(), torch.tensor(float(len(target))), loss.double().cpu()]
         )
 
+    def reduce(self) -> None:
+        """Sum the counts over all ranks (a no-op in a single process); call before compute()."""
+        self.counts = all_reduce_sum(self.counts)
+
     def compute(self) -> dict[str, float]:
         correct, total, loss = self.counts.tolist()
         if total == 0:
@@ -38,15 +44,22 @@ class Accuracy:
 def evaluate_classifier(
     model: nn.Module, loader, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
-    """Accuracy and loss of `model` (restored to its previous mode) over `loader`."""
+    """Accuracy and loss of `model` (restored to its previous mode) over `loader`.
+
+    Under torchrun each rank evaluates every W-th batch (rank r the batches r, r+W, …) and the
+    counts are summed over ranks, so every rank returns the figures of the whole loader.
+    """
+    world = info()
     was_training = model.training
     model.eval()
     metric = Accuracy()
     try:
-        for batch in loader:
-            metric.update(model(batch.inputs.to(device)), batch.target.to(device))
+        for number, batch in enumerate(loader):
+            if number % world.world_size == world.rank:
+                metric.update(model(batch.inputs.to(device)), batch.target.to(device))
     finally:
         model.train(was_training)
+    metric.reduce()
     return metric.compute()
 
 

@@ -25,6 +25,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kdistill.cache import TeacherCache, build_teacher_cache, offline_teacher_outputs
 from kdistill.data import ArrayDataset, BatchLoader, load_dataset, split_train_val, take
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import MetricsLog, TrainConfig, evaluate_classifier, fit, predict
@@ -37,10 +38,12 @@ from kdistill.engine.checkpoint import (
     read_checkpoint_file,
     save_checkpoint,
 )
-from kdistill.errors import CheckpointError
+from kdistill.engine.distributed import barrier, is_main_process
+from kdistill.errors import CacheError, CheckpointError
 from kdistill.losses import create_loss
 from kdistill.models import MODELS, count_parameters
 from kdistill.recipes.schema import DistillSpec, ModelSpec, Recipe, TeacherSpec, loss_parameters
+from kdistill.report.cost import model_cost
 
 EVAL_BATCH = 1000
 
@@ -64,6 +67,7 @@ class RunRecord:
     test_accuracy: float
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cost: dict | None = None  # ModelCost.as_dict() of the architecture (report/cost.py)
 
 
 @dataclass
@@ -144,19 +148,40 @@ class Experiment:
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.progress = progress
-        if not resume:  # a fresh run: forget the previous run's logs (a saved teacher is kept)
+        self.is_main = is_main_process()  # under torchrun only rank 0 writes files and prints
+        if not resume and self.is_main:  # a fresh run: forget the previous run's logs
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.out_dir / "tuning.json").unlink(missing_ok=True)
             shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.splits = load_splits(recipe)
         self.teacher: nn.Module | None = None
-        self.teacher_train_outputs: Tensor | None = None
+        self.teacher_train_outputs: Tensor | TeacherCache | None = None
+        self._costs: dict[str, dict | None] = {}
 
     def say(self, message: str) -> None:
-        if self.progress:
+        if self.progress and self.is_main:
             tqdm.write(message)
+
+    def cost_of(self, name: str, model: nn.Module, **kwargs) -> dict | None:
+        """The model's cost (`recipe.cost`), measured once per architecture `name`."""
+        spec = self.recipe.cost
+        if not spec.enabled:
+            return None
+        if name not in self._costs:
+            cost = model_cost(
+                model,
+                self.splits.train.input_shape,
+                threads=spec.threads,
+                repeats=spec.repeats,
+                warmup=spec.warmup,
+                batch_sizes=spec.batch_sizes,
+                **kwargs,
+            )
+            self._costs[name] = cost.as_dict()
+        return self._costs[name]
 
     def loader(self, data: ArrayDataset, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
@@ -179,14 +204,23 @@ class Experiment:
         models_dir = self.out_dir / "models"
         identity = {
             "model": spec.model_dump(
-                mode="json", exclude={"checkpoint": True, "train": {"progress", "device"}}
+                mode="json",
+                exclude={
+                    "checkpoint": True,
+                    "trust_checkpoint": True,
+                    # fp32 is the default: leave it out so teachers saved before the field existed
+                    # are still recognised; another precision is part of the identity
+                    "train": {"progress", "device"}
+                    | ({"precision"} if spec.train.precision == "fp32" else set()),
+                },
             ),
             "data": self.recipe.data.model_dump(mode="json"),
             "seed": self.recipe.seed,
         }
         started = time.perf_counter()
         if spec.checkpoint is not None:
-            load_weights(teacher, load_state_dict_file(spec.checkpoint), "teacher", spec.checkpoint)
+            weights = load_state_dict_file(spec.checkpoint, trust=spec.trust_checkpoint)
+            load_weights(teacher, weights, "teacher", spec.checkpoint)
             self.say(f"teacher: loaded {spec.checkpoint}")
         elif self._saved_teacher_matches(models_dir, identity):
             tensors, _ = load_checkpoint(models_dir, "teacher")
@@ -205,7 +239,8 @@ class Experiment:
                 checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
                 resume=self.resume,
             )
-            save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+            if self.is_main:
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
         teacher.eval()
         accuracy = self.evaluator(self.splits.test)(teacher)["accuracy"]
         record = RunRecord(
@@ -216,16 +251,57 @@ class Experiment:
             count_parameters(teacher),
             accuracy,
             seconds=time.perf_counter() - started,
+            cost=self.cost_of("teacher", teacher),
         )
         self.say(f"teacher: test accuracy {accuracy:.4f}")
         self.teacher = teacher
-        if self.recipe.distill.cache_teacher_outputs:
-            self.teacher_train_outputs = predict(
+        self.teacher_train_outputs = self.prepare_teacher_outputs(teacher)
+        return teacher, record
+
+    def teacher_layers(self) -> list[str]:
+        """Every teacher layer a method of the recipe taps, in first-use order."""
+        layers = [t.teacher for terms in self.recipe.distill.methods.values() for t in terms]
+        return list(dict.fromkeys(layer for layer in layers if layer is not None))
+
+    def prepare_teacher_outputs(self, teacher: nn.Module) -> Tensor | TeacherCache | None:
+        """The teacher's training-set outputs as `distill.teacher_cache` asks: in memory (logits),
+        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none."""
+        distill = self.recipe.distill
+        if distill.teacher_cache == "memory":
+            return predict(
                 teacher,
                 self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
                 self.recipe.train.device,
             )
-        return teacher, record
+        if distill.teacher_cache == "off":
+            return None
+        directory = self.out_dir / "teacher_cache"
+        settings = {
+            "layers": self.teacher_layers(),
+            "dtype": distill.teacher_cache_dtype,
+            "topk": distill.teacher_cache_topk,
+        }
+        cache = None
+        if self.is_main:  # under torchrun rank 0 builds it; the other ranks wait, then read it
+            try:
+                cache = TeacherCache.open(directory, teacher, self.splits.train, **settings)
+                self.say(f"teacher cache: reusing {directory}")
+            except CacheError as error:
+                if (directory / "manifest.json").exists():
+                    self.say(f"teacher cache: rebuilding ({error})")
+                cache = build_teacher_cache(
+                    teacher,
+                    self.splits.train,
+                    directory,
+                    batch_size=EVAL_BATCH,
+                    progress=self.progress,
+                    **settings,
+                )
+                self.say(cache.describe())
+        barrier()
+        if cache is None:
+            cache = TeacherCache.open(directory, teacher, self.splits.train, **settings)
+        return cache
 
     @staticmethod
     def _saved_teacher_matches(models_dir: Path, identity: dict) -> bool:
@@ -251,26 +327,37 @@ class Experiment:
         evaluate_on: ArrayDataset,
         epochs: int | None = None,
         keep_checkpoint: bool = True,
+        student: nn.Module | None = None,
+        train: TrainConfig | None = None,
     ) -> tuple[nn.Module, float]:
-        """Train one student; returns it and its accuracy on `evaluate_on` after the last epoch."""
-        student = build_model(spec, self.splits.train, seed)
+        """Train one student; returns it and its accuracy on `evaluate_on` after the last epoch.
+
+        `student`: train this model instead of building `spec`'s (e.g. a pruned teacher);
+        `train`: its budget instead of the recipe's `train`.
+        """
+        if student is None:
+            student = build_model(spec, self.splits.train, seed)
         uses_teacher = any(term.uses_teacher for term in terms)
         distiller = Distiller(self.teacher if uses_teacher else None, student, terms)
         cached = None
-        if uses_teacher and not needs_teacher_layers(self.recipe.distill, method):
+        if uses_teacher and (
+            isinstance(self.teacher_train_outputs, TeacherCache)  # holds every tapped layer
+            or not needs_teacher_layers(self.recipe.distill, method)
+        ):
             cached = self.teacher_train_outputs
-        config = self.train_config(self.recipe.train, epochs)
+        config = self.train_config(train or self.recipe.train, epochs)
+        loader = self.loader(self.splits.train, seed, config.batch_size, shuffle=True)
         try:
             fit(
                 distiller,
-                self.loader(self.splits.train, seed, config.batch_size, shuffle=True),
+                loader,
                 config,
                 evaluate=self.evaluator(self.splits.val),
                 label=label,
                 metrics_log=self.metrics,
                 checkpoint_dir=self.out_dir / "checkpoints" / label if keep_checkpoint else None,
                 resume=self.resume and keep_checkpoint,
-                teacher_outputs=cached,
+                teacher_outputs=offline_teacher_outputs(cached, loader, label),
             )
         finally:
             distiller.close()
@@ -321,6 +408,8 @@ class Experiment:
         return json.loads(path.read_text()) if path.exists() else []
 
     def _record_tuning(self, trial: dict) -> None:
+        if not self.is_main:
+            return
         trials = [t for t in self._read_tuning() if t["label"] != trial["label"]] + [trial]
         atomic_write_text(self.out_dir / "tuning.json", json.dumps(trials, indent=1))
 
@@ -329,10 +418,11 @@ class Experiment:
         started = time.perf_counter()
         recipe = self.recipe
         methods = methods or list(recipe.distill.methods)
-        atomic_write_text(
-            self.out_dir / "recipe.yaml",
-            yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
-        )
+        if self.is_main:
+            atomic_write_text(
+                self.out_dir / "recipe.yaml",
+                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+            )
         _, teacher_record = self.prepare_teacher()
         records = [teacher_record]
         chosen: dict[str, dict[str, dict]] = {}
@@ -360,12 +450,13 @@ class Experiment:
                     student, accuracy = self.train_student(
                         label, spec, seed, terms, method, self.splits.test
                     )
-                    save_checkpoint(
-                        self.out_dir / "models",
-                        label.replace("/", "__"),
-                        student.state_dict(),
-                        {"label": label, "settings": settings},
-                    )
+                    if self.is_main:
+                        save_checkpoint(
+                            self.out_dir / "models",
+                            label.replace("/", "__"),
+                            student.state_dict(),
+                            {"label": label, "settings": settings},
+                        )
                     records.append(
                         RunRecord(
                             label,
@@ -376,6 +467,7 @@ class Experiment:
                             accuracy,
                             settings,
                             time.perf_counter() - run_started,
+                            self.cost_of(spec.name, student),
                         )
                     )
                     self.say(f"{label}: test accuracy {accuracy:.4f}")

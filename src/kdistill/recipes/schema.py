@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,11 @@ class ModelSpec(Strict):
 class TeacherSpec(ModelSpec):
     checkpoint: str | None = Field(
         None, description="safetensors weights to load instead of training the teacher"
+    )
+    trust_checkpoint: bool = Field(
+        False,
+        description="allow a pickled checkpoint (torch.save(model)) to be unpickled; only for "
+        "files you trust (CLI: --trust-checkpoint)",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2))
 
@@ -112,11 +117,30 @@ class DistillSpec(Strict):
     methods: dict[str, list[TermSpec]] = Field(
         default_factory=lambda: {"kd": [TermSpec(loss="kd", params={"temperature": 4.0})]}
     )
-    cache_teacher_outputs: bool = Field(
-        True,
-        description="compute the teacher's outputs once over the training set when no term taps "
-        "teacher layers (exact: no random augmentation is applied)",
+    teacher_cache: Literal["memory", "disk", "off"] = Field(
+        "memory",
+        description="teacher outputs over the training set, computed once: 'memory' (logits in "
+        "RAM; methods tapping teacher layers run it online), 'disk' (kdistill.cache in "
+        "<run>/teacher_cache, taps included), 'off' (the teacher runs every step)",
     )
+    teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="storage dtype of a disk cache (float32 is exact)"
+    )
+    teacher_cache_topk: int | None = Field(
+        None, ge=1, description="a disk cache keeps only the k largest logits (approximate)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def renamed_cache_field(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cache_teacher_outputs" in data:
+            raise ValueError(
+                "cache_teacher_outputs was replaced by teacher_cache: memory | disk | off "
+                "(true → memory, false → off)"
+            )
+        if isinstance(data, dict) and data.get("teacher_cache") is False:
+            data = {**data, "teacher_cache": "off"}  # YAML 1.1 reads a bare `off` as false
+        return data
 
     @model_validator(mode="after")
     def non_empty_methods(self) -> DistillSpec:
@@ -137,6 +161,39 @@ class TuneSpec(Strict):
     seed: int = 0
 
 
+class CostSpec(Strict):
+    """How model cost is measured for the report (see `kdistill.report.cost`)."""
+
+    enabled: bool = True
+    threads: int = Field(1, ge=1, description="torch.set_num_threads during the latency runs")
+    repeats: int = Field(5, ge=1, description="timed forward passes; the median is reported")
+    warmup: int = Field(2, ge=0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+
+
+class CompressSpec(Strict):
+    """`kdistill compress`: channel-prune the teacher, distill it, quantize it to int8."""
+
+    channels: float = Field(
+        0.75, ge=0, lt=1, description="fraction of output channels removed in each prunable layer"
+    )
+    layers: list[str] | None = Field(
+        None, description="producer layers to channel-prune (default: every known group)"
+    )
+    magnitude: float = Field(
+        0.0, ge=0, lt=1, description="then zero this fraction of the smallest weights (global)"
+    )
+    method: str | None = Field(None, description="distillation method (default: the first)")
+    finetune: TrainConfig | None = Field(
+        None, description="budget of the pruned student's distillation (default: train)"
+    )
+    calibration_batches: int = Field(10, ge=1, description="training batches for static int8")
+    export: list[Literal["torchscript", "onnx"]] = Field(
+        default_factory=lambda: ["torchscript", "onnx"],
+        description="formats of the final student (ONNX skipped when onnx is not installed)",
+    )
+
+
 class Recipe(Strict):
     name: str
     seed: int = 0
@@ -147,6 +204,18 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillSpec = Field(default_factory=DistillSpec)
     tune: TuneSpec = Field(default_factory=TuneSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    compress: CompressSpec | None = None
+
+    @model_validator(mode="after")
+    def compress_method_exists(self) -> Recipe:
+        method = self.compress.method if self.compress is not None else None
+        if method is not None and method not in self.distill.methods:
+            raise ValueError(
+                f"compress.method: {method!r} is not a method of distill.methods "
+                f"({sorted(self.distill.methods)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def grid_keys_exist(self) -> Recipe:

@@ -1,7 +1,18 @@
-"""Reports: the results table, curves and the Markdown report of a run folder."""
+"""Reports: the results table, model cost, curves and the Markdown/HTML report of a run folder."""
 
-from kdistill.report.plots import plot_curves
+from kdistill.report.cost import ModelCost, model_cost
+from kdistill.report.plots import plot_curves, plot_tradeoff
 from kdistill.report.table import Row, build_rows, gap_closed, markdown_table
 from kdistill.report.writer import write_report
 
-__all__ = ["Row", "build_rows", "gap_closed", "markdown_table", "plot_curves", "write_report"]
+__all__ = [
+    "ModelCost",
+    "Row",
+    "build_rows",
+    "gap_closed",
+    "markdown_table",
+    "model_cost",
+    "plot_curves",
+    "plot_tradeoff",
+    "write_report",
+]

@@ -1,4 +1,5 @@
-"""Writes a run folder's `results.json`, `report.md` and `curves.png`."""
+"""Writes a run folder's `results.json`, `report.md`, `report.html`, `curves.png` and
+`tradeoff.png` (accuracy against parameters and latency, when model costs were measured)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from kdistill.engine.checkpoint import atomic_write_text
 from kdistill.engine.loop import MetricsLog
-from kdistill.report.plots import plot_curves
+from kdistill.report.cost import COST_NOTE
+from kdistill.report.html import write_html
+from kdistill.report.plots import plot_curves, plot_tradeoff
 from kdistill.report.table import build_rows, format_settings, markdown_table
 
 
@@ -62,5 +65,15 @@ def write_report(summary, recipe, command: str) -> str:
             )
     if curves is not None:
         lines += ["", "![validation accuracy per epoch](curves.png)"]
+    tradeoff = plot_tradeoff(
+        [
+            {"label": f"{row.model}/{row.method}", "accuracy": row.mean, **(row.cost or {})}
+            for row in rows
+        ],
+        out_dir / "tradeoff.png",
+    )
+    if tradeoff is not None:
+        lines += ["", COST_NOTE, "", "![accuracy against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    write_html("\n".join(lines) + "\n", out_dir, recipe.name)
     return table

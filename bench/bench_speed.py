@@ -1,0 +1,412 @@
+"""Speed and peak memory of distillation: student alone, online, from the teacher cache, and the
+cache build. Run it with ``kdistill bench`` or ``python bench/bench_speed.py``::
+
+    python bench/bench_speed.py                      # classic + resnet pairs, batch 128, 2 threads
+    python bench/bench_speed.py --quick              # smoke run: classic pair, batch 32, 3 steps
+    python bench/bench_speed.py --json bench.json --pairs classic,classic_mini,resnet
+
+What is measured, per teacher/student pair, each configuration in a fresh subprocess (so peak
+memory is that configuration's alone), `--threads` intra-op threads (default 2):
+
+- ``student``  one optimiser step of the student alone (CE): forward, backward, Adam step.
+- ``teacher``  one teacher forward (inference mode), without taps and with one tapped layer
+  (forward hooks collecting it); the two are timed alternately, the taps' cost is their ratio.
+- ``online``   one distillation step (0.9·KD + 0.1·CE) with the teacher run on the batch.
+- ``cached``   the same step with teacher logits read from a `TeacherCache` by sample index;
+  offline, as a user with a big teacher would run it: the teacher is never loaded,
+  `cache.stand_in()` (no weights) takes its place in the Distiller.
+- ``build``    a bare teacher inference pass over `--samples` samples (batches of 512, as the
+  build), then `build_teacher_cache` over the same data; both timed twice, the faster kept.
+
+Speed: the median of the timed steps' wall-clock times after warm-up steps (the median shrugs
+off the odd slow step of a shared machine); samples/s = batch size / median step time.
+Peak memory: the subprocess's peak resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`),
+which counts torch's CPU allocations (invisible to tracemalloc) and the cache pages read through
+the memory map, on top of the interpreter, torch and the synthetic data (`base` = the peak
+before any model exists). Inputs are seeded Gaussian noise of the pair's input shape: speed does
+not depend on the pixel values.
+
+Targets from the issue (reported, never asserted): cached ≤ 1.15× student; online ≤ 1.05×
+(teacher forward + student step); taps ≤ 1.03× the teacher forward without; cache build ≤ 1.1×
+the bare inference pass; cached peak memory ≤ 1.1× the student-alone peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# teacher, student (name, kwargs), input shape, classes, tapped teacher layer
+PAIRS = {
+    "classic": {
+        "teacher": ("classic_teacher", {}),
+        "student": ("middle_student", {}),
+        "input": (1, 28, 28),
+        "classes": 10,
+        "tap": "conv2",
+    },
+    "classic_mini": {
+        "teacher": ("classic_teacher", {}),
+        "student": ("mini_student", {}),
+        "input": (1, 28, 28),
+        "classes": 10,
+        "tap": "conv2",
+    },
+    "resnet": {
+        "teacher": ("resnet20", {}),
+        "student": ("resnet8", {"width": 8}),
+        "input": (1, 28, 28),
+        "classes": 10,
+        "tap": "layer2",
+    },
+}
+DEFAULT_PAIRS = "classic,resnet"
+MODES = ("student", "teacher", "online", "build", "cached")  # build before cached: it makes it
+BUILD_BATCH = 512
+
+
+# -- the worker: one configuration, in its own process --------------------------------------------
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def make_model(pair: dict, role: str):
+    """The pair's teacher or student, seeded; only what a configuration needs is ever built,
+    so that its peak memory holds nothing else."""
+    import torch
+
+    from kdistill.models import create_model
+
+    kwargs = {"in_channels": pair["input"][0], "num_classes": pair["classes"]}
+    torch.manual_seed(0 if role == "teacher" else 1)
+    name, extra = pair[role]
+    model = create_model(name, **kwargs, **extra)
+    return model.eval() if role == "teacher" else model
+
+
+def make_data(pair: dict, samples: int):
+    import torch
+
+    from kdistill.data import ArrayDataset
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(samples, *pair["input"], generator=generator)
+    targets = torch.randint(0, pair["classes"], (samples,), generator=generator)
+    return ArrayDataset(inputs, targets, [str(c) for c in range(pair["classes"])], "bench-noise")
+
+
+def batches(data, batch_size: int):
+    """Shuffled batches forever (epoch after epoch), as training sees them."""
+    from kdistill.data import BatchLoader
+
+    loader = BatchLoader(data, batch_size=batch_size, shuffle=True, seed=0, drop_last=True)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def time_steps(step, source, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step(next(source))
+    times = []
+    for _ in range(steps):
+        batch = next(source)
+        started = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def train_step(distiller, optimizer, cache=None):
+    """What `fit` does per batch: (lookup,) forward, backward, optimiser step."""
+    from kdistill.engine.loop import lookup_teacher
+
+    device = next(distiller.student.parameters()).device
+
+    def step(batch) -> None:
+        output, features = lookup_teacher(cache, batch.index, device)
+        out = distiller(
+            batch.inputs,
+            target=batch.target,
+            index=batch.index,
+            teacher_output=output,
+            teacher_features=features,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def summary(times: list[float], batch_size: int) -> dict:
+    median = statistics.median(times)
+    return {
+        "step_ms": round(median * 1e3, 4),
+        "samples_per_s": round(batch_size / median, 1),
+        "steps": len(times),
+        "min_step_ms": round(min(times) * 1e3, 4),
+    }
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from kdistill import losses as L
+    from kdistill.cache import TeacherCache, build_teacher_cache
+    from kdistill.distiller import Distiller, Term
+    from kdistill.taps import Taps
+
+    torch.set_num_threads(args.threads)
+    pair = PAIRS[args.pair]
+    data = make_data(pair, max(args.samples, 2 * args.batch_size))  # the same in every mode
+    base = peak_rss_mib()
+    teacher = make_model(pair, "teacher") if args.mode not in ("student", "cached") else None
+    student = make_model(pair, "student")
+    result: dict = {"pair": args.pair, "mode": args.mode, "threads": torch.get_num_threads()}
+    source = batches(data, args.batch_size)
+    kd_terms = [Term(L.KD(temperature=4.0), weight=0.9), Term(L.CE(), weight=0.1)]
+
+    if args.mode == "student":
+        distiller = Distiller(None, student, [Term(L.CE())])
+        optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-3)
+        times = time_steps(train_step(distiller, optimizer), source, args.warmup, args.steps)
+        result.update(summary(times, args.batch_size))
+    elif args.mode in ("online", "cached"):
+        cache = None
+        if args.mode == "cached":  # offline: a weightless stand-in, the teacher is not loaded
+            cache = TeacherCache.open(args.cache_dir, dataset=data)
+            teacher = cache.stand_in()
+        distiller = Distiller(teacher, student, kd_terms)
+        optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-3)
+        step = train_step(distiller, optimizer, cache)
+        result.update(summary(time_steps(step, source, args.warmup, args.steps), args.batch_size))
+    elif args.mode == "teacher":
+        taps = Taps(teacher, [pair["tap"]], "teacher")
+        taps.close()  # registered only while timed
+
+        def forward(batch, tapped: bool) -> None:
+            with torch.inference_mode():
+                if tapped:
+                    taps.clear()
+                    teacher(batch.inputs)
+                    taps.collect()
+                else:
+                    teacher(batch.inputs)
+
+        plain, tapped = [], []
+        for _ in range(args.warmup):
+            forward(next(source), False)
+        for _ in range(args.steps):  # alternate, so load changes hit both alike
+            batch = next(source)
+            started = time.perf_counter()
+            forward(batch, False)
+            plain.append(time.perf_counter() - started)
+            taps = Taps(teacher, [pair["tap"]], "teacher")
+            started = time.perf_counter()
+            forward(batch, True)
+            tapped.append(time.perf_counter() - started)
+            taps.close()
+        result.update(summary(plain, args.batch_size))
+        result["tapped"] = {"layer": pair["tap"], **summary(tapped, args.batch_size)}
+    elif args.mode == "build":
+        from kdistill.data import BatchLoader
+
+        def inference_pass() -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for batch in BatchLoader(data, batch_size=BUILD_BATCH):
+                    teacher(batch.inputs)
+            return time.perf_counter() - started
+
+        def build() -> float:
+            started = time.perf_counter()
+            build_teacher_cache(teacher, data, args.cache_dir, batch_size=BUILD_BATCH)
+            return time.perf_counter() - started
+
+        with torch.inference_mode():
+            teacher(data.inputs[:BUILD_BATCH])  # warm-up
+        inference = min(inference_pass(), inference_pass())
+        built = min(build(), build())
+        result["inference"] = {
+            "seconds": round(inference, 4),
+            "samples_per_s": round(len(data) / inference, 1),
+        }
+        result.update(seconds=round(built, 4), samples_per_s=round(len(data) / built, 1))
+        result["samples"] = len(data)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["base_rss_mib"] = round(base, 1)
+    return result
+
+
+# -- the parent: runs the workers, computes ratios, prints and writes ----------------------------
+def run_worker(mode: str, pair: str, args: argparse.Namespace, cache_dir: Path) -> dict:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        mode,
+        "--pairs",
+        pair,
+        "--cache-dir",
+        str(cache_dir),
+        *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _SHARED),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker {pair}/{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_SHARED = ("batch_size", "threads", "steps", "warmup", "samples")
+
+
+def ratios(r: dict) -> dict:
+    student, teacher = r["student"]["step_ms"], r["teacher"]["step_ms"]
+    return {
+        "online_vs_student": r["online"]["step_ms"] / student,
+        "cached_vs_student": r["cached"]["step_ms"] / student,
+        "online_vs_teacher_plus_student": r["online"]["step_ms"] / (teacher + student),
+        "taps_vs_no_taps": r["teacher"]["tapped"]["step_ms"] / teacher,
+        "build_vs_inference": r["build"]["seconds"] / r["build"]["inference"]["seconds"],
+        "cached_memory_vs_student": r["cached"]["peak_rss_mib"] / r["student"]["peak_rss_mib"],
+    }
+
+
+TARGETS = {
+    "cached_vs_student": 1.15,
+    "online_vs_teacher_plus_student": 1.05,
+    "taps_vs_no_taps": 1.03,
+    "build_vs_inference": 1.10,
+    "cached_memory_vs_student": 1.10,
+}
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| pair | configuration | samples/s | ms / batch | × student step | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results["pairs"].items():
+        student = r["student"]["step_ms"]
+        pair = PAIRS[name]
+        label = f"{name} ({pair['teacher'][0]} → {pair['student'][0]})"
+        rows = [
+            ("student alone (CE step)", r["student"]),
+            ("teacher forward", r["teacher"]),
+            (f"teacher forward + tap `{r['teacher']['tapped']['layer']}`", r["teacher"]["tapped"]),
+            ("online distillation step", r["online"]),
+            ("cached distillation step", r["cached"]),
+        ]
+        for text, m in rows:
+            rss = f"{m['peak_rss_mib']:.0f}" if "peak_rss_mib" in m else ""
+            lines.append(
+                f"| {label} | {text} | {m['samples_per_s']:,.0f} | {m['step_ms']:.2f} | "
+                f"{m['step_ms'] / student:.2f}× | {rss} |"
+            )
+        build = r["build"]
+        lines.append(
+            f"| {label} | teacher inference pass ({build['samples']} samples) | "
+            f"{build['inference']['samples_per_s']:,.0f} | | | |"
+        )
+        lines.append(
+            f"| {label} | cache build (float32 logits) | {build['samples_per_s']:,.0f} | | | "
+            f"{build['peak_rss_mib']:.0f} |"
+        )
+    lines.append("")
+    lines.append("| pair | check | measured | target |")
+    lines.append("|---|---|---:|---:|")
+    for name, r in results["pairs"].items():
+        for key, limit in TARGETS.items():
+            value = r["ratios"][key]
+            mark = "✓" if value <= limit else "✗"
+            lines.append(f"| {name} | {key.replace('_', ' ')} | {value:.3f} {mark} | ≤ {limit} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared with `kdistill bench`)."""
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small data")
+    parser.add_argument("--pairs", default=None, help=f"comma-separated of {sorted(PAIRS)}")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 32)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 60)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="samples of the cache build (default 8192)"
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    args.pairs = args.pairs or ("classic" if quick else DEFAULT_PAIRS)
+    args.batch_size = args.batch_size or (32 if quick else 128)
+    args.steps = args.steps or (3 if quick else 60)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
+    args.samples = args.samples or (256 if quick else 8192)
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    unknown = [p for p in pairs if p not in PAIRS]
+    if unknown:
+        raise SystemExit(f"bench: unknown pairs {unknown}; known: {sorted(PAIRS)}")
+    import torch
+
+    results: dict = {
+        "settings": {k: getattr(args, k) for k in _SHARED} | {"quick": quick},
+        "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "pairs": {},
+        "targets": TARGETS,
+    }
+    with tempfile.TemporaryDirectory(prefix="kdistill-bench-") as tmp:
+        for pair in pairs:
+            measured = {}
+            for mode in MODES:
+                print(f"bench: {pair} / {mode} …", file=sys.stderr, flush=True)
+                measured[mode] = run_worker(mode, pair, args, Path(tmp) / pair)
+            measured["ratios"] = {k: round(v, 4) for k, v in ratios(measured).items()}
+            results["pairs"][pair] = measured
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        args.pair, args.mode = args.pairs, args.worker
+        print(json.dumps(worker(args)))
+        return 0
+    started = time.perf_counter()
+    results = run(args)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(results))
+    print(f"\n({results['seconds']} s; batch {args.batch_size}, {args.threads} threads)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,762 @@
+"""The teacher-output cache: offline distillation from memory-mapped teacher outputs.
+
+A teacher does not change while a student trains, so its outputs (and tapped features) can be
+computed once per training sample and read back by sample index. `build_teacher_cache` writes a
+folder::
+
+    manifest.json            written last, atomically; "complete": true marks a finished build
+    output.npy               N×… outputs (a dict output: output.<key>.npy per key)
+    output.topk_values.npy   with top-k storage instead: N×k largest logits,
+    output.topk_indices.npy  N×k their class indices,
+    output.topk_fill.npy     N   one logit shared by the K − k other classes
+    feature.<layer>.npy      N×… each tapped teacher layer
+
+and `TeacherCache.open` checks it against the teacher and the data before anything is read:
+the teacher weights digest (`tensors_digest` of its state dict, buffers included), the dataset
+fingerprint (`ArrayDataset.fingerprint()`), the storage dtype, top-k and the layer list. A stale
+or mismatched cache raises `CacheError` naming every difference; a build that did not finish
+(its manifest still says ``"complete": false``), a missing or truncated array file, or (with
+``verify=True``) an array whose bytes changed is refused too.
+
+Storage dtypes: float32 (exact), float16 and bfloat16 (numpy has no bfloat16: its 16-bit
+patterns are stored as int16). `lookup` always returns float32 tensors. The rounding error of
+each array against the float32 teacher outputs is measured during the build and recorded in the
+manifest (`errors`).
+
+Top-k storage (outputs of ≥ 2 dims, classes on dim 1), for wide outputs: per sample the k
+largest logits z_(1..k), their indices, and one fill value
+
+    m = log( Σ_{j ∉ top-k} exp(z_j) / (K − k) )
+
+given to every other class. The rebuilt logits are z_j on the top-k and m elsewhere, so at
+T = 1 the rebuilt softmax is exact on each top-k class and the K − k others share the true
+remaining probability mass equally (renormalised: it sums to 1). m ≤ max_{j ∉ top-k} z_j, so
+the ranking of the top-k is kept. At T ≠ 1 the tail is an approximation: the build records
+mean_n KL(softmax(z/T) ‖ softmax(ẑ/T)) at T = 1 and T = 4 (`errors.output.mean_kl_T1/T4`).
+
+Random augmentation: the cache records ``"transforms": "none"``. A dataset or loader flagged as
+randomly augmented (a truthy ``augment`` attribute) cannot be cached exactly — the teacher would
+see other pixels than the student — so `build_teacher_cache` refuses it, and
+`offline_teacher_outputs` falls back to online distillation with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kdistill.data import BatchLoader
+from kdistill.engine.checkpoint import atomic_write_text, tensors_digest
+from kdistill.errors import CacheError
+from kdistill.taps import Taps
+
+__all__ = [
+    "CACHE_DTYPES",
+    "CachedTeacher",
+    "TeacherCache",
+    "build_teacher_cache",
+    "encode_topk",
+    "is_randomly_augmented",
+    "offline_teacher_outputs",
+    "rebuild_topk_logits",
+    "teacher_digest",
+]
+
+log = logging.getLogger("kdistill")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# storage dtype name → (numpy dtype on disk, torch dtype it holds)
+CACHE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "float32": (np.dtype(np.float32), torch.float32),
+    "float16": (np.dtype(np.float16), torch.float16),
+    "bfloat16": (np.dtype(np.int16), torch.bfloat16),  # bit patterns; viewed back on read
+}
+KL_TEMPERATURES = (1.0, 4.0)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+# -- small pure helpers ---------------------------------------------------------------------------
+def teacher_digest(teacher: nn.Module) -> str:
+    """SHA-256 over the teacher's state dict (parameters and buffers: names, dtypes, bytes)."""
+    return tensors_digest(teacher.state_dict())
+
+
+def is_randomly_augmented(*sources: Any) -> bool:
+    """True when a loader or dataset (or a loader's dataset) says it applies random augmentation.
+
+    The convention is a truthy ``augment`` attribute; kdistill's own data pipeline has none.
+    """
+    for source in sources:
+        if source is None:
+            continue
+        if getattr(source, "augment", False):
+            return True
+        if getattr(getattr(source, "dataset", None), "augment", False):
+            return True
+    return False
+
+
+def offline_teacher_outputs(source: Any, loader: Any, label: str = "training") -> Any:
+    """`source` (stored teacher outputs for `fit`), or None — online — for an augmented loader.
+
+    Stored outputs are only exact when the student sees the very inputs the teacher saw; with
+    random augmentation they are not, so distillation falls back to running the teacher online.
+    """
+    if source is not None and is_randomly_augmented(loader):
+        log.warning(
+            "%s: the loader applies random augmentation, so cached teacher outputs would not "
+            "match the augmented inputs; distilling online (the teacher runs every step)",
+            label,
+        )
+        return None
+    return source
+
+
+def encode_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(values, indices, fill) of the top-k storage along dim 1 (see the module docstring).
+
+    `fill` = logsumexp of the logits outside the top-k − log(K − k), one per sample (and per
+    position for N×K×H×W outputs).
+    """
+    num_classes = logits.shape[1]
+    if not 0 < k < num_classes:
+        raise CacheError(
+            f"topk must lie in [1, {num_classes - 1}] for an output with {num_classes} classes "
+            f"on dim 1, got {k}; use dense storage (no topk) to keep every class"
+        )
+    values, indices = logits.topk(k, dim=1)
+    tail = logits.scatter(1, indices, float("-inf"))
+    fill = torch.logsumexp(tail.double(), dim=1) - math.log(num_classes - k)
+    return values, indices, fill.to(logits.dtype)
+
+
+def rebuild_topk_logits(values: Tensor, indices: Tensor, fill: Tensor, num_classes: int) -> Tensor:
+    """Logits from top-k storage: `values` at `indices` along dim 1, `fill` everywhere else."""
+    shape = list(values.shape)
+    shape[1] = num_classes
+    logits = fill.unsqueeze(1).expand(shape).clone()
+    return logits.scatter_(1, indices.long(), values)
+
+
+def _mean_kl_sum(reference: Tensor, approx: Tensor, temperature: float) -> tuple[float, float, int]:
+    """(Σ KL, max KL, count) of KL(softmax(ref/T) ‖ softmax(approx/T)) over dim 1, in float64."""
+    log_p = torch.log_softmax(reference.double() / temperature, dim=1)
+    log_q = torch.log_softmax(approx.double() / temperature, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return float(kl.sum()), float(kl.max()), kl.numel()
+
+
+def _to_storage(value: Tensor, dtype: str) -> np.ndarray:
+    """A float tensor as the numpy array that is written to disk for storage `dtype`."""
+    np_dtype, torch_dtype = CACHE_DTYPES[dtype]
+    stored = value.detach().to("cpu", torch_dtype).contiguous()
+    if torch_dtype == torch.bfloat16:
+        return stored.view(torch.int16).numpy()
+    return stored.numpy()
+
+
+def _from_storage(array: np.ndarray, dtype: str) -> Tensor:
+    """The float32 tensor that a stored numpy array holds."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if CACHE_DTYPES[dtype][1] == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _SAFE_NAME.match(name):
+        raise CacheError(
+            f"{what} {name!r} cannot name a cache file: use letters, digits, '_', '.', '-'"
+        )
+    return name
+
+
+# -- the entries of a cache -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    """One logical tensor of the cache: the output, one key of a dict output, or a layer."""
+
+    kind: str  # "output" or "feature"
+    key: str | None  # dict-output key, or layer name; None for a tensor output
+
+    @property
+    def name(self) -> str:
+        if self.kind == "output":
+            return "output" if self.key is None else f"output.{self.key}"
+        return f"feature.{self.key}"
+
+
+class _Writer:
+    """Creates the memory-mapped arrays on the first batch and fills them batch by batch."""
+
+    def __init__(self, directory: Path, size: int, dtype: str, topk: int | None):
+        self.directory = directory
+        self.size = size
+        self.dtype = dtype
+        self.topk = topk
+        self.arrays: dict[str, np.ndarray] = {}
+        self.specs: dict[str, dict] = {}  # entry name → how it is stored
+        self.err: dict[str, dict] = {}  # entry name → running error sums
+        self.rows: dict[str, int] = {}  # entry name → rows written
+
+    def _open(self, name: str, shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
+        path = self.directory / f"{name}.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
+        self.arrays[name] = array
+        return array
+
+    def _declare(self, entry: _Entry, value: Tensor) -> None:
+        sample_shape = tuple(value.shape[1:])
+        np_dtype = CACHE_DTYPES[self.dtype][0]
+        if entry.kind == "output" and self.topk is not None:
+            if value.dim() < 2:
+                raise CacheError(
+                    f"topk storage needs an output with classes on dim 1; teacher {entry.name} "
+                    f"has shape {tuple(value.shape)}"
+                )
+            num_classes = value.shape[1]
+            k = self.topk
+            if not 0 < k < num_classes:
+                raise CacheError(
+                    f"topk must lie in [1, {num_classes - 1}] for teacher {entry.name} with "
+                    f"{num_classes} classes on dim 1, got {k}; leave topk unset to keep them all"
+                )
+            index_dtype = np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+            k_shape = (self.size, k, *sample_shape[1:])
+            self._open(f"{entry.name}.topk_values", k_shape, np_dtype)
+            self._open(f"{entry.name}.topk_indices", k_shape, index_dtype)
+            self._open(f"{entry.name}.topk_fill", (self.size, *sample_shape[1:]), np_dtype)
+            self.specs[entry.name] = {
+                "kind": entry.kind,
+                "key": entry.key,
+                "storage": "topk",
+                "k": k,
+                "shape": list(sample_shape),
+                "files": [
+                    f"{entry.name}.topk_{part}.npy" for part in ("values", "indices", "fill")
+                ],
+            }
+        else:
+            self._open(entry.name, (self.size, *sample_shape), np_dtype)
+            self.specs[entry.name] = {
+                "kind": entry.kind,
+                "key": entry.key,
+                "storage": "dense",
+                "shape": list(sample_shape),
+                "files": [f"{entry.name}.npy"],
+            }
+        self.err[entry.name] = {"max_abs": 0.0, "sq_err": 0.0, "sq_ref": 0.0}
+        if entry.kind == "output" and value.dim() >= 2 and value.shape[1] > 1:
+            for t in KL_TEMPERATURES:
+                self.err[entry.name][f"kl_sum_T{t:g}"] = 0.0
+                self.err[entry.name][f"kl_max_T{t:g}"] = 0.0
+            self.err[entry.name]["kl_count"] = 0
+
+    def write(self, entry: _Entry, start: int, value: Tensor) -> None:
+        value = value.detach().float().cpu()
+        if entry.name not in self.specs:
+            self._declare(entry, value)
+        spec = self.specs[entry.name]
+        if list(value.shape[1:]) != spec["shape"]:
+            raise CacheError(
+                f"teacher {entry.name} changed shape between batches: {spec['shape']} per sample "
+                f"at first, {list(value.shape[1:])} at sample {start}"
+            )
+        stop = start + len(value)
+        self.rows[entry.name] = self.rows.get(entry.name, 0) + len(value)
+        if spec["storage"] == "topk":
+            values, indices, fill = encode_topk(value, spec["k"])
+            index_dtype = self.arrays[f"{entry.name}.topk_indices"].dtype
+            stored = {
+                "values": _to_storage(values, self.dtype),
+                "indices": indices.numpy().astype(index_dtype),
+                "fill": _to_storage(fill, self.dtype),
+            }
+            for part, array in stored.items():
+                self.arrays[f"{entry.name}.topk_{part}"][start:stop] = array
+            rebuilt = rebuild_topk_logits(
+                _from_storage(stored["values"], self.dtype),
+                torch.from_numpy(stored["indices"]),
+                _from_storage(stored["fill"], self.dtype),
+                value.shape[1],
+            )
+            self._check_finite(entry, values, start)
+            self._check_finite(entry, fill, start)
+        else:
+            stored_array = _to_storage(value, self.dtype)
+            self.arrays[entry.name][start:stop] = stored_array
+            if self.dtype == "float32":  # stored exactly: nothing to measure (errors stay 0)
+                self._check_finite(entry, value, start)
+                return
+            rebuilt = _from_storage(stored_array, self.dtype)
+            self._check_finite(entry, rebuilt, start, value)
+        self._measure(entry, value, rebuilt)
+
+    def _check_finite(self, entry: _Entry, stored: Tensor, start: int, raw=None) -> None:
+        if bool(torch.isfinite(stored.to(CACHE_DTYPES[self.dtype][1])).all()):
+            return
+        source = raw if raw is not None else stored
+        finite = bool(torch.isfinite(source).all())
+        detail = (
+            f"values up to {float(source.abs().max()):.4g} overflow {self.dtype}; "
+            "store float32 or bfloat16"
+            if finite
+            else "the teacher produced NaN/inf"
+        )
+        raise CacheError(f"teacher {entry.name}, samples from {start}: {detail}")
+
+    def _measure(self, entry: _Entry, reference: Tensor, rebuilt: Tensor) -> None:
+        err = self.err[entry.name]
+        diff = (reference - rebuilt).double()
+        err["max_abs"] = max(err["max_abs"], float(diff.abs().max()) if diff.numel() else 0.0)
+        err["sq_err"] += float((diff * diff).sum())
+        err["sq_ref"] += float((reference.double() ** 2).sum())
+        if "kl_count" in err:
+            for t in KL_TEMPERATURES:
+                total, worst, count = _mean_kl_sum(reference, rebuilt, t)
+                err[f"kl_sum_T{t:g}"] += total
+                err[f"kl_max_T{t:g}"] = max(err[f"kl_max_T{t:g}"], worst)
+            err["kl_count"] += count
+
+    def finish(self) -> tuple[dict, dict]:
+        """Flush the arrays; (entries spec with file digests, error summary)."""
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()
+        short = {name: rows for name, rows in self.rows.items() if rows != self.size}
+        if short:
+            raise CacheError(
+                f"teacher outputs {sorted(short)} were given for {sorted(set(short.values()))} "
+                f"of {self.size} samples: every batch must return the same entries"
+            )
+        errors = {}
+        for name, err in self.err.items():
+            summary = {
+                "max_abs_error": err["max_abs"],
+                "relative_rms_error": math.sqrt(err["sq_err"] / err["sq_ref"])
+                if err["sq_ref"] > 0
+                else 0.0,
+            }
+            if err.get("kl_count"):
+                for t in KL_TEMPERATURES:
+                    summary[f"mean_kl_T{t:g}"] = err[f"kl_sum_T{t:g}"] / err["kl_count"]
+                    summary[f"max_kl_T{t:g}"] = err[f"kl_max_T{t:g}"]
+            errors[name] = summary
+        for spec in self.specs.values():
+            spec["sha256"] = {file: _file_digest(self.directory / file) for file in spec["files"]}
+        return self.specs, errors
+
+
+def _entries_of(output: Any, features: Mapping[str, Tensor]) -> list[tuple[_Entry, Tensor]]:
+    if isinstance(output, Tensor):
+        items = [(_Entry("output", None), output)]
+    elif isinstance(output, Mapping):
+        items = []
+        for key, value in output.items():
+            if not isinstance(value, Tensor):
+                raise CacheError(
+                    f"teacher output key {key!r} is {type(value).__name__}, not a tensor"
+                )
+            items.append((_Entry("output", _check_name(str(key), "output key")), value))
+    else:
+        raise CacheError(
+            f"the teacher returned {type(output).__name__}; a cache stores a tensor or a dict "
+            "of tensors"
+        )
+    items += [(_Entry("feature", name), value) for name, value in features.items()]
+    return items
+
+
+# -- building -------------------------------------------------------------------------------------
+def build_teacher_cache(
+    teacher: nn.Module,
+    dataset: Any,
+    directory: str | Path,
+    layers: Sequence[str] = (),
+    dtype: str = "float32",
+    topk: int | None = None,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> TeacherCache:
+    """Run `teacher` (eval mode, inference mode) once over `dataset` in index order and store its
+    outputs and the outputs of `layers` in `directory`; returns the opened cache.
+
+    `dataset` needs ``__len__``, ``get_batch(indices)`` and ``fingerprint()``
+    (e.g. `ArrayDataset`). `dtype`: float32, float16 or bfloat16. `topk`: keep only the k
+    largest logits of the output (see the module docstring); features are always dense.
+    A crash part-way leaves a manifest with ``"complete": false``, which `open` refuses.
+    """
+    directory = Path(directory)
+    if dtype not in CACHE_DTYPES:
+        raise CacheError(f"dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise CacheError(f"topk must be a positive integer or None, got {topk!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CacheError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if is_randomly_augmented(dataset):
+        raise CacheError(
+            f"dataset {getattr(dataset, 'name', '?')!r} applies random augmentation "
+            "(augment is set): one stored teacher output per sample would not match what the "
+            "student sees; distil online instead"
+        )
+    if not callable(getattr(dataset, "fingerprint", None)):
+        raise CacheError(
+            f"{type(dataset).__name__} has no fingerprint(); a cache must know which data it "
+            "holds (use kdistill.data.ArrayDataset)"
+        )
+    layers = list(dict.fromkeys(layers))
+    for layer in layers:
+        _check_name(layer, "layer")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
+        raise CacheError(
+            f"{directory}: not empty and not a teacher cache; build into a new or empty folder "
+            "(an existing cache is rebuilt in place)"
+        )
+    taps = Taps(teacher, layers, "teacher") if layers else None  # unknown names fail here
+    try:
+        return _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, progress)
+    finally:
+        if taps is not None:
+            taps.close()
+
+
+def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, progress):
+    """The build itself, arguments checked; `taps` (on the teacher) is closed by the caller."""
+    started = time.perf_counter()
+    size = len(dataset)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "complete": False,
+        "teacher": {"class": type(teacher).__name__, "sha256": teacher_digest(teacher)},
+        "dataset": {
+            "name": getattr(dataset, "name", type(dataset).__name__),
+            "fingerprint": dataset.fingerprint(),
+            "size": size,
+        },
+        "transforms": "none",
+        "dtype": dtype,
+        "topk": topk,
+        "layers": layers,
+        "batch_size": batch_size,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    # Mark the folder unfinished before any array is (re)written: a crash from here on leaves
+    # "complete": false, never an old complete manifest next to half-new arrays.
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    for pattern in ("output*.npy", "feature.*.npy"):  # the previous build's arrays
+        for old in directory.glob(pattern):
+            old.unlink()
+    writer = _Writer(directory, size, dtype, topk)
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    was_training = teacher.training
+    teacher.eval()
+    output_kind = None
+    try:
+        loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False)
+        for batch in tqdm(loader, desc="teacher cache", disable=not progress, leave=False):
+            if taps is not None:
+                taps.clear()
+            with torch.inference_mode():
+                output = teacher(batch.inputs.to(device))
+                features = taps.collect() if taps is not None else {}
+            output_kind = "dict" if isinstance(output, Mapping) else "tensor"
+            start = int(batch.index[0])
+            for entry, value in _entries_of(output, features):
+                if len(value) != len(batch):
+                    raise CacheError(
+                        f"teacher {entry.name} has {len(value)} rows for a batch of "
+                        f"{len(batch)} samples; a cache needs one row per sample"
+                    )
+                writer.write(entry, start, value)
+    finally:
+        teacher.train(was_training)
+    entries, errors = writer.finish()
+    manifest.update(
+        complete=True,
+        output_kind=output_kind,
+        entries=entries,
+        errors=errors,
+        build_seconds=round(time.perf_counter() - started, 3),
+    )
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    return TeacherCache.open(directory)
+
+
+# -- reading --------------------------------------------------------------------------------------
+class CachedTeacher(nn.Module):
+    """A weightless stand-in for a teacher whose outputs all come from a cache.
+
+    Offline distillation needs no teacher in memory:
+    ``Distiller(cache.stand_in(), student, terms)`` with ``fit(..., teacher_outputs=cache)``.
+    It holds an empty placeholder module at each cached layer name, so terms that tap teacher
+    layers resolve; running it raises CacheError. One limit: a connector (student and teacher
+    channels differ) is sized by `Distiller.build` running the teacher on the first batch, so
+    a term that needs one needs the real teacher.
+    """
+
+    def __init__(self, layers: Iterable[str] = ()):
+        super().__init__()
+        for layer in layers:
+            parent: nn.Module = self
+            for part in layer.split("."):
+                child = parent._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    parent.add_module(part, child)
+                parent = child
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise CacheError(
+            "the teacher is a CachedTeacher stand-in and cannot run: something asked for "
+            "teacher outputs the cache did not give (pass teacher_outputs=cache to fit; terms "
+            "whose connector must be sized on a first batch need the real teacher)"
+        )
+
+
+def _short(digest: str) -> str:
+    return digest[:12] + "…"
+
+
+class TeacherCache:
+    """A finished, validated teacher cache; `lookup(index)` gives (output, {layer: features}).
+
+    Open it with `TeacherCache.open`; it satisfies the engine's `TeacherLookup` protocol, so it
+    is passed to `fit(..., teacher_outputs=cache)` as it is.
+    """
+
+    def __init__(self, directory: Path, manifest: dict, arrays: dict[str, np.ndarray]):
+        self.directory = directory
+        self.manifest = manifest
+        self._arrays = arrays
+        self.size = int(manifest["dataset"]["size"])
+        self.dtype = manifest["dtype"]
+
+    # -- properties -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return (
+            f"TeacherCache({str(self.directory)!r}, size={self.size}, dtype={self.dtype}, "
+            f"topk={self.topk}, layers={self.layers})"
+        )
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    @property
+    def topk(self) -> int | None:
+        return self.manifest["topk"]
+
+    @property
+    def errors(self) -> dict[str, dict]:
+        """Storage error of each entry against the float32 teacher outputs (see module doc)."""
+        return self.manifest.get("errors", {})
+
+    def stand_in(self) -> CachedTeacher:
+        """A weightless teacher for `Distiller` when every output comes from this cache."""
+        return CachedTeacher(self.layers)
+
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self._arrays.values())
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        teacher: nn.Module | None = None,
+        dataset: Any = None,
+        dtype: str | None = None,
+        layers: Iterable[str] | None = None,
+        topk: int | None | str = "any",
+        verify: bool = False,
+    ) -> TeacherCache:
+        """Open and validate a cache; every argument given is checked against the manifest.
+
+        `teacher`: its weights digest must match; `dataset`: its fingerprint; `dtype`: the
+        storage dtype; `layers`: each must be cached (a cache may hold more); `topk`: the k
+        (None = dense; the default "any" accepts both). `verify` re-hashes every array file.
+        Raises CacheError listing every difference.
+        """
+        directory = Path(directory)
+        where = str(directory)
+        rebuild = "rebuild it (kdistill cache, or build_teacher_cache) or delete the folder"
+        manifest_path = directory / MANIFEST
+        if not directory.is_dir():
+            raise CacheError(f"{where}: no teacher cache here (no such folder)")
+        if not manifest_path.exists():
+            raise CacheError(
+                f"{where}: no {MANIFEST}; not a teacher cache, or its build never got going; "
+                f"{rebuild}"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CacheError(f"{manifest_path}: unreadable manifest ({error}); {rebuild}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise CacheError(
+                f"{manifest_path}: cache format {found!r}, this kdistill reads {FORMAT_VERSION}; "
+                f"{rebuild}"
+            )
+        if manifest.get("complete") is not True:
+            raise CacheError(
+                f"{where}: incomplete teacher cache — its build did not finish (interrupted or "
+                f"failed), so its arrays are partly empty; {rebuild}"
+            )
+        problems = cls._differences(manifest, teacher, dataset, dtype, layers, topk)
+        if problems:
+            raise CacheError(
+                f"{where}: the teacher cache does not match: "
+                + "; ".join(problems)
+                + f"; {rebuild}"
+            )
+        arrays = cls._open_arrays(directory, manifest, verify)
+        return cls(directory, manifest, arrays)
+
+    @staticmethod
+    def _differences(manifest, teacher, dataset, dtype, layers, topk) -> list[str]:
+        problems = []
+        if teacher is not None:
+            expected, actual = manifest["teacher"]["sha256"], teacher_digest(teacher)
+            if expected != actual:
+                problems.append(
+                    f"teacher weights differ (cache built from {manifest['teacher']['class']} "
+                    f"with weights sha256 {_short(expected)}, this "
+                    f"{type(teacher).__name__} has {_short(actual)}) — a stale cache"
+                )
+        if dataset is not None:
+            expected, actual = manifest["dataset"]["fingerprint"], dataset.fingerprint()
+            if expected != actual:
+                problems.append(
+                    f"dataset differs (cache holds {manifest['dataset']['name']!r}, "
+                    f"{manifest['dataset']['size']} samples, fingerprint {_short(expected)}; "
+                    f"given {getattr(dataset, 'name', '?')!r}, {len(dataset)} samples, "
+                    f"fingerprint {_short(actual)})"
+                )
+            if is_randomly_augmented(dataset):
+                problems.append(
+                    "the dataset applies random augmentation but the cache holds "
+                    f"transforms: {manifest.get('transforms')!r}"
+                )
+        if dtype is not None and dtype != manifest["dtype"]:
+            problems.append(f"dtype differs (cache stores {manifest['dtype']}, asked for {dtype})")
+        if layers is not None:
+            missing = [layer for layer in layers if layer not in manifest["layers"]]
+            if missing:
+                problems.append(
+                    f"teacher layers {missing} are not cached (the cache holds "
+                    f"{manifest['layers'] or 'no layers'})"
+                )
+        if topk != "any" and topk != manifest["topk"]:
+            problems.append(
+                f"top-k differs (cache: {manifest['topk'] or 'dense'}, asked for {topk or 'dense'})"
+            )
+        return problems
+
+    @staticmethod
+    def _open_arrays(directory: Path, manifest: dict, verify: bool) -> dict[str, np.ndarray]:
+        size = int(manifest["dataset"]["size"])
+        arrays = {}
+        for spec in manifest["entries"].values():
+            for file in spec["files"]:
+                path = directory / file
+                if not path.exists():
+                    raise CacheError(f"{path}: missing array file of the teacher cache")
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (ValueError, OSError, EOFError) as error:
+                    raise CacheError(f"{path}: truncated or corrupt array file ({error})") from None
+                if array.shape[:1] != (size,):
+                    raise CacheError(
+                        f"{path}: holds {array.shape[0] if array.ndim else 0} rows, the manifest "
+                        f"says {size}"
+                    )
+                if verify and _file_digest(path) != spec["sha256"][file]:
+                    raise CacheError(
+                        f"{path}: checksum mismatch (the file changed after the cache was built)"
+                    )
+                arrays[file] = array
+        return arrays
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read(self, spec: dict, rows: np.ndarray) -> Tensor:
+        if spec["storage"] == "dense":
+            return _from_storage(self._arrays[spec["files"][0]][rows], self.dtype)
+        values, indices, fill = (self._arrays[file][rows] for file in spec["files"])
+        return rebuild_topk_logits(
+            _from_storage(values, self.dtype),
+            torch.from_numpy(np.ascontiguousarray(indices)),
+            _from_storage(fill, self.dtype),
+            spec["shape"][0],
+        )
+
+    def lookup(self, index: Tensor) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
+        """(output, {layer: features}) of the samples at dataset positions `index`, as float32."""
+        rows = torch.as_tensor(index).detach().cpu().reshape(-1).numpy().astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.size):
+            raise IndexError(
+                f"teacher cache {self.directory}: sample indices must lie in [0, {self.size}), "
+                f"got values in [{rows.min()}, {rows.max()}]"
+            )
+        outputs: dict[str, Tensor] = {}
+        features: dict[str, Tensor] = {}
+        for spec in self.manifest["entries"].values():
+            value = self._read(spec, rows)
+            if spec["kind"] == "feature":
+                features[spec["key"]] = value
+            else:
+                outputs[spec["key"]] = value
+        if self.manifest["output_kind"] == "tensor":
+            return outputs[None] if None in outputs else outputs[next(iter(outputs))], features
+        return outputs, features
+
+    def outputs(self) -> Tensor | dict[str, Tensor]:
+        """Every sample's output, in dataset order (the in-memory form, e.g. for `predict`)."""
+        return self.lookup(torch.arange(self.size))[0]
+
+    def describe(self) -> str:
+        """A few lines for people: what is stored, how big, and the storage error."""
+        lines = [
+            f"teacher cache {self.directory}: {self.size} samples of "
+            f"{self.manifest['dataset']['name']!r}, teacher {self.manifest['teacher']['class']} "
+            f"({_short(self.manifest['teacher']['sha256'])}), {self.dtype}"
+            + (f", top-{self.topk}" if self.topk else "")
+            + f", {self.nbytes() / 2**20:.1f} MiB, built in {self.manifest['build_seconds']} s",
+        ]
+        for name, spec in self.manifest["entries"].items():
+            err = self.errors.get(name, {})
+            shape = "×".join(str(s) for s in [self.size, *spec["shape"]])
+            text = f"  {name}: {shape} {spec['storage']}"
+            text += f", max |error| {err.get('max_abs_error', 0):.3g}"
+            if "mean_kl_T1" in err:
+                text += (
+                    f", mean KL(full ‖ stored) {err['mean_kl_T1']:.3g} at T=1, "
+                    f"{err['mean_kl_T4']:.3g} at T=4"
+                )
+            lines.append(text)
+        return "\n".join(lines)

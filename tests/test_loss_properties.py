@@ -1,0 +1,183 @@
+"""Property tests (hypothesis) for every registered loss: `LOSSES.names()` is iterated, so a loss
+added to the registry is covered without touching this file.
+
+For random finite inputs each loss must give a finite 0-dim value with finite gradients, be
+non-negative (every kdistill loss is a divergence, a squared error, a cross-entropy or 1 − a
+correlation), and be zero when the student side equals the teacher side.
+
+Inputs are built from each loss's `needs`: student / teacher tensors of the first layout the loss
+accepts (N×K logits, then N×C×H×W maps, then N×D×L), the labels in [0, K), dataset indices
+0…N−1. A loss that accepts none of these layouts fails `test_every_loss_has_a_known_input_layout`
+until it gets an entry in LAYOUTS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from kdistill.losses import LOSSES, create_loss
+from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
+
+# Shapes tried in order for the student/teacher tensors: (N, K), (N, C, H, W), (N, D, L).
+DEFAULT_LAYOUTS = [(6, 5), (3, 4, 3, 3), (4, 3, 5)]
+# A loss whose inputs take another layout, or whose constructor needs arguments, goes here.
+LAYOUTS: dict[str, list[tuple[int, ...]]] = {}
+CONSTRUCTOR_ARGS: dict[str, dict] = {}
+# Losses that are not bounded below by zero (none yet; e.g. a contrastive bound could be).
+MAY_BE_NEGATIVE: set[str] = set()
+
+PROPERTY_SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def make_inputs(loss, shape: tuple[int, ...], student, teacher, target) -> list:
+    values = {STUDENT: student, TEACHER: teacher, TARGET: target, INDEX: torch.arange(shape[0])}
+    return [values[need] for need in loss.needs]
+
+
+def accepted_layout(name: str) -> tuple[int, ...] | None:
+    """The first layout in which the loss computes a value from random inputs."""
+    loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
+    generator = torch.Generator().manual_seed(0)
+    for shape in LAYOUTS.get(name, DEFAULT_LAYOUTS):
+        student = torch.randn(shape, generator=generator)
+        teacher = torch.randn(shape, generator=generator)
+        target = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=generator)
+        try:
+            value = loss(*make_inputs(loss, shape, student, teacher, target))
+        except (ValueError, RuntimeError, TypeError):
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            return shape
+    return None
+
+
+NAMES = LOSSES.names()
+# `needs` is a class attribute: read it without building the loss (some may need arguments)
+TEACHER_LOSSES = [n for n in NAMES if TEACHER in getattr(LOSSES.get(n), "needs", (TEACHER,))]
+
+
+def test_the_registry_is_not_empty():
+    assert {"kd", "ce", "dkd", "dist", "logit_mse", "fitnet"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_loss_has_a_known_input_layout(name):
+    assert accepted_layout(name) is not None, (
+        f"loss {name!r} accepts none of the layouts {DEFAULT_LAYOUTS}; add its layout to LAYOUTS "
+        "(and constructor arguments to CONSTRUCTOR_ARGS) in tests/test_loss_properties.py"
+    )
+
+
+def tensors(shape: tuple[int, ...], bound: float):
+    """A float32 tensor of `shape` with finite entries in [-bound, bound]."""
+    count = math.prod(shape)
+    values = st.lists(
+        st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=32),
+        min_size=count,
+        max_size=count,
+    )
+    return values.map(lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape))
+
+
+def labels(shape: tuple[int, ...]):
+    spatial = shape[2:]
+    count = shape[0] * math.prod(spatial)
+    return st.lists(st.integers(0, shape[1] - 1), min_size=count, max_size=count).map(
+        lambda v: torch.tensor(v, dtype=torch.int64).reshape((shape[0], *spatial))
+    )
+
+
+def layout_or_skip(name: str) -> tuple[int, ...]:
+    shape = accepted_layout(name)
+    if shape is None:
+        pytest.skip(f"{name}: no known input layout (see the layout test)")
+    return shape
+
+
+def value_and_grads(loss, inputs: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
+    value = loss(*leaves)
+    differentiable = [x for x in leaves if x.requires_grad]
+    grads = (
+        torch.autograd.grad(value, differentiable, allow_unused=True) if value.requires_grad else []
+    )
+    return value, [g for g in grads if g is not None]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_is_finite_non_negative_with_finite_gradients(name):
+    shape = layout_or_skip(name)
+    loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
+
+    @PROPERTY_SETTINGS
+    @given(student=tensors(shape, 30.0), teacher=tensors(shape, 30.0), target=labels(shape))
+    def check(student, teacher, target):
+        value, grads = value_and_grads(loss, make_inputs(loss, shape, student, teacher, target))
+        assert value.dim() == 0
+        assert torch.isfinite(value), f"{name} gave {value.item()}"
+        assert all(torch.isfinite(g).all() for g in grads), f"{name}: non-finite gradient"
+        if name not in MAY_BE_NEGATIVE:
+            # exact maths says >= 0; allow float32 rounding of a sum of O(1) terms
+            assert value.item() >= -1e-5 * max(1.0, abs(value.item())), f"{name}: {value.item()}"
+
+    check()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_is_finite_for_large_inputs(name):
+    """Logits of ±1e4 (far past exp's float32 range) must not overflow into inf or NaN."""
+    shape = layout_or_skip(name)
+    loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(shape, generator=generator) * 1e4
+    teacher = torch.randn(shape, generator=generator) * 1e4
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+    value, grads = value_and_grads(loss, make_inputs(loss, shape, student, teacher, target))
+    assert torch.isfinite(value), f"{name} gave {value.item()}"
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def spread_everywhere(x: torch.Tensor) -> bool:
+    """Every row varies across classes and every class varies across the batch.
+
+    Correlation-based losses (DIST) define ρ of a constant vector as 0, so for such degenerate
+    inputs 'student = teacher' does not give a zero loss; those draws are not the property's.
+    """
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    rows = flat.amax(dim=1) - flat.amin(dim=1)
+    columns = flat.amax(dim=0) - flat.amin(dim=0)
+    return bool((rows > 0.05).all() and (columns > 0.05).all())
+
+
+@pytest.mark.parametrize("name", TEACHER_LOSSES)
+def test_loss_is_zero_when_student_equals_teacher(name):
+    shape = layout_or_skip(name)
+    loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
+
+    @PROPERTY_SETTINGS
+    @given(same=tensors(shape, 8.0), target=labels(shape))
+    def check(same, target):
+        assume(spread_everywhere(same))
+        value = loss(*make_inputs(loss, shape, same, same.clone(), target))
+        assert abs(value.item()) <= 1e-4, f"{name}(x, x) = {value.item()}"
+
+    check()
+
+
+@pytest.mark.parametrize("name", TEACHER_LOSSES)
+def test_loss_is_positive_when_student_differs_from_teacher(name):
+    """The zero test above cannot pass by a loss that is always zero."""
+    shape = layout_or_skip(name)
+    loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(shape, generator=generator) * 3
+    teacher = torch.randn(shape, generator=generator) * 3
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+    assert loss(*make_inputs(loss, shape, student, teacher, target)).item() > 1e-3
