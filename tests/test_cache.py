@@ -75,6 +75,7 @@ def reference(teacher, data, layer: str | None = None):
 # -- storage -------------------------------------------------------------------------------------
 def test_float32_round_trip_is_exact_for_outputs_and_features(tmp_path, teacher, data):
     cache = build_teacher_cache(teacher, data, tmp_path, layers=["body"], batch_size=len(data))
+    assert not teacher.body._forward_hooks  # the build's tap was removed
     expected_output, expected_body = reference(teacher, data, "body")
     index = torch.tensor([5, 0, 95, 5, 17])
     output, features = cache.lookup(index)

@@ -951,3 +951,15 @@ def test_evaluate_classifier_matches_a_hand_count(data):
             int(model(val.inputs[i : i + 1]).argmax()) == int(val.targets[i]) for i in range(32)
         )
     assert got["accuracy"] == pytest.approx(correct / 32)
+
+
+def test_metrics_log_does_not_repeat_an_epoch_line(tmp_path):
+    # a resume after a kill between an epoch's metrics line and its checkpoint redoes that epoch
+    log_path = tmp_path / "metrics.jsonl"
+    MetricsLog(log_path).write({"model": "a", "epoch": 1, "train_loss": 0.5})
+    again = MetricsLog(log_path)
+    again.write({"model": "a", "epoch": 1, "train_loss": 0.5})
+    again.write({"model": "a", "epoch": 2, "train_loss": 0.4})
+    again.write({"model": "b", "epoch": 1, "train_loss": 0.9})
+    lines = log_path.read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 1]

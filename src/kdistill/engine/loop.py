@@ -51,13 +51,24 @@ Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
 class MetricsLog:
-    """Appends one JSON object per line (`metrics.jsonl`); each line is flushed at once."""
+    """Appends one JSON object per line (`metrics.jsonl`); each line is flushed at once.
+
+    A record whose (model, epoch) is already in the file is not written again: a run killed
+    after an epoch's line but before its checkpoint repeats that epoch on resume, identically.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._written: set[tuple] | None = None
 
     def write(self, record: dict) -> None:
+        if self._written is None:
+            self._written = {(r.get("model"), r.get("epoch")) for r in self.read()}
+        key = (record.get("model"), record.get("epoch"))
+        if key in self._written:
+            return
+        self._written.add(key)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
