@@ -78,3 +78,17 @@ def test_peak_rss_sees_torch_allocations():
 def test_unknown_pair_is_refused():
     with pytest.raises(SystemExit, match="unknown pairs \\['bert'\\]"):
         load_bench().main(["--pairs", "bert"])
+
+
+def test_repeats_keep_the_fastest_run_and_the_largest_peak():
+    best_of = load_bench().best_of
+    slow = {"mode": "cached", "step_ms": 9.0, "peak_rss_mib": 300.0, "samples_per_s": 1}
+    fast = {"mode": "cached", "step_ms": 4.0, "peak_rss_mib": 290.0, "samples_per_s": 2}
+    kept = best_of(best_of(None, slow), fast)
+    assert kept["step_ms"] == 4.0 and kept["samples_per_s"] == 2
+    assert kept["peak_rss_mib"] == 300.0 and kept["repeats"] == 2
+    build = best_of(
+        {"mode": "build", "seconds": 2.0, "peak_rss_mib": 1.0},
+        {"mode": "build", "seconds": 3.0, "peak_rss_mib": 1.0},
+    )
+    assert build["seconds"] == 2.0

@@ -700,7 +700,7 @@ class TeacherCache:
                     raise CacheError(
                         f"{path}: checksum mismatch (the file changed after the cache was built)"
                     )
-                arrays[file] = array
+                arrays[file] = np.asarray(array)  # a plain view of the map: cheaper indexing
         return arrays
 
     # -- reading --------------------------------------------------------------------------------

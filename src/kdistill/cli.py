@@ -188,7 +188,7 @@ def bench_command(args: argparse.Namespace) -> int:
     return module.main(argv + (["--quick"] if args.quick else []))
 
 
-BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples")
+BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples", "repeats")
 
 
 def list_recipes(args: argparse.Namespace) -> int:
@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int)
     bench.add_argument("--warmup", type=int)
     bench.add_argument("--samples", type=int, help="samples of the cache-build measurement")
+    bench.add_argument("--repeats", type=int, help="fresh processes per configuration (fastest)")
     bench.set_defaults(handler=bench_command)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")
