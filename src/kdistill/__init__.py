@@ -11,6 +11,7 @@ out = distiller(images, target=labels)   # out.loss, out.parts, out.student_outp
 """
 
 from kdistill import losses
+from kdistill.cache import TeacherCache, build_teacher_cache
 from kdistill.distiller import Distiller, DistillOutput, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import (
@@ -35,8 +36,10 @@ __all__ = [
     "LayerNotFoundError",
     "NonFiniteLossError",
     "Taps",
+    "TeacherCache",
     "Term",
     "TrainConfig",
+    "build_teacher_cache",
     "fit",
     "losses",
 ]
