@@ -79,9 +79,11 @@ def cost_header(costs: Sequence[dict]) -> tuple[str, str]:
     first = costs[0]
     threads = first["threads"]
     batches = list(first["latency_ms"])
-    cells = " | MACs | size | " + " | ".join(
-        f"latency b{b} (ms, {threads} thr)" for b in batches
-    ) + f" | peak mem (b{first['peak_batch']})"
+    cells = (
+        " | MACs | size | "
+        + " | ".join(f"latency b{b} (ms, {threads} thr)" for b in batches)
+        + f" | peak mem (b{first['peak_batch']})"
+    )
     return cells, "---:|---:|" + "---:|" * len(batches) + "---:|"
 
 
