@@ -18,10 +18,19 @@ memory is that configuration's alone), `--threads` intra-op threads (default 2):
 - ``build``    a bare teacher inference pass over `--samples` samples (batches of 512, as the
   build), then `build_teacher_cache` over the same data; both timed twice, the faster kept.
 
+- ``paired``   the student, teacher-forward, online and cached steps again, in one process,
+  round-robin on the same batches (the order rotated every step), each with its own student
+  copy and optimiser. The speed ratios come from here: steps measured side by side see the
+  same machine, whereas separate processes started minutes apart on a shared machine can
+  differ by 50 % for no reason of their own (we saw a student step of 6 ms in one process and
+  9 ms in the next). The separate ``student`` / ``online`` / ``cached`` workers give each
+  configuration's own peak memory.
+
 Speed: the median of the timed steps' wall-clock times after warm-up steps (the median shrugs
 off the odd slow step of a shared machine); samples/s = batch size / median step time. With
 `--repeats N` every configuration runs in N fresh processes (in turn) and the fastest is kept
-(the peak memory is the largest of them): use it on a machine that other jobs share.
+(the peak memory is the largest of them; of the paired runs, the one with the smallest sum of
+step times is kept whole, so its ratios stay paired): use it on a machine that other jobs share.
 Peak memory: the subprocess's peak resident set size, `VmHWM` of /proc/self/status on Linux
 (`getrusage(RUSAGE_SELF).ru_maxrss` elsewhere; on Linux ru_maxrss would start at the parent's
 peak, which exec carries over). It counts torch's CPU allocations (invisible to tracemalloc)
@@ -72,7 +81,7 @@ PAIRS = {
     },
 }
 DEFAULT_PAIRS = "classic,resnet"
-MODES = ("student", "teacher", "online", "build", "cached")  # build before cached: it makes it
+MODES = ("student", "teacher", "online", "build", "cached", "paired")  # build makes the cache
 BUILD_BATCH = 512
 
 
@@ -165,6 +174,44 @@ def train_step(distiller, optimizer, cache=None):
     return step
 
 
+def paired_steps(args: argparse.Namespace, pair: dict, data, source, kd_terms) -> dict:
+    """Student, teacher-forward, online and cached steps timed side by side, round-robin."""
+    import torch
+
+    from kdistill import losses as L
+    from kdistill.cache import TeacherCache
+    from kdistill.distiller import Distiller, Term
+
+    teacher = make_model(pair, "teacher")
+    cache = TeacherCache.open(args.cache_dir, dataset=data)
+
+    def distill_step(teacher_model, terms, teacher_outputs=None):
+        distiller = Distiller(teacher_model, make_model(pair, "student"), terms)
+        optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-3)
+        return train_step(distiller, optimizer, teacher_outputs)
+
+    def teacher_forward(batch) -> None:
+        with torch.inference_mode():
+            teacher(batch.inputs)
+
+    steps = {
+        "student": distill_step(None, [Term(L.CE())]),
+        "teacher": teacher_forward,
+        "online": distill_step(teacher, kd_terms),
+        "cached": distill_step(cache.stand_in(), kd_terms, cache),
+    }
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for number in range(args.warmup + args.steps):
+        batch = next(source)
+        for name in names[number % 4 :] + names[: number % 4]:
+            started = time.perf_counter()
+            steps[name](batch)
+            if number >= args.warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: summary(times[name], args.batch_size) for name in names}
+
+
 def summary(times: list[float], batch_size: int) -> dict:
     median = statistics.median(times)
     return {
@@ -235,6 +282,8 @@ def worker(args: argparse.Namespace) -> dict:
             taps.close()
         result.update(summary(plain, args.batch_size))
         result["tapped"] = {"layer": pair["tap"], **summary(tapped, args.batch_size)}
+    elif args.mode == "paired":
+        result["steps"] = paired_steps(args, pair, data, source, kd_terms)
     elif args.mode == "build":
         from kdistill.data import BatchLoader
 
@@ -289,12 +338,15 @@ _SHARED = ("batch_size", "threads", "steps", "warmup", "samples")  # passed on t
 
 
 def ratios(r: dict) -> dict:
-    student, teacher = r["student"]["step_ms"], r["teacher"]["step_ms"]
+    """The targets' ratios: speed from the paired run, taps from the teacher worker (which
+    alternates the two), build from the build worker, memory from the separate workers."""
+    paired = r["paired"]["steps"]
+    student, teacher = paired["student"]["step_ms"], paired["teacher"]["step_ms"]
     return {
-        "online_vs_student": r["online"]["step_ms"] / student,
-        "cached_vs_student": r["cached"]["step_ms"] / student,
-        "online_vs_teacher_plus_student": r["online"]["step_ms"] / (teacher + student),
-        "taps_vs_no_taps": r["teacher"]["tapped"]["step_ms"] / teacher,
+        "online_vs_student": paired["online"]["step_ms"] / student,
+        "cached_vs_student": paired["cached"]["step_ms"] / student,
+        "online_vs_teacher_plus_student": paired["online"]["step_ms"] / (teacher + student),
+        "taps_vs_no_taps": r["teacher"]["tapped"]["step_ms"] / r["teacher"]["step_ms"],
         "build_vs_inference": r["build"]["seconds"] / r["build"]["inference"]["seconds"],
         "cached_memory_vs_student": r["cached"]["peak_rss_mib"] / r["student"]["peak_rss_mib"],
     }
@@ -315,21 +367,31 @@ def table(results: dict) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, r in results["pairs"].items():
-        student = r["student"]["step_ms"]
+        paired = r["paired"]["steps"]
+        student = paired["student"]["step_ms"]
         pair = PAIRS[name]
         label = f"{name} ({pair['teacher'][0]} → {pair['student'][0]})"
-        rows = [
-            ("student alone (CE step)", r["student"]),
-            ("teacher forward", r["teacher"]),
-            (f"teacher forward + tap `{r['teacher']['tapped']['layer']}`", r["teacher"]["tapped"]),
-            ("online distillation step", r["online"]),
-            ("cached distillation step", r["cached"]),
+        tapped = r["teacher"]["tapped"]
+        rows = [  # (text, speed, peak memory): speed of the paired run, memory of its own worker
+            ("student alone (CE step)", paired["student"], r["student"]),
+            ("teacher forward", paired["teacher"], r["teacher"]),
+            (  # the tapped forward is timed against the plain one in the teacher worker
+                f"teacher forward + tap `{tapped['layer']}`",
+                {
+                    "step_ms": paired["teacher"]["step_ms"] * r["ratios"]["taps_vs_no_taps"],
+                    "samples_per_s": paired["teacher"]["samples_per_s"]
+                    / r["ratios"]["taps_vs_no_taps"],
+                },
+                {},
+            ),
+            ("online distillation step", paired["online"], r["online"]),
+            ("cached distillation step", paired["cached"], r["cached"]),
         ]
-        for text, m in rows:
-            rss = f"{m['peak_rss_mib']:.0f}" if "peak_rss_mib" in m else ""
+        for text, speed, memory in rows:
+            rss = f"{memory['peak_rss_mib']:.0f}" if "peak_rss_mib" in memory else ""
             lines.append(
-                f"| {label} | {text} | {m['samples_per_s']:,.0f} | {m['step_ms']:.2f} | "
-                f"{m['step_ms'] / student:.2f}× | {rss} |"
+                f"| {label} | {text} | {speed['samples_per_s']:,.0f} | {speed['step_ms']:.2f} | "
+                f"{speed['step_ms'] / student:.2f}× | {rss} |"
             )
         build = r["build"]
         lines.append(
@@ -422,8 +484,17 @@ def best_of(old: dict | None, new: dict) -> dict:
     down); peak memory is the larger of the two."""
     if old is None:
         return new
-    key = "seconds" if new["mode"] == "build" else "step_ms"
-    best = dict(new if new[key] < old[key] else old)
+    if new["mode"] == "paired":
+
+        def speed(run):
+            return sum(step["step_ms"] for step in run["steps"].values())
+    else:
+        key = "seconds" if new["mode"] == "build" else "step_ms"
+
+        def speed(run):
+            return run[key]
+
+    best = dict(new if speed(new) < speed(old) else old)
     best["peak_rss_mib"] = max(old["peak_rss_mib"], new["peak_rss_mib"])
     best["repeats"] = old.get("repeats", 1) + 1
     return best

@@ -47,11 +47,15 @@ def test_quick_bench_writes_json_and_a_table(tmp_path, capsys):
         # samples/s is the batch over the median step time
         assert r[mode]["samples_per_s"] == pytest.approx(32 / (r[mode]["step_ms"] / 1e3), rel=1e-2)
     assert r["build"]["samples"] == 256
+    paired = r["paired"]["steps"]  # the speed ratios come from the side-by-side run
+    assert set(paired) == {"student", "teacher", "online", "cached"}
+    for step in paired.values():
+        assert step["steps"] == 2 and step["step_ms"] > 0
     # the ratios, recomputed here from the raw figures
     expected = {
-        "cached_vs_student": r["cached"]["step_ms"] / r["student"]["step_ms"],
-        "online_vs_teacher_plus_student": r["online"]["step_ms"]
-        / (r["teacher"]["step_ms"] + r["student"]["step_ms"]),
+        "cached_vs_student": paired["cached"]["step_ms"] / paired["student"]["step_ms"],
+        "online_vs_teacher_plus_student": paired["online"]["step_ms"]
+        / (paired["teacher"]["step_ms"] + paired["student"]["step_ms"]),
         "taps_vs_no_taps": r["teacher"]["tapped"]["step_ms"] / r["teacher"]["step_ms"],
         "build_vs_inference": r["build"]["seconds"] / r["build"]["inference"]["seconds"],
         "cached_memory_vs_student": r["cached"]["peak_rss_mib"] / r["student"]["peak_rss_mib"],
@@ -92,3 +96,8 @@ def test_repeats_keep_the_fastest_run_and_the_largest_peak():
         {"mode": "build", "seconds": 3.0, "peak_rss_mib": 1.0},
     )
     assert build["seconds"] == 2.0
+    # a paired run is kept whole: the one whose steps took least time altogether
+    steps = {"student": {"step_ms": 5.0}, "cached": {"step_ms": 6.0}}
+    calm = {"mode": "paired", "steps": steps, "peak_rss_mib": 1.0}
+    busy = {"mode": "paired", "steps": {"student": {"step_ms": 4.0}, "cached": {"step_ms": 9.0}}}
+    assert best_of(best_of(None, {**busy, "peak_rss_mib": 1.0}), calm)["steps"] is steps

@@ -227,6 +227,7 @@ def test_compress_command_on_digits(tmp_path, capsys):
         "middle alone",
         "middle kd",
         "pruned",
+        "pruned + fine-tuned",
         "pruned + distilled",
         "int8 dynamic",
         "int8",
@@ -239,6 +240,10 @@ def test_compress_command_on_digits(tmp_path, capsys):
     # half the conv/linear weights were zeroed and stayed zero through distillation
     weights = 16 * 9 + 32 * 16 * 9 + 128 * 16 + 16 * 10
     assert pruned["nonzero"] <= pruned["params"] - round(0.5 * weights)
+    # the control row: the same pruned model and masks, retrained with the hard loss alone
+    control = stages["pruned + fine-tuned"]
+    assert control["params"] == pruned["params"]
+    assert control["nonzero"] <= control["params"] - round(0.5 * weights)
     assert stages["int8"]["cost"]["size_bytes"] < pruned["cost"]["size_bytes"] / 2.5
     assert stages["int8"]["params"] == pruned["params"]
     exports = {Path(e["path"]).name: e for e in results["exports"]}

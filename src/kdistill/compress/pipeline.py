@@ -11,8 +11,10 @@ The stages, top to bottom (every accuracy on the test set, every model costed th
    prunable layer removed (lowest L1 norm; a smaller dense model) and, when
    `compress.magnitude` > 0, that fraction of its remaining conv/linear weights zeroed
    (smallest |w|, global); evaluated as it is, without retraining;
-4. **pruned + distilled**: the pruned teacher as the student, initialised with its surviving
-   weights and distilled from the full teacher (`compress.finetune` budget, default `train`);
+4. **pruned + fine-tuned** (the control) and **pruned + distilled**: the pruned teacher,
+   initialised with its surviving weights, retrained with the hard loss alone, and distilled
+   from the full teacher — the same seed, data order and `compress.finetune` budget (default
+   `train`), so the difference between the two rows is what distillation bought after pruning;
    magnitude-pruned weights stay zero throughout (the masks are re-applied every step);
 5. **int8**: the pruned + distilled student quantized after training — dynamic int8 for the
    Linear layers, then static int8 for the convolutions as well (calibrated on
@@ -175,19 +177,27 @@ class CompressionRun:
         self.add("pruned", description + " (no retraining)", pruned, self.evaluate(pruned), started)
         return pruned, masks
 
-    def distill_pruned(self, teacher: nn.Module, pruned: nn.Module, masks: dict | None):
+    def retrain_pruned(self, pruned: nn.Module, masks: dict | None, method: str) -> nn.Module:
+        """The pruned teacher retrained from its surviving weights: `method` "alone" (hard
+        loss only, the control) or the recipe's distillation method."""
         started = time.perf_counter()
         student = copy.deepcopy(pruned)
         if masks is not None:
             apply_masks(student, masks, permanent=False)
-        terms = method_terms(self.recipe.distill, self.method, {})
+        if method == "alone":
+            terms = [Term(create_loss(self.recipe.distill.hard_loss), name="hard")]
+            name, description = "pruned + fine-tuned", "the pruned teacher retrained (hard loss)"
+        else:
+            terms = method_terms(self.recipe.distill, method, {})
+            name = "pruned + distilled"
+            description = f"the pruned teacher distilled ({method}) from the teacher"
         seed = self.recipe.seed
         student, _ = self.experiment.train_student(
-            f"pruned/{self.method}/seed{seed}",
+            f"pruned/{method}/seed{seed}",
             self.recipe.teacher,
             seed,
             terms,
-            self.method,
+            method,
             self.experiment.splits.test,
             keep_checkpoint=False,
             student=student,
@@ -195,15 +205,13 @@ class CompressionRun:
         )
         make_permanent(student)
         if masks is not None:
-            self.say(f"pruned + distilled: sparsity {sparsity(student):.3f}")
+            self.say(f"{name}: sparsity {sparsity(student):.3f}")
         student.eval()
-        self.add(
-            "pruned + distilled",
-            f"the pruned teacher distilled ({self.method}) from the teacher",
-            student,
-            self.evaluate(student),
-            started,
-        )
+        self.add(name, description, student, self.evaluate(student), started)
+        return student
+
+    def distill_pruned(self, pruned: nn.Module, masks: dict | None) -> nn.Module:
+        student = self.retrain_pruned(pruned, masks, self.method)
         save_checkpoint(
             self.out_dir / "models",
             "pruned_distilled",
@@ -267,7 +275,8 @@ class CompressionRun:
         teacher = self.teacher()
         self.reference_students()
         pruned, masks = self.prune(teacher)
-        student = self.distill_pruned(teacher, pruned, masks)
+        self.retrain_pruned(pruned, masks, "alone")
+        student = self.distill_pruned(pruned, masks)
         int8 = self.quantize(student)
         exports, notes = self.export(student, int8)
         summary = CompressSummary(
