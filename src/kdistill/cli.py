@@ -197,6 +197,43 @@ def list_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def layers_command(args: argparse.Namespace) -> int:
+    """`kdistill layers`: layer names and shapes of built-in models, and proposed stage pairs."""
+    from kdistill.layers import describe_layers, layers_table, pairs_table, propose_pairs
+    from kdistill.models import create_model, list_models
+
+    if args.list:
+        print("\n".join(list_models()))
+        return 0
+    try:
+        input_shape = tuple(int(size) for size in args.input.split(","))
+    except ValueError:
+        raise KdistillError(f"--input {args.input!r}: expected sizes like 1,28,28") from None
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise KdistillError(f"--input {args.input!r}: expected three positive sizes C,H,W")
+    if bool(args.teacher) != bool(args.student):
+        raise KdistillError("give both --teacher and --student, or one model name")
+    if not (args.model or args.teacher):
+        raise KdistillError("name a model, or --teacher and --student (see --list)")
+
+    def build(name: str):
+        try:
+            model = create_model(name, in_channels=input_shape[0], num_classes=args.classes)
+        except KeyError as error:
+            raise KdistillError(str(error).strip("'\"")) from None
+        return describe_layers(model, input_shape)
+
+    if args.model:
+        print(layers_table(build(args.model), f"## {args.model} (input {args.input})"))
+    if args.teacher:
+        teacher, student = build(args.teacher), build(args.student)
+        print(layers_table(teacher, f"## teacher {args.teacher} (input {args.input})"), "\n")
+        print(layers_table(student, f"## student {args.student} (input {args.input})"), "\n")
+        print("## proposed pairs\n")
+        print(pairs_table(propose_pairs(teacher, student)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Each sub-command sets `handler`: parsed arguments in, exit code out."""
     parser = argparse.ArgumentParser(
@@ -256,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, help="samples of the cache-build measurement")
     bench.add_argument("--repeats", type=int, help="fresh processes per configuration (fastest)")
     bench.set_defaults(handler=bench_command)
+
+    layers = commands.add_parser(
+        "layers", help="each module's name, output shape and parameters; proposed stage pairs"
+    )
+    layers.add_argument("model", nargs="?", help="a model name (see `kdistill layers --list`)")
+    layers.add_argument("--teacher", help="a teacher model name: show both and propose pairs")
+    layers.add_argument("--student", help="a student model name: show both and propose pairs")
+    layers.add_argument("--input", default="1,28,28", help="input shape C,H,W (default 1,28,28)")
+    layers.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    layers.add_argument("--list", action="store_true", help="list the model names")
+    layers.set_defaults(handler=layers_command)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)

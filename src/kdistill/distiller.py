@@ -251,15 +251,19 @@ class Distiller(nn.Module):
         return DistillOutput(total, parts, sides[0], sides[2], raw_parts)
 
     def _run_models(self, inputs, teacher_output, teacher_features):
-        """(student output, student features, teacher output, teacher features)."""
-        if self.student_taps is not None:
-            self.student_taps.clear()
-        student_output = self.student(inputs)
-        student_features = self.student_taps.collect() if self.student_taps is not None else {}
+        """(student output, student features, teacher output, teacher features).
+
+        The teacher runs first: its activations are freed before the student's forward builds
+        the autograd graph, so the two never sit in memory (and in the CPU caches) together.
+        """
         if self.needs_teacher:
             have_features = teacher_features is not None or self.teacher_taps is None
             if teacher_output is None or not have_features:
                 teacher_output, teacher_features = self.run_teacher(inputs)
+        if self.student_taps is not None:
+            self.student_taps.clear()
+        student_output = self.student(inputs)
+        student_features = self.student_taps.collect() if self.student_taps is not None else {}
         return student_output, student_features, teacher_output, teacher_features or {}
 
     def _describe(self, name: str, term: Term) -> str:
