@@ -198,15 +198,23 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def build(self, inputs: Tensor) -> None:
-        """Create the connectors from one batch's shapes (no training-mode side effects)."""
-        if not any(getattr(term.loss, "uses_connector", False) for term in self.terms):
+        """Create the connectors, and the parameters of losses that size them from the data
+        (a `build(student_value, teacher_value)` method, e.g. CRD's embedding heads), from one
+        batch's shapes (no training-mode side effects). Call it before making the optimiser."""
+
+        def sized_on_data(loss) -> bool:
+            return getattr(loss, "uses_connector", False) or callable(getattr(loss, "build", None))
+
+        if not any(sized_on_data(term.loss) for term in self.terms):
             return
         was_training = self.training
         self.eval()
         try:
             sides = self._run_models(inputs, None, None)
             for name, term in zip(self.term_names, self.terms):
-                self._term_sides(name, term, *sides)
+                student_value, teacher_value = self._term_sides(name, term, *sides)
+                if callable(getattr(term.loss, "build", None)):
+                    term.loss.build(_float32(student_value), _float32(teacher_value))
         finally:
             self.train(was_training)
 

@@ -1,16 +1,25 @@
 """kdistill losses: pure tensor functions, each also reachable by name (`create_loss("kd")`)."""
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
-from kdistill.losses.feature import FitNet
+from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
 from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
+from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
 
 __all__ = [
     "LOSSES",
+    "AT",
+    "CC",
     "CE",
+    "CRD",
     "DIST",
     "DKD",
     "KD",
+    "PKT",
+    "RKD",
+    "SP",
     "DistillLoss",
+    "FeatureCosine",
+    "FeatureL1",
     "FitNet",
     "LogitMSE",
     "create_loss",
