@@ -228,7 +228,7 @@ def test_relation_losses_reject_1d_inputs(cls):
         (lambda v: L.CRD(num_samples=v), "num_samples", 0),
         (lambda v: L.CRD(num_samples=8, num_negatives=v), "num_negatives", 0),
         (lambda v: L.CRD(num_samples=8, feature_dim=v), "feature_dim", 0),
-        (lambda v: L.CRD(num_samples=8, temperature=v), "temperature", 0.0),
+        (lambda v: L.CRD(num_samples=8, nce_temperature=v), "nce_temperature", 0.0),
         (lambda v: L.CRD(num_samples=8, momentum=v), "momentum", 1.0),
     ],
 )
@@ -618,7 +618,7 @@ def test_crd_hand_worked_single_sample_dataset():
 
 def test_crd_matches_loop_reference_over_two_calls():
     torch.manual_seed(0)
-    crd = small_crd(temperature=0.5).double()
+    crd = small_crd(nce_temperature=0.5).double()
     f_s, f_t = randn(4, 3, seed=58), randn(4, 5, seed=59)
     index = torch.tensor([1, 7, 3, 0])
     v_s, v_t = np_embed(crd.student_head, f_s), np_embed(crd.teacher_head, f_t)
@@ -714,7 +714,7 @@ def test_crd_loss_is_finite_and_decreases_on_a_toy_problem():
     inputs = torch.randn(m, 6)
     teacher_features = torch.tanh(inputs @ torch.randn(6, 10))
     student = nn.Linear(6, 8)
-    crd = L.CRD(8, 10, feature_dim=16, num_samples=m, num_negatives=16, temperature=0.1)
+    crd = L.CRD(8, 10, feature_dim=16, num_samples=m, num_negatives=16, nce_temperature=0.1)
     optimizer = torch.optim.Adam([*student.parameters(), *crd.parameters()], lr=0.02)
     history = []
     for _ in range(40):

@@ -94,6 +94,19 @@ def select_output(output: Any, key: str | None, side: str) -> Tensor:
     return output
 
 
+def select_target(target: Any, key: str | None) -> Tensor:
+    """The labels a term reads: the target itself, or `target[key]` for a multi-task target
+    (a dict with one entry per task, keyed like the model's outputs)."""
+    if isinstance(target, Mapping):
+        if key is None or key not in target:
+            raise KeyError(
+                f"the target is a dict with keys {sorted(target)}; a term reading it needs "
+                f"Term(..., output=<one of them>), got output={key!r}"
+            )
+        return target[key]
+    return target
+
+
 def _clone_tree(output: Any) -> Any:
     """Normal tensors from inference-mode ones, so autograd may save them."""
     if isinstance(output, Tensor):
@@ -235,6 +248,8 @@ class Distiller(nn.Module):
         for name, term in zip(self.term_names, self.terms):
             student_value, teacher_value = self._term_sides(name, term, *sides)
             values = {STUDENT: student_value, TEACHER: teacher_value, **extras}
+            if TARGET in term.needs and target is not None:
+                values[TARGET] = select_target(target, term.output)
             missing = [need for need in term.needs if values.get(need) is None]
             if missing:
                 raise ValueError(f"term {name!r} needs {missing}, which were not given")

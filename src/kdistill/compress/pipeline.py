@@ -146,7 +146,12 @@ class CompressionRun:
         for spec in recipe.students:
             plans = [
                 ("alone", [Term(create_loss(recipe.distill.hard_loss), name="hard")]),
-                (self.method, method_terms(recipe.distill, self.method, {})),
+                (
+                    self.method,
+                    method_terms(
+                        recipe.distill, self.method, {}, len(self.experiment.splits.train)
+                    ),
+                ),
             ]
             for method, terms in plans:
                 started = time.perf_counter()
@@ -188,7 +193,7 @@ class CompressionRun:
             terms = [Term(create_loss(self.recipe.distill.hard_loss), name="hard")]
             name, description = "pruned + fine-tuned", "the pruned teacher retrained (hard loss)"
         else:
-            terms = method_terms(self.recipe.distill, method, {})
+            terms = method_terms(self.recipe.distill, method, {}, len(self.experiment.splits.train))
             name = "pruned + distilled"
             description = f"the pruned teacher distilled ({method}) from the teacher"
         seed = self.recipe.seed

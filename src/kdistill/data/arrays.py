@@ -22,6 +22,7 @@ __all__ = [
     "Batch",
     "BatchLoader",
     "IndexedDataset",
+    "move_to",
     "split_train_val",
     "take",
 ]
@@ -129,22 +130,35 @@ def _as_index(indices: Sequence[int] | Tensor, size: int, name: str) -> Tensor:
     return index
 
 
+Target = Tensor | dict[str, Tensor]
+
+
+def move_to(value: Target, device: torch.device | str, non_blocking: bool = False) -> Target:
+    """A tensor, or a dict of tensors (one target per task), on ``device``."""
+    if isinstance(value, dict):
+        return {key: item.to(device, non_blocking=non_blocking) for key, item in value.items()}
+    return value.to(device, non_blocking=non_blocking)
+
+
 @dataclass(eq=False)
 class Batch:
-    """One batch: ``inputs``, ``target`` and ``index`` (int64 positions in the dataset)."""
+    """One batch: ``inputs``, ``target`` and ``index`` (int64 positions in the dataset).
+
+    ``target`` is a tensor, or a dict of tensors for multi-task data (``{"seg": …, "det": …}``;
+    a term with ``output="seg"`` reads ``target["seg"]``)."""
 
     inputs: Tensor
-    target: Tensor
+    target: Target
     index: Tensor
 
     def __len__(self) -> int:
         return len(self.index)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """The same batch with all three tensors moved to ``device``."""
+        """The same batch with all its tensors moved to ``device``."""
         return Batch(
             inputs=self.inputs.to(device, non_blocking=non_blocking),
-            target=self.target.to(device, non_blocking=non_blocking),
+            target=move_to(self.target, device, non_blocking),
             index=self.index.to(device, non_blocking=non_blocking),
         )
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kdistill.data.arrays import move_to
 from kdistill.distiller import Distiller
 from kdistill.engine.checkpoint import (
     load_latest_checkpoint,
@@ -274,7 +275,7 @@ def fit(
                 with autocast(config.precision, device):
                     out = model(
                         batch.inputs.to(device),
-                        target=batch.target.to(device),
+                        target=move_to(batch.target, device),
                         index=batch.index.to(device),
                         teacher_output=cached_output,
                         teacher_features=cached_features,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.distiller import Distiller, select_output
+from kdistill.distiller import Distiller, select_output, select_target
 from kdistill.errors import ConfigError, DataError
 from kdistill.losses.base import TARGET
 
@@ -109,16 +109,21 @@ def check_before_training(
                     f"the student {student_classes}{key}, but term {name!r} compares the two "
                     "outputs; build both models with the dataset's number of classes"
                 )
-        if TARGET in term.needs and student_classes is not None:
-            check_labels(loader, batch, student_classes, name)
+        if (
+            TARGET in term.needs
+            and student_classes is not None
+            and getattr(term.loss, "target_is_class_index", True)
+        ):
+            check_labels(loader, batch, student_classes, name, term.output)
 
 
-def check_labels(loader, batch, num_classes: int, term: str) -> None:
-    """Every label in [0, num_classes): over `loader.dataset.targets` when there, else the batch."""
+def check_labels(loader, batch, num_classes: int, term: str, key: str | None = None) -> None:
+    """Every label in [0, num_classes): over `loader.dataset.targets` when there, else the batch
+    (its `target[key]` for a multi-task target)."""
     targets = getattr(getattr(loader, "dataset", None), "targets", None)
     where = "the training labels"
     if not isinstance(targets, Tensor) or targets.dim() != 1:
-        targets, where = batch.target, "the first batch's labels"
+        targets, where = select_target(batch.target, key), "the first batch's labels"
     if targets.numel() == 0:
         return
     if targets.dtype.is_floating_point:

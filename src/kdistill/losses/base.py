@@ -34,6 +34,9 @@ class DistillLoss(nn.Module):
     # True when student and teacher tensors may differ in channels and a trainable connector
     # (1×1 conv / linear) should map the student's channels to the teacher's.
     uses_connector: ClassVar[bool] = False
+    # True when `target` holds class indices of the student output's dimension 1 (checked before
+    # training); False for targets of another kind (e.g. a detector's boxes).
+    target_is_class_index: ClassVar[bool] = True
 
 
 def register_loss(name: str):

@@ -197,7 +197,9 @@ class CRD(DistillLoss):
     sample's past embeddings. For sample n with dataset index y_n, the candidates are
     ``j_{n,0} = y_n`` (the positive) and K = `num_negatives` indices drawn uniformly with
     replacement from [0, M), M = `num_samples` (``torch.randint(0, M, (N, K))``, global generator).
-    The student side scores ``l_{n,k} = ⟨v_s[n], B_t[j_{n,k}]⟩ / τ − log Z_s`` and, with
+    The student side scores ``l_{n,k} = ⟨v_s[n], B_t[j_{n,k}]⟩ / τ − log Z_s`` (τ is
+    `nce_temperature`, named apart from KD's T so that a temperature grid never touches it) and,
+    with
     ``c = K / M`` (the noise probability of the negatives) and h = sigmoid(l − log c) =
     ``exp(l) / (exp(l) + c)``:
 
@@ -225,7 +227,7 @@ class CRD(DistillLoss):
         *,
         num_samples: int,
         num_negatives: int = 4096,
-        temperature: float = 0.07,
+        nce_temperature: float = 0.07,
         momentum: float = 0.5,
     ):
         super().__init__()
@@ -236,7 +238,7 @@ class CRD(DistillLoss):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        check_positive(temperature, "temperature")
+        check_positive(nce_temperature, "nce_temperature")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         self.feature_dim, self.num_samples, self.num_negatives = (
@@ -244,7 +246,7 @@ class CRD(DistillLoss):
             num_samples,
             num_negatives,
         )
-        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.nce_temperature, self.momentum = float(nce_temperature), float(momentum)
         self.student_head: nn.Linear | None = None
         self.teacher_head: nn.Linear | None = None
         if (student_dim is None) != (teacher_dim is None):
@@ -296,7 +298,7 @@ class CRD(DistillLoss):
     def _side_loss(self, embedding: Tensor, bank: Tensor, candidates: Tensor, side: int) -> Tensor:
         """The NCE loss of one side: `embedding` (N×D) against bank rows `candidates` (N×(K+1))."""
         rows = bank[candidates].to(embedding.dtype)  # N×(K+1)×D
-        scores = torch.einsum("nd,nkd->nk", embedding, rows) / self.temperature
+        scores = torch.einsum("nd,nkd->nk", embedding, rows) / self.nce_temperature
         if torch.isnan(self.log_z[side]):
             # Z = M · mean(exp(score)), fixed from now on
             log_mean = torch.logsumexp(scores.detach().flatten(), dim=0) - math.log(scores.numel())
@@ -343,6 +345,6 @@ class CRD(DistillLoss):
     def extra_repr(self) -> str:
         return (
             f"feature_dim={self.feature_dim}, num_samples={self.num_samples}, "
-            f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
+            f"num_negatives={self.num_negatives}, nce_temperature={self.nce_temperature}, "
             f"momentum={self.momentum}"
         )

@@ -102,8 +102,13 @@ def build_model(spec: ModelSpec, data: ArrayDataset, seed: int) -> nn.Module:
     return constructor(**kwargs)
 
 
-def method_terms(distill: DistillSpec, method: str, settings: dict) -> list[Term]:
-    """`(1 − α)·hard + α·Σ wᵢ·softᵢ`, with grid settings applied to the losses that take them."""
+def method_terms(
+    distill: DistillSpec, method: str, settings: dict, num_samples: int | None = None
+) -> list[Term]:
+    """`(1 − α)·hard + α·Σ wᵢ·softᵢ`, with grid settings applied to the losses that take them.
+
+    A loss that takes `num_samples` (CRD's memory bank) and is not given one in the recipe gets
+    the training split's size, `num_samples`."""
     alpha = settings.get("alpha", distill.alpha)
     terms = []
     if alpha < 1:
@@ -111,6 +116,10 @@ def method_terms(distill: DistillSpec, method: str, settings: dict) -> list[Term
     for spec in distill.methods[method]:
         accepted = loss_parameters(spec.loss)
         params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+        if "num_samples" in accepted and "num_samples" not in params:
+            if num_samples is None:
+                raise ValueError(f"loss {spec.loss!r} needs num_samples (the dataset size)")
+            params["num_samples"] = num_samples
         terms.append(
             Term(
                 create_loss(spec.loss, **params),
@@ -379,7 +388,7 @@ class Experiment:
             if label in done:
                 trials.append(done[label])
                 continue
-            terms = method_terms(self.recipe.distill, method, settings)
+            terms = method_terms(self.recipe.distill, method, settings, len(self.splits.train))
             _, val_accuracy = self.train_student(
                 label,
                 spec,
@@ -443,7 +452,13 @@ class Experiment:
                 plan = [("alone", [Term(create_loss(recipe.distill.hard_loss), name="hard")], {})]
                 for method in methods:
                     settings = chosen[spec.name][method]
-                    plan.append((method, method_terms(recipe.distill, method, settings), settings))
+                    plan.append(
+                        (
+                            method,
+                            method_terms(recipe.distill, method, settings, len(self.splits.train)),
+                            settings,
+                        )
+                    )
                 for method, terms, settings in plan:
                     label = f"{spec.name}/{method}/seed{seed}"
                     run_started = time.perf_counter()

@@ -100,6 +100,8 @@ class TermSpec(Strict):
 
 def check_loss_params(name: str, params: dict[str, Any]) -> None:
     """Build the loss once so that bad values (T ≤ 0, …) fail when the recipe is read."""
+    if "num_samples" in loss_parameters(name) and "num_samples" not in params:
+        params = {**params, "num_samples": 1}  # the runner gives the training split's size
     try:
         create_loss(name, **params)
     except (ValueError, TypeError) as error:
