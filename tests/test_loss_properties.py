@@ -26,7 +26,10 @@ from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
 # Shapes tried in order for the student/teacher tensors: (N, K), (N, C, H, W), (N, D, L).
 DEFAULT_LAYOUTS = [(6, 5), (3, 4, 3, 3), (4, 3, 5)]
 # A loss whose inputs take another layout, or whose constructor needs arguments, goes here.
-LAYOUTS: dict[str, list[tuple[int, ...]]] = {}
+LAYOUTS: dict[str, list[tuple[int, ...]]] = {
+    # YOLO-style head outputs N×A×(5+K): [x, y, w, h, obj, K class scores], here K = 2
+    "det_logit_mse": [(3, 4, 7)],
+}
 CONSTRUCTOR_ARGS: dict[str, dict] = {"crd": {"num_samples": 6, "num_negatives": 8}}
 # Losses that are not bounded below by zero (none yet; e.g. a contrastive bound could be).
 MAY_BE_NEGATIVE: set[str] = set()

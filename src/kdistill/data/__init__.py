@@ -1,6 +1,9 @@
 """Datasets and batches: in-memory arrays, seeded loaders, Fashion-MNIST and sklearn digits.
 
 ``load_dataset(name, split)`` builds a dataset by its registry name (``DATASETS.names()``).
+The dense-prediction scenes (`make_scenes`, `fashion_mnist_scenes`, `SceneDataset`) are built
+directly, not through the registry: the registry's datasets are classification `ArrayDataset`s
+(one int64 label per sample) that the recipe runner subsamples and splits by label.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from kdistill.data.fashion_mnist import (
     resolve_fashion_mnist_root,
 )
 from kdistill.data.idx import read_idx
+from kdistill.data.scenes import SceneDataset, fashion_mnist_scenes, make_scenes
 from kdistill.registry import Registry
 
 __all__ = [
@@ -31,9 +35,12 @@ __all__ = [
     "ArrayDataset",
     "Batch",
     "BatchLoader",
+    "SceneDataset",
+    "fashion_mnist_scenes",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
+    "make_scenes",
     "read_idx",
     "resolve_fashion_mnist_root",
     "split_train_val",

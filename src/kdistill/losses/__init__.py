@@ -1,6 +1,7 @@
 """kdistill losses: pure tensor functions, each also reachable by name (`create_loss("kd")`)."""
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
+from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
 from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
 from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
@@ -11,17 +12,20 @@ __all__ = [
     "CC",
     "CE",
     "CRD",
+    "CWD",
     "DIST",
     "DKD",
     "KD",
     "PKT",
     "RKD",
     "SP",
+    "DetLogitMSE",
     "DistillLoss",
     "FeatureCosine",
     "FeatureL1",
     "FitNet",
     "LogitMSE",
+    "PixelKD",
     "create_loss",
     "register_loss",
 ]

@@ -1,7 +1,9 @@
 """Ready-made teachers and students, reachable by name.
 
 Models are plain `nn.Module`s taking `in_channels` and `num_classes` (and `image_size` where
-the architecture needs it) and returning `N×num_classes` logits::
+the architecture needs it). Classifiers return `N×num_classes` logits; the dense models of
+`kdistill.models.dense` return segmentation maps (`seg_*`), YOLO-style grids (`det_*`) or a
+dict of both (`multitask_*`)::
 
     from kdistill.models import create_model, count_parameters
 
@@ -17,6 +19,22 @@ from __future__ import annotations
 from torch import nn
 
 from kdistill.models.classic import ClassicTeacher, MiddleStudent, MiniStudent
+from kdistill.models.dense import (
+    DEFAULT_ANCHORS,
+    Detector,
+    MultiTaskNet,
+    SegNet,
+    YOLOLoss,
+    decode,
+    det_student,
+    det_teacher,
+    encode_targets,
+    multitask_student,
+    multitask_teacher,
+    nms,
+    seg_student,
+    seg_teacher,
+)
 from kdistill.models.resnet import (
     BasicBlock,
     ResNet,
@@ -29,20 +47,34 @@ from kdistill.models.resnet import (
 from kdistill.registry import Registry
 
 __all__ = [
+    "DEFAULT_ANCHORS",
     "MODELS",
     "BasicBlock",
     "ClassicTeacher",
+    "Detector",
     "MiddleStudent",
     "MiniStudent",
+    "MultiTaskNet",
     "ResNet",
+    "SegNet",
+    "YOLOLoss",
     "blocks_per_stage",
     "count_parameters",
     "create_model",
+    "decode",
+    "det_student",
+    "det_teacher",
+    "encode_targets",
     "list_models",
+    "multitask_student",
+    "multitask_teacher",
+    "nms",
     "resnet8",
     "resnet14",
     "resnet20",
     "resnet32",
+    "seg_student",
+    "seg_teacher",
 ]
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -53,6 +85,12 @@ MODELS.register("resnet8")(resnet8)
 MODELS.register("resnet14")(resnet14)
 MODELS.register("resnet20")(resnet20)
 MODELS.register("resnet32")(resnet32)
+MODELS.register("seg_teacher")(seg_teacher)
+MODELS.register("seg_student")(seg_student)
+MODELS.register("det_teacher")(det_teacher)
+MODELS.register("det_student")(det_student)
+MODELS.register("multitask_teacher")(multitask_teacher)
+MODELS.register("multitask_student")(multitask_student)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

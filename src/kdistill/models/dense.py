@@ -1,0 +1,681 @@
+"""Dense-prediction models for the Fashion-MNIST scenes: segmentation, detection, multi-task.
+
+All three share one convolutional `Encoder` (a 3×3 stem at full resolution, then three stages
+that each halve the resolution), so feature taps line up across them. Module names, as
+`named_modules()` spells them:
+
+- ``encoder.stem`` (1/1), ``encoder.stage1`` (1/2), ``encoder.stage2`` (1/4),
+  ``encoder.stage3`` (1/8); each is a ``Sequential`` of conv-BN-ReLU blocks
+  (``encoder.stage2.down`` is the stride-2 one, ``encoder.stage2.conv`` the next), each block
+  with ``conv``, ``bn``, ``relu`` inside.
+- `SegNet`: ``ppm`` (pyramid pooling on ``encoder.stage3``: ``ppm.branches.0…``, ``ppm.fuse``),
+  ``decoder.up1`` (1/8 → 1/4, fused with ``encoder.stage2``), ``decoder.up2`` (→ 1/2, with
+  ``encoder.stage1``), ``decoder.up3`` (→ 1/1, with ``encoder.stem``), ``head`` (1×1 conv to
+  the class logits).
+- `Detector`: ``neck`` (two 3×3 conv-BN-ReLU on ``encoder.stage3``), ``head`` (1×1 conv to
+  ``A·(5+K)`` channels).
+- `MultiTaskNet`: ``encoder``, then ``ppm``, ``decoder``, ``seg_head`` and ``det_neck``,
+  ``det_head``.
+
+Detection is YOLO-style at a single scale (Redmon & Farhadi 2017, "YOLO9000", anchors and the
+sigmoid-offset / log-size box parametrisation): the 1/8 map is an ``S×S`` grid (S = 8 for 64×64
+inputs) with ``A`` anchors per cell; the raw output is ``N×A×S×S×(5+K)`` laid out
+``[tx, ty, tw, th, obj, cls_1 … cls_K]``, cell index order (row = y, column = x) as in a
+``N×C×H×W`` map. A box decodes as ``cx = (i + σ(tx))·stride``, ``cy = (j + σ(ty))·stride``,
+``w = a_w·exp(tw)``, ``h = a_h·exp(th)`` (pixels, x2/y2 exclusive like the scene boxes).
+`encode_targets`, `YOLOLoss` ("yolo" in the loss registry), `decode` and `nms` go with it.
+
+Convs before BatchNorm have no bias; Kaiming-normal init (fan-out, ReLU gain). The detection
+head's objectness bias starts at logit(0.01) so that early training is not swamped by the
+negatives (Lin et al. 2017, "Focal Loss", §4.1 prior initialisation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.losses.base import STUDENT, TARGET, DistillLoss, register_loss
+
+__all__ = [
+    "DEFAULT_ANCHORS",
+    "Detector",
+    "Encoder",
+    "MultiTaskNet",
+    "PyramidPooling",
+    "SegNet",
+    "YOLOLoss",
+    "decode",
+    "det_student",
+    "det_teacher",
+    "encode_targets",
+    "multitask_student",
+    "multitask_teacher",
+    "nms",
+    "seg_student",
+    "seg_teacher",
+]
+
+DEFAULT_ANCHORS: tuple[tuple[float, float], ...] = ((13.0, 22.0), (24.0, 13.0), (25.0, 30.0))
+"""Anchor (width, height) in pixels for 64×64 Fashion-MNIST scenes: k-means (1 − IoU distance,
+medians) on the foreground boxes of 2000 training scenes at the default scale range 0.6–1.4,
+rounded; a box's best anchor has shape-IoU 0.70 on average. Items are tall (dresses, trousers),
+wide (sandals, sneakers, bags) or large (coats, pullovers)."""
+
+OBJECTNESS_PRIOR = 0.01
+
+TEACHER_WIDTHS = (16, 32, 48, 96)
+STUDENT_WIDTHS = (4, 8, 12, 24)
+
+# Keep these opaque under torch.fx tracing (quantisation, feature extraction): they read shapes.
+torch.fx.wrap("_resize_to")
+torch.fx.wrap("_yolo_layout")
+torch.fx.wrap("_check_input")
+
+
+def _check_input(x: Tensor, in_channels: int, model: str) -> Tensor:
+    """Return `x` unchanged if it is ``N×in_channels×H×W``, else raise."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(
+            f"{model} expects a batch of shape N×{in_channels}×H×W, got {tuple(x.shape)}; "
+            "pass in_channels to the constructor to change it"
+        )
+    return x
+
+
+def _resize_to(x: Tensor, reference: Tensor) -> Tensor:
+    """Bilinear resize of `x` to the spatial size of `reference` (``align_corners=False``)."""
+    return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _yolo_layout(x: Tensor, anchors: int, values: int) -> Tensor:
+    """``N×(A·V)×S×S`` head output → ``N×A×S×S×V`` (channel ``a·V + v`` is anchor a, value v)."""
+    n, _, rows, cols = x.shape
+    return x.view(n, anchors, values, rows, cols).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+            relu=nn.ReLU(),
+        )
+    )
+
+
+def _check_widths(widths: Sequence[int], count: int, name: str) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != count or min(widths) < 1:
+        raise ValueError(f"{name} must be {count} positive integers, got {widths!r}")
+    return widths
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_anchors(anchors: Sequence[Sequence[float]] | Tensor) -> Tensor:
+    anchors = torch.as_tensor(anchors, dtype=torch.float32)
+    if anchors.dim() != 2 or anchors.shape[1] != 2 or len(anchors) == 0:
+        raise ValueError(
+            f"anchors must be A×2 (width, height) pixels, got shape {tuple(anchors.shape)}"
+        )
+    if not bool((anchors > 0).all()):
+        raise ValueError(f"anchor sizes must be > 0, got {anchors.tolist()}")
+    return anchors
+
+
+def _init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _detection_head(in_channels: int, anchors: int, num_classes: int) -> nn.Conv2d:
+    """1×1 conv to ``A·(5+K)`` channels; small weights, objectness bias at logit(prior)."""
+    values = 5 + num_classes
+    head = nn.Conv2d(in_channels, anchors * values, 1)
+    nn.init.normal_(head.weight, std=0.01)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias.view(anchors, values)[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))
+    return head
+
+
+class Encoder(nn.Module):
+    """``stem`` (3×3 conv-BN-ReLU, in → w0) then ``stage1…stage3``, each a stride-2 3×3
+    conv-BN-ReLU (``down``) and a 3×3 conv-BN-ReLU (``conv``): widths w1, w2, w3 at 1/2, 1/4 and
+    1/8 of the input. `forward` returns the four maps ``[stem, stage1, stage2, stage3]``."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]):
+        super().__init__()
+        _check_positive_int(in_channels, "in_channels")
+        w0, w1, w2, w3 = _check_widths(widths, 4, "widths")
+        self.widths = (w0, w1, w2, w3)
+        self.stem = _conv_bn_relu(in_channels, w0)
+        self.stage1 = self._stage(w0, w1)
+        self.stage2 = self._stage(w1, w2)
+        self.stage3 = self._stage(w2, w3)
+
+    @staticmethod
+    def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
+        return nn.Sequential(
+            OrderedDict(
+                down=_conv_bn_relu(in_channels, out_channels, stride=2),
+                conv=_conv_bn_relu(out_channels, out_channels),
+            )
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        stem = self.stem(x)
+        stage1 = self.stage1(stem)
+        stage2 = self.stage2(stage1)
+        stage3 = self.stage3(stage2)
+        return [stem, stage1, stage2, stage3]
+
+
+class PyramidPooling(nn.Module):
+    """The pyramid pooling module of PSPNet (Zhao et al. 2017, "Pyramid Scene Parsing Network").
+
+    For each bin b: adaptive average pool to b×b → 1×1 conv (in → branch, with bias) → ReLU →
+    bilinear upsample back; the input and all branches are concatenated and fused by a 3×3
+    conv-BN-ReLU (→ out). The branches have no BatchNorm, so a 1×1 bin works at batch size 1.
+    A bin larger than the map just repeats pixels (harmless; 8 fits a 64×64 input's 8×8 map).
+    """
+
+    def __init__(
+        self, in_channels: int, branch_channels: int, out_channels: int, bins: Sequence[int]
+    ):
+        super().__init__()
+        bins = tuple(int(b) for b in bins)
+        if not bins or min(bins) < 1:
+            raise ValueError(f"bins must be positive integers, got {bins!r}")
+        self.bins = bins
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                OrderedDict(
+                    pool=nn.AdaptiveAvgPool2d(b),
+                    conv=nn.Conv2d(in_channels, branch_channels, 1),
+                    relu=nn.ReLU(),
+                )
+            )
+            for b in bins
+        )
+        self.fuse = _conv_bn_relu(in_channels + len(bins) * branch_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pyramid = [x] + [_resize_to(branch(x), x) for branch in self.branches]
+        return self.fuse(torch.cat(pyramid, dim=1))
+
+
+class _Decoder(nn.Module):
+    """Three upsampling steps back to the input size, each fused with an encoder skip:
+    ``up1`` (1/8 → 1/4, + stage2), ``up2`` (→ 1/2, + stage1), ``up3`` (→ 1/1, + stem); each
+    step is bilinear upsample → concat with the skip → 3×3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, skips: Sequence[int], widths: Sequence[int]):
+        super().__init__()
+        d1, d2, d3 = _check_widths(widths, 3, "decoder_widths")
+        s_stem, s1, s2 = skips
+        self.up1 = _conv_bn_relu(in_channels + s2, d1)
+        self.up2 = _conv_bn_relu(d1 + s1, d2)
+        self.up3 = _conv_bn_relu(d2 + s_stem, d3)
+
+    def forward(self, x: Tensor, features: list[Tensor]) -> Tensor:
+        stem, stage1, stage2, _ = features
+        x = self.up1(torch.cat([_resize_to(x, stage2), stage2], dim=1))
+        x = self.up2(torch.cat([_resize_to(x, stage1), stage1], dim=1))
+        return self.up3(torch.cat([_resize_to(x, stem), stem], dim=1))
+
+
+class SegNet(nn.Module):
+    """Encoder–decoder segmentation net with a PSPNet pyramid-pooling head (U-Net-style skips).
+
+    ``encoder`` (widths w0…w3) → ``ppm`` on the 1/8 map (bins, ``ppm_channels`` per branch and
+    out) → ``decoder`` (three steps back to full size, widths d1, d2, d3) → ``head`` (1×1 conv,
+    d3 → num_classes). Output ``N×num_classes×H×W`` logits; ``num_classes`` counts background
+    (11 for Fashion-MNIST scenes). Any input size works; multiples of 8 keep the maps aligned.
+
+    Built by `seg_teacher` (441,611 parameters) and `seg_student` (27,899 parameters), both at
+    ``in_channels=1, num_classes=11``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 11,
+        widths: Sequence[int] = TEACHER_WIDTHS,
+        ppm_channels: int = 96,
+        decoder_widths: Sequence[int] = (48, 32, 16),
+        bins: Sequence[int] = (1, 2, 4, 8),
+    ):
+        super().__init__()
+        _check_positive_int(num_classes, "num_classes")
+        _check_positive_int(ppm_channels, "ppm_channels")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.encoder = Encoder(in_channels, widths)
+        w0, w1, w2, w3 = self.encoder.widths
+        self.ppm = PyramidPooling(w3, max(1, ppm_channels // 4), ppm_channels, bins)
+        self.decoder = _Decoder(ppm_channels, (w0, w1, w2), decoder_widths)
+        self.head = nn.Conv2d(self.decoder.up3.conv.out_channels, num_classes, 1)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.in_channels, type(self).__name__)
+        features = self.encoder(x)
+        return self.head(self.decoder(self.ppm(features[-1]), features))
+
+
+class Detector(nn.Module):
+    """Single-scale YOLO-style detector: ``encoder`` → ``neck`` (two 3×3 conv-BN-ReLU on the
+    1/8 map, w3 → neck_channels) → ``head`` (1×1 conv → A·(5+K)).
+
+    Output ``N×A×S×S×(5+K)`` raw values ``[tx, ty, tw, th, obj, cls…]`` with S = H/8 (see the
+    module docstring for their meaning). ``anchors`` (A×2 pixels) are kept as a non-persistent
+    buffer, so `decode(out, model.anchors, image_size)` finds them on the output's device.
+
+    Built by `det_teacher` (269,021 parameters) and `det_student` (17,609 parameters), both at
+    ``in_channels=1, num_classes=10`` with the 3 default anchors.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        anchors: Sequence[Sequence[float]] | Tensor = DEFAULT_ANCHORS,
+        widths: Sequence[int] = TEACHER_WIDTHS,
+        neck_channels: int = 64,
+    ):
+        super().__init__()
+        _check_positive_int(num_classes, "num_classes")
+        _check_positive_int(neck_channels, "neck_channels")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
+        self.num_anchors = len(self.anchors)
+        self.encoder = Encoder(in_channels, widths)
+        self.neck = nn.Sequential(
+            OrderedDict(
+                conv1=_conv_bn_relu(self.encoder.widths[3], neck_channels),
+                conv2=_conv_bn_relu(neck_channels, neck_channels),
+            )
+        )
+        _init_weights(self)
+        self.head = _detection_head(neck_channels, self.num_anchors, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_input(x, self.in_channels, type(self).__name__)
+        features = self.encoder(x)
+        raw = self.head(self.neck(features[-1]))
+        return _yolo_layout(raw, self.num_anchors, 5 + self.num_classes)
+
+
+class MultiTaskNet(nn.Module):
+    """A shared `Encoder` with a segmentation branch (``ppm`` → ``decoder`` → ``seg_head``, as
+    in `SegNet`) and a detection branch (``det_neck`` → ``det_head`` on ``encoder.stage3``, as in
+    `Detector`).
+
+    `forward` returns ``{"seg": N×seg_classes×H×W, "det": N×A×S×S×(5+K)}``; ``num_classes`` is
+    the object classes K, ``seg_classes`` defaults to K + 1 (background first).
+
+    Built by `multitask_teacher` (536,952 parameters) and `multitask_student` (34,488
+    parameters) at ``in_channels=1, num_classes=10``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        seg_classes: int | None = None,
+        anchors: Sequence[Sequence[float]] | Tensor = DEFAULT_ANCHORS,
+        widths: Sequence[int] = TEACHER_WIDTHS,
+        ppm_channels: int = 96,
+        decoder_widths: Sequence[int] = (48, 32, 16),
+        neck_channels: int = 64,
+        bins: Sequence[int] = (1, 2, 4, 8),
+    ):
+        super().__init__()
+        _check_positive_int(num_classes, "num_classes")
+        seg_classes = num_classes + 1 if seg_classes is None else seg_classes
+        _check_positive_int(seg_classes, "seg_classes")
+        _check_positive_int(ppm_channels, "ppm_channels")
+        _check_positive_int(neck_channels, "neck_channels")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.seg_classes = seg_classes
+        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
+        self.num_anchors = len(self.anchors)
+        self.encoder = Encoder(in_channels, widths)
+        w0, w1, w2, w3 = self.encoder.widths
+        self.ppm = PyramidPooling(w3, max(1, ppm_channels // 4), ppm_channels, bins)
+        self.decoder = _Decoder(ppm_channels, (w0, w1, w2), decoder_widths)
+        self.seg_head = nn.Conv2d(self.decoder.up3.conv.out_channels, seg_classes, 1)
+        self.det_neck = nn.Sequential(
+            OrderedDict(
+                conv1=_conv_bn_relu(w3, neck_channels),
+                conv2=_conv_bn_relu(neck_channels, neck_channels),
+            )
+        )
+        _init_weights(self)
+        self.det_head = _detection_head(neck_channels, self.num_anchors, num_classes)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = _check_input(x, self.in_channels, type(self).__name__)
+        features = self.encoder(x)
+        seg = self.seg_head(self.decoder(self.ppm(features[-1]), features))
+        det = self.det_head(self.det_neck(features[-1]))
+        return {"seg": seg, "det": _yolo_layout(det, self.num_anchors, 5 + self.num_classes)}
+
+
+# --- the registered sizes ------------------------------------------------------------------
+
+
+def seg_teacher(*, in_channels: int = 1, num_classes: int = 11, **kwargs) -> SegNet:
+    """Wide `SegNet`: widths (16, 32, 48, 96), PPM 96, decoder (48, 32, 16); 441,611 params."""
+    kwargs.setdefault("widths", TEACHER_WIDTHS)
+    kwargs.setdefault("ppm_channels", 96)
+    kwargs.setdefault("decoder_widths", (48, 32, 16))
+    return SegNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def seg_student(*, in_channels: int = 1, num_classes: int = 11, **kwargs) -> SegNet:
+    """Narrow `SegNet`: widths (4, 8, 12, 24), PPM 24, decoder (12, 8, 4); 27,899 params."""
+    kwargs.setdefault("widths", STUDENT_WIDTHS)
+    kwargs.setdefault("ppm_channels", 24)
+    kwargs.setdefault("decoder_widths", (12, 8, 4))
+    return SegNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def det_teacher(*, in_channels: int = 1, num_classes: int = 10, **kwargs) -> Detector:
+    """Wide `Detector`: widths (16, 32, 48, 96), neck 64, 3 anchors; 269,021 params."""
+    kwargs.setdefault("widths", TEACHER_WIDTHS)
+    kwargs.setdefault("neck_channels", 64)
+    return Detector(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def det_student(*, in_channels: int = 1, num_classes: int = 10, **kwargs) -> Detector:
+    """Narrow `Detector`: widths (4, 8, 12, 24), neck 16, 3 anchors; 17,609 params."""
+    kwargs.setdefault("widths", STUDENT_WIDTHS)
+    kwargs.setdefault("neck_channels", 16)
+    return Detector(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def multitask_teacher(*, in_channels: int = 1, num_classes: int = 10, **kwargs) -> MultiTaskNet:
+    """Wide `MultiTaskNet` (the seg teacher's and det teacher's sizes); 536,952 params."""
+    kwargs.setdefault("widths", TEACHER_WIDTHS)
+    kwargs.setdefault("ppm_channels", 96)
+    kwargs.setdefault("decoder_widths", (48, 32, 16))
+    kwargs.setdefault("neck_channels", 64)
+    return MultiTaskNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def multitask_student(*, in_channels: int = 1, num_classes: int = 10, **kwargs) -> MultiTaskNet:
+    """Narrow `MultiTaskNet` (the students' sizes); 34,488 params."""
+    kwargs.setdefault("widths", STUDENT_WIDTHS)
+    kwargs.setdefault("ppm_channels", 24)
+    kwargs.setdefault("decoder_widths", (12, 8, 4))
+    kwargs.setdefault("neck_channels", 16)
+    return MultiTaskNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+# --- YOLO targets, loss, decoding ------------------------------------------------------------
+
+
+def _shape_iou(width: float, height: float, anchors: list[list[float]]) -> list[float]:
+    """IoU of a ``width×height`` box with each anchor, all centred at the same point."""
+    ious = []
+    for anchor_w, anchor_h in anchors:
+        inter = min(width, anchor_w) * min(height, anchor_h)
+        ious.append(inter / (width * height + anchor_w * anchor_h - inter))
+    return ious
+
+
+def encode_targets(
+    boxes: Tensor,
+    anchors: Sequence[Sequence[float]] | Tensor,
+    grid: int | tuple[int, int],
+    image_size: int | tuple[int, int],
+) -> Tensor:
+    """Ground-truth boxes → YOLO training targets on the ``S×S`` grid.
+
+    ``boxes``: ``N×M×5`` ``[class, x1, y1, x2, y2]`` pixels (rows with class < 0 are padding).
+    ``grid``: S (or ``(rows, cols)``); ``image_size``: pixels (or ``(height, width)``), so the
+    cell stride is ``image_size / S``. Returns ``N×A×S×S×6``
+    ``[ox, oy, tw, th, obj, class]``:
+
+    - a box goes to the cell (row j, column i) containing its centre
+      ``(cx, cy) = ((x1 + x2)/2, (y1 + y2)/2)``: ``i = ⌊cx / stride_x⌋`` (clamped to the grid),
+      and to the anchor with the best *shape* IoU (box and anchor centred together); if that
+      (anchor, cell) slot is already taken by an earlier box, the next-best anchor; if all are
+      taken, the box is dropped;
+    - ``ox = cx / stride_x − i``, ``oy = cy / stride_y − j`` in [0, 1) (the targets of σ(tx),
+      σ(ty)); ``tw = log(w / a_w)``, ``th = log(h / a_h)``; ``obj = 1``; ``class`` the class;
+    - every other slot is ``[0, 0, 0, 0, 0, −1]``. Boxes with zero width or height are skipped.
+    """
+    if boxes.dim() != 3 or boxes.shape[-1] != 5:
+        raise ValueError(
+            f"boxes must be N×M×5 [class, x1, y1, x2, y2], got shape {tuple(boxes.shape)}"
+        )
+    anchor_list = _check_anchors(anchors).tolist()
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    stride_x, stride_y = width / cols, height / rows
+    n = boxes.shape[0]
+    target = torch.zeros(n, len(anchor_list), rows, cols, 6, device=boxes.device)
+    target[..., 5] = -1
+    taken: set[tuple[int, int, int, int]] = set()
+    slots, values = [], []
+    for image, image_boxes in enumerate(boxes.detach().cpu().tolist()):
+        for label, x1, y1, x2, y2 in image_boxes:
+            w, h = x2 - x1, y2 - y1
+            if label < 0 or w <= 0 or h <= 0:
+                continue
+            gx, gy = (x1 + x2) / 2 / stride_x, (y1 + y2) / 2 / stride_y
+            i = min(max(int(math.floor(gx)), 0), cols - 1)
+            j = min(max(int(math.floor(gy)), 0), rows - 1)
+            ious = _shape_iou(w, h, anchor_list)
+            for a in sorted(range(len(ious)), key=lambda k: -ious[k]):
+                if (image, a, j, i) in taken:
+                    continue
+                taken.add((image, a, j, i))
+                anchor_w, anchor_h = anchor_list[a]
+                slots.append((image, a, j, i))
+                values.append(
+                    [gx - i, gy - j, math.log(w / anchor_w), math.log(h / anchor_h), 1.0, label]
+                )
+                break
+    if slots:
+        index = torch.tensor(slots, device=boxes.device).T
+        target[index[0], index[1], index[2], index[3]] = torch.tensor(
+            values, dtype=target.dtype, device=boxes.device
+        )
+    return target
+
+
+def _check_raw(raw: Tensor, anchors: int) -> None:
+    if raw.dim() != 5 or raw.shape[-1] < 6 or raw.shape[1] != anchors:
+        raise ValueError(
+            f"raw detections must be N×A×S×S×(5+K) with A={anchors} anchors and K >= 1, got "
+            f"shape {tuple(raw.shape)}"
+        )
+
+
+@register_loss("yolo")
+class YOLOLoss(DistillLoss):
+    """The hard-label YOLO loss of a single-scale anchor detector (Redmon & Farhadi 2017).
+
+    ``(raw N×A×S×S×(5+K), boxes N×M×5)``: the boxes are encoded with `encode_targets` (the
+    grid S from ``raw``); with P the assigned (positive) slots and Q all other slots,
+
+    - box = mean over P of ``(σ(tx) − ox)² + (σ(ty) − oy)² + (tw − log(w/a_w))² + (th − …)²``
+      (a sum over the four coordinates);
+    - obj = mean over P of ``BCE(obj, 1)``; noobj = mean over Q of ``BCE(obj, 0)``;
+    - cls = mean over P of the cross-entropy of the K class logits with the box's class;
+
+    loss = ``box·box_term + obj·obj_term + noobj·noobj_term + cls·cls_term`` (constructor
+    weights). A term over an empty set is 0. Unlike YOLOv3 no "ignore" band is kept: every
+    unassigned slot is a negative.
+    """
+
+    needs = (STUDENT, TARGET)
+    target_is_class_index = False
+
+    def __init__(
+        self,
+        anchors: Sequence[Sequence[float]] | Tensor = DEFAULT_ANCHORS,
+        image_size: int = 64,
+        box: float = 1.0,
+        obj: float = 1.0,
+        noobj: float = 1.0,
+        cls: float = 1.0,
+    ):
+        super().__init__()
+        for value, name in ((box, "box"), (obj, "obj"), (noobj, "noobj"), (cls, "cls")):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_positive_int(image_size, "image_size")
+        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
+        self.image_size = image_size
+        self.box, self.obj, self.noobj, self.cls = float(box), float(obj), float(noobj), float(cls)
+
+    def forward(self, raw: Tensor, boxes: Tensor) -> Tensor:
+        _check_raw(raw, len(self.anchors))
+        if boxes.dim() != 3 or boxes.shape[0] != raw.shape[0] or boxes.shape[-1] != 5:
+            raise ValueError(
+                f"boxes must be N×M×5 [class, x1, y1, x2, y2] with N={raw.shape[0]}, got shape "
+                f"{tuple(boxes.shape)}"
+            )
+        target = encode_targets(boxes, self.anchors, tuple(raw.shape[2:4]), self.image_size)
+        positive = target[..., 4] > 0
+        zero = raw.sum() * 0.0  # keeps the graph (and device, dtype) when a set is empty
+        negatives = raw[..., 4][~positive]
+        noobj = (
+            F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
+            if negatives.numel()
+            else zero
+        )
+        if not bool(positive.any()):
+            return self.noobj * noobj + zero
+        pred, goal = raw[positive], target[positive]
+        box = (
+            (pred[:, :2].sigmoid() - goal[:, :2]).pow(2).sum(dim=1)
+            + (pred[:, 2:4] - goal[:, 2:4]).pow(2).sum(dim=1)
+        ).mean()
+        obj = F.binary_cross_entropy_with_logits(pred[:, 4], torch.ones_like(pred[:, 4]))
+        cls = F.cross_entropy(pred[:, 5:], goal[:, 5].long())
+        return self.box * box + self.obj * obj + self.noobj * noobj + self.cls * cls
+
+    def extra_repr(self) -> str:
+        return (
+            f"anchors={self.anchors.tolist()}, image_size={self.image_size}, box={self.box}, "
+            f"obj={self.obj}, noobj={self.noobj}, cls={self.cls}"
+        )
+
+
+def decode(
+    raw: Tensor,
+    anchors: Sequence[Sequence[float]] | Tensor,
+    image_size: int | tuple[int, int],
+    conf_threshold: float = 0.25,
+    iou_threshold: float | None = None,
+) -> list[Tensor]:
+    """Raw ``N×A×S×S×(5+K)`` → one ``P×6`` tensor ``[x1, y1, x2, y2, score, class]`` per image.
+
+    ``cx = (i + σ(tx))·stride_x``, ``cy = (j + σ(ty))·stride_y``, ``w = a_w·exp(tw)``,
+    ``h = a_h·exp(th)`` (tw, th clamped to ±10 before exp); corners clipped to the image.
+    score = ``σ(obj) · max_k softmax(cls)_k``, class = its arg-max; slots with score
+    ``>= conf_threshold`` are kept, in descending score order. With ``iou_threshold`` the boxes
+    then go through class-aware `nms`. This is the format `DetectionMAP.update` takes.
+    """
+    anchors_t = _check_anchors(anchors).to(raw.device, raw.dtype)
+    _check_raw(raw, len(anchors_t))
+    n, a, rows, cols, _ = raw.shape
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    stride_x, stride_y = width / cols, height / rows
+    raw = raw.detach()
+    j = torch.arange(rows, device=raw.device, dtype=raw.dtype).view(1, 1, rows, 1)
+    i = torch.arange(cols, device=raw.device, dtype=raw.dtype).view(1, 1, 1, cols)
+    cx = (i + raw[..., 0].sigmoid()) * stride_x
+    cy = (j + raw[..., 1].sigmoid()) * stride_y
+    w = anchors_t[:, 0].view(1, a, 1, 1) * raw[..., 2].clamp(-10, 10).exp()
+    h = anchors_t[:, 1].view(1, a, 1, 1) * raw[..., 3].clamp(-10, 10).exp()
+    probability, label = raw[..., 5:].softmax(dim=-1).max(dim=-1)
+    score = raw[..., 4].sigmoid() * probability
+    corners = torch.stack(
+        [
+            (cx - w / 2).clamp(0, width),
+            (cy - h / 2).clamp(0, height),
+            (cx + w / 2).clamp(0, width),
+            (cy + h / 2).clamp(0, height),
+        ],
+        dim=-1,
+    )
+    detections = torch.cat([corners, score[..., None], label[..., None].to(raw.dtype)], dim=-1)
+    result = []
+    for image in detections.view(n, -1, 6):
+        image = image[image[:, 4] >= conf_threshold]
+        image = image[torch.sort(image[:, 4], descending=True, stable=True).indices]
+        if iou_threshold is not None:
+            image = image[nms(image[:, :4], image[:, 4], iou_threshold, image[:, 5])]
+        result.append(image)
+    return result
+
+
+def _pairwise_iou(boxes: Tensor) -> Tensor:
+    """P×P IoU of ``[x1, y1, x2, y2]`` boxes (area ``(x2 − x1)·(y2 − y1)``; 0 for empty unions)."""
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    sides = (bottom_right - top_left).clamp(min=0)
+    inter = sides[..., 0] * sides[..., 1]
+    union = area[:, None] + area[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+
+
+def nms(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, classes: Tensor | None = None
+) -> Tensor:
+    """Greedy non-maximum suppression; returns the kept indices (int64), best score first.
+
+    Boxes ``P×4`` ``[x1, y1, x2, y2]`` are visited in descending score (stable: ties keep input
+    order); a box is kept unless a kept box *of the same class* overlaps it with IoU
+    ``> iou_threshold``. Without ``classes`` all boxes count as one class.
+    """
+    if boxes.dim() != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"nms needs boxes P×4 and scores P, got {tuple(boxes.shape)} and {tuple(scores.shape)}"
+        )
+    if classes is not None and classes.shape != scores.shape:
+        raise ValueError(f"classes must be P like scores, got shape {tuple(classes.shape)}")
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    overlap = _pairwise_iou(boxes[order].float()) > iou_threshold
+    if classes is not None:
+        ranked = classes[order]
+        overlap &= ranked[:, None] == ranked[None, :]
+    overlap = overlap.cpu()
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    kept = []
+    for rank in range(len(order)):
+        if suppressed[rank]:
+            continue
+        kept.append(rank)
+        suppressed |= overlap[rank]
+    return order[torch.tensor(kept, device=order.device)]

@@ -1,0 +1,94 @@
+"""Multi-task distillation (segmentation + detection) as plain weighted terms.
+
+With a per-task soft weight α and a per-task ratio r (DESIGN.md):
+
+    loss = r_det·((1−α_det)·L_det_hard + α_det·L_det_soft)
+         + r_seg·((1−α_seg)·L_seg_hard + α_seg·L_seg_soft)
+
+which is four `Term`s with weights r·(1−α) and r·α, each reading one key of the models' dict
+outputs (and of a dict target, for the hard terms).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+from torch import nn
+
+from kdistill.distiller import Term
+
+
+def _check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_alpha(value: object, name: str) -> float:
+    alpha = _check_number(value, name)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return alpha
+
+
+def _check_ratio(value: object, name: str) -> float:
+    ratio = _check_number(value, name)
+    if ratio < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return ratio
+
+
+def multitask_terms(
+    seg_hard: nn.Module | None,
+    seg_soft: nn.Module | None,
+    det_hard: nn.Module | None,
+    det_soft: nn.Module | None,
+    *,
+    alpha_seg: float,
+    alpha_det: float,
+    ratio_seg: float = 1.0,
+    ratio_det: float = 1.0,
+    seg_key: str = "seg",
+    det_key: str = "det",
+) -> list[Term]:
+    """The four `Term`s of the multi-task loss
+
+        loss = r_det·((1−α_det)·L_det_hard + α_det·L_det_soft)
+             + r_seg·((1−α_seg)·L_seg_hard + α_seg·L_seg_soft)
+
+    Term weights: ``seg_hard`` r_seg·(1−α_seg), ``seg_soft`` r_seg·α_seg, ``det_hard``
+    r_det·(1−α_det), ``det_soft`` r_det·α_det; each term reads ``output=seg_key`` or
+    ``output=det_key`` from the models' dict outputs (and the hard terms from a dict target such
+    as ``{"seg": masks, "det": boxes}``). Terms are named "seg_hard", "seg_soft", "det_hard",
+    "det_soft". A term whose weight is 0 is left out; its loss may then be None (a loss given as
+    None for a term of non-zero weight is an error). α must lie in [0, 1], r must be >= 0.
+    """
+    alpha_seg = _check_alpha(alpha_seg, "alpha_seg")
+    alpha_det = _check_alpha(alpha_det, "alpha_det")
+    ratio_seg = _check_ratio(ratio_seg, "ratio_seg")
+    ratio_det = _check_ratio(ratio_det, "ratio_det")
+    for key, name in ((seg_key, "seg_key"), (det_key, "det_key")):
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name} must be a non-empty string, got {key!r}")
+    planned = [
+        ("seg_hard", seg_hard, ratio_seg * (1.0 - alpha_seg), seg_key),
+        ("seg_soft", seg_soft, ratio_seg * alpha_seg, seg_key),
+        ("det_hard", det_hard, ratio_det * (1.0 - alpha_det), det_key),
+        ("det_soft", det_soft, ratio_det * alpha_det, det_key),
+    ]
+    terms = []
+    for name, loss, weight, key in planned:
+        if weight == 0:
+            continue
+        if loss is None:
+            raise ValueError(
+                f"{name} has weight {weight:g} (alpha_seg={alpha_seg}, alpha_det={alpha_det}, "
+                f"ratio_seg={ratio_seg}, ratio_det={ratio_det}) but its loss is None"
+            )
+        terms.append(Term(loss, weight=weight, output=key, name=name))
+    if not terms:
+        raise ValueError(
+            f"every multi-task term has weight 0 (ratio_seg={ratio_seg}, ratio_det={ratio_det})"
+        )
+    return terms
