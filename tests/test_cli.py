@@ -92,7 +92,7 @@ def test_run_on_real_fashion_mnist_writes_a_sane_run_folder(tmp_path):
     # student learned something; two seeds each
     assert rows[("teacher", "teacher")]["mean"] > 0.6
     for key in [("mini", "alone"), ("mini", "kd"), ("middle", "alone"), ("middle", "kd")]:
-        assert len(rows[key]["accuracies"]) == 2
+        assert len(rows[key]["scores"]) == 2
         assert 0.3 < rows[key]["mean"] <= 1.0
     # every row is costed once per architecture; the teacher dwarfs the mini student
     for row in rows.values():
@@ -168,4 +168,4 @@ def test_the_default_recipe_in_full(tmp_path):
     # pipeline lands far below them
     assert rows[("teacher", "teacher")]["mean"] > 0.88
     assert rows[("mini", "alone")]["mean"] > 0.70 and rows[("middle", "alone")]["mean"] > 0.85
-    assert all(len(r["accuracies"]) == 3 for key, r in rows.items() if key[0] != "teacher")
+    assert all(len(r["scores"]) == 3 for key, r in rows.items() if key[0] != "teacher")

@@ -8,7 +8,9 @@ correlation), and be zero when the student side equals the teacher side.
 Inputs are built from each loss's `needs`: student / teacher tensors of the first layout the loss
 accepts (N×K logits, then N×C×H×W maps, then N×D×L), the labels in [0, K), dataset indices
 0…N−1. A loss that accepts none of these layouts fails `test_every_loss_has_a_known_input_layout`
-until it gets an entry in LAYOUTS.
+until it gets an entry in LAYOUTS. A loss whose target is not class indices
+(`target_is_class_index = False`, e.g. "yolo") gets padded ground-truth boxes instead
+(`random_boxes`, `boxes`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ DEFAULT_LAYOUTS = [(6, 5), (3, 4, 3, 3), (4, 3, 5)]
 LAYOUTS: dict[str, list[tuple[int, ...]]] = {
     # YOLO-style head outputs N×A×(5+K): [x, y, w, h, obj, K class scores], here K = 2
     "det_logit_mse": [(3, 4, 7)],
+    # YOLO head output N×A×S×S×(5+K): 3 anchors (the default ones), an 8×8 grid, K = 10
+    "yolo": [(2, 3, 8, 8, 15)],
 }
 CONSTRUCTOR_ARGS: dict[str, dict] = {"crd": {"num_samples": 6, "num_negatives": 8}}
 # Losses that are not bounded below by zero (none yet; e.g. a contrastive bound could be).
@@ -37,9 +41,57 @@ MAY_BE_NEGATIVE: set[str] = set()
 # sample from its negatives (CRD's zero is at perfect separation, not at equality).
 NOT_ZERO_AT_EQUALITY = {"crd"}
 
+# Box targets (losses with target_is_class_index False): N×BOXES_PER_IMAGE×5 float32 rows
+# [class, x1, y1, x2, y2] in pixels of a BOX_IMAGE_SIZE² image (YOLOLoss's default
+# image_size); padding rows have class −1 and zero coordinates. The class count K is the
+# layout's last dimension minus the 5 box/objectness values.
+BOX_IMAGE_SIZE = 64
+BOXES_PER_IMAGE = 4
+
 PROPERTY_SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def targets_are_class_indices(name: str) -> bool:
+    return getattr(LOSSES.get(name), "target_is_class_index", True)
+
+
+def box_row(label: int, x1: float, y1: float, w: float, h: float) -> list[float]:
+    """One [class, x1, y1, x2, y2] row, clipped to the image; class < 0 gives a padding row.
+    With x1, y1 <= BOX_IMAGE_SIZE − 4 and w, h >= 1 the box keeps a positive width and height."""
+    if label < 0:
+        return [-1.0, 0.0, 0.0, 0.0, 0.0]
+    return [
+        float(label),
+        x1,
+        y1,
+        min(x1 + w, float(BOX_IMAGE_SIZE)),
+        min(y1 + h, float(BOX_IMAGE_SIZE)),
+    ]
+
+
+def random_boxes(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Padded N×M×5 boxes for a detection head of `shape`: every image has at least one box."""
+    num_classes = shape[-1] - 5
+    rows = []
+    for _ in range(shape[0]):
+        for slot in range(BOXES_PER_IMAGE):
+            low = 0 if slot == 0 else -1
+            label = int(torch.randint(low, num_classes, (), generator=generator))
+            x1, y1 = (torch.rand(2, generator=generator) * (BOX_IMAGE_SIZE - 4)).tolist()
+            w, h = (1 + torch.rand(2, generator=generator) * (BOX_IMAGE_SIZE - 1)).tolist()
+            rows.append(box_row(label, x1, y1, w, h))
+    return torch.tensor(rows, dtype=torch.float32).reshape(shape[0], BOXES_PER_IMAGE, 5)
+
+
+def random_target(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Class indices in [0, K) of shape N×(spatial…), or padded boxes for a box-target loss."""
+    if not targets_are_class_indices(name):
+        return random_boxes(shape, generator)
+    return torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
 
 
 def make_inputs(loss, shape: tuple[int, ...], student, teacher, target) -> list:
@@ -54,7 +106,7 @@ def accepted_layout(name: str) -> tuple[int, ...] | None:
     for shape in LAYOUTS.get(name, DEFAULT_LAYOUTS):
         student = torch.randn(shape, generator=generator)
         teacher = torch.randn(shape, generator=generator)
-        target = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=generator)
+        target = random_target(name, shape, generator)
         try:
             value = loss(*make_inputs(loss, shape, student, teacher, target))
         except (ValueError, RuntimeError, TypeError):
@@ -81,14 +133,39 @@ def test_every_loss_has_a_known_input_layout(name):
     )
 
 
+# Above this many entries hypothesis cannot draw a tensor entry by entry (its per-example data
+# budget runs out: HealthCheck.data_too_large), e.g. the 5,760 of a YOLO head output.
+MAX_DRAWN_ENTRIES = 1024
+
+
+def seeded_tensor(shape: tuple[int, ...], seed: int, scale: float, overrides: dict) -> torch.Tensor:
+    """Uniform in [-scale, scale] from `seed`, then the flat positions in `overrides` set."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.rand(shape, generator=generator) * 2 - 1) * scale
+    flat = x.view(-1)
+    for position, value in overrides.items():
+        flat[position] = value
+    return x
+
+
 def tensors(shape: tuple[int, ...], bound: float):
-    """A float32 tensor of `shape` with finite entries in [-bound, bound]."""
+    """A float32 tensor of `shape` with finite entries in [-bound, bound].
+
+    Up to MAX_DRAWN_ENTRIES entries every entry is drawn; a larger tensor is a seeded uniform
+    one of a drawn scale (0 … bound) with up to 32 drawn entries placed at drawn positions, so
+    hypothesis still reaches the extremes (±bound, 0, tiny values) entry by entry.
+    """
     count = math.prod(shape)
-    values = st.lists(
-        st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=32),
-        min_size=count,
-        max_size=count,
-    )
+    entry = st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=32)
+    if count > MAX_DRAWN_ENTRIES:
+        return st.builds(
+            seeded_tensor,
+            st.just(shape),
+            st.integers(0, 2**32 - 1),
+            st.floats(0, bound, allow_nan=False, width=32),
+            st.dictionaries(st.integers(0, count - 1), entry, max_size=32),
+        )
+    values = st.lists(entry, min_size=count, max_size=count)
     return values.map(lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape))
 
 
@@ -98,6 +175,22 @@ def labels(shape: tuple[int, ...]):
     return st.lists(st.integers(0, shape[1] - 1), min_size=count, max_size=count).map(
         lambda v: torch.tensor(v, dtype=torch.int64).reshape((shape[0], *spatial))
     )
+
+
+def boxes(shape: tuple[int, ...]):
+    """Padded N×M×5 float32 boxes (see `box_row`) for a detection head of `shape`."""
+    coordinate = st.floats(0, BOX_IMAGE_SIZE - 4, allow_nan=False, width=32)
+    side = st.floats(1, BOX_IMAGE_SIZE, allow_nan=False, width=32)
+    row = st.builds(box_row, st.integers(-1, shape[-1] - 6), coordinate, coordinate, side, side)
+    count = shape[0] * BOXES_PER_IMAGE
+    return st.lists(row, min_size=count, max_size=count).map(
+        lambda v: torch.tensor(v, dtype=torch.float32).reshape(shape[0], BOXES_PER_IMAGE, 5)
+    )
+
+
+def targets(name: str, shape: tuple[int, ...]):
+    """The target strategy for loss `name`: `labels`, or `boxes` for a box-target loss."""
+    return labels(shape) if targets_are_class_indices(name) else boxes(shape)
 
 
 def layout_or_skip(name: str) -> tuple[int, ...]:
@@ -123,7 +216,7 @@ def test_loss_is_finite_non_negative_with_finite_gradients(name):
     loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
 
     @PROPERTY_SETTINGS
-    @given(student=tensors(shape, 30.0), teacher=tensors(shape, 30.0), target=labels(shape))
+    @given(student=tensors(shape, 30.0), teacher=tensors(shape, 30.0), target=targets(name, shape))
     def check(student, teacher, target):
         value, grads = value_and_grads(loss, make_inputs(loss, shape, student, teacher, target))
         assert value.dim() == 0
@@ -144,7 +237,7 @@ def test_loss_is_finite_for_large_inputs(name):
     generator = torch.Generator().manual_seed(1)
     student = torch.randn(shape, generator=generator) * 1e4
     teacher = torch.randn(shape, generator=generator) * 1e4
-    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+    target = random_target(name, shape, generator)
     value, grads = value_and_grads(loss, make_inputs(loss, shape, student, teacher, target))
     assert torch.isfinite(value), f"{name} gave {value.item()}"
     assert all(torch.isfinite(g).all() for g in grads)
@@ -168,7 +261,7 @@ def test_loss_is_zero_when_student_equals_teacher(name):
     loss = create_loss(name, **CONSTRUCTOR_ARGS.get(name, {}))
 
     @PROPERTY_SETTINGS
-    @given(same=tensors(shape, 8.0), target=labels(shape))
+    @given(same=tensors(shape, 8.0), target=targets(name, shape))
     def check(same, target):
         assume(spread_everywhere(same))
         value = loss(*make_inputs(loss, shape, same, same.clone(), target))
@@ -185,5 +278,5 @@ def test_loss_is_positive_when_student_differs_from_teacher(name):
     generator = torch.Generator().manual_seed(2)
     student = torch.randn(shape, generator=generator) * 3
     teacher = torch.randn(shape, generator=generator) * 3
-    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+    target = random_target(name, shape, generator)
     assert loss(*make_inputs(loss, shape, student, teacher, target)).item() > 1e-3

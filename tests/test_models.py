@@ -16,7 +16,8 @@ from kdistill.models import (
     list_models,
 )
 
-ALL_NAMES = [
+# Image classifiers: N×C×H×W in, N×K logits out.
+CLASSIFIER_NAMES = [
     "classic_teacher",
     "middle_student",
     "mini_student",
@@ -25,6 +26,16 @@ ALL_NAMES = [
     "resnet20",
     "resnet32",
 ]
+# Dense-prediction models (segmentation, detection, multi-task): tests/test_dense_models.py.
+DENSE_NAMES = [
+    "seg_teacher",
+    "seg_student",
+    "det_teacher",
+    "det_student",
+    "multitask_teacher",
+    "multitask_student",
+]
+ALL_NAMES = CLASSIFIER_NAMES + DENSE_NAMES
 
 
 def conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
@@ -116,7 +127,7 @@ def test_count_parameters_trainable_only():
 # --- shapes ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("name", CLASSIFIER_NAMES)
 def test_output_shape_28x28(name):
     model = create_model(name, num_classes=7).eval()
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 7)

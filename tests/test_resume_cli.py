@@ -150,7 +150,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_run_bit_for_bit(recipe,
     assert epoch_lines(interrupted) == epoch_lines(reference)
     reference_results = json.loads((reference / "results.json").read_text())
     interrupted_results = json.loads((interrupted / "results.json").read_text())
-    assert [(r["label"], r["test_accuracy"]) for r in interrupted_results["records"]] == [
-        (r["label"], r["test_accuracy"]) for r in reference_results["records"]
+    assert [(r["label"], r["test_score"]) for r in interrupted_results["records"]] == [
+        (r["label"], r["test_score"]) for r in reference_results["records"]
     ]
     assert interrupted_results["tuning"] == reference_results["tuning"]

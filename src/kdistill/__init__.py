@@ -22,6 +22,7 @@ from kdistill.errors import (
     LayerNotFoundError,
     NonFiniteLossError,
 )
+from kdistill.multitask import multitask_terms
 from kdistill.taps import Taps
 
 __version__ = "0.1.0"
@@ -42,4 +43,5 @@ __all__ = [
     "build_teacher_cache",
     "fit",
     "losses",
+    "multitask_terms",
 ]

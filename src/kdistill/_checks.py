@@ -28,3 +28,8 @@ def check_positive(value: float, name: str) -> None:
 def check_non_negative(value: float, name: str) -> None:
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

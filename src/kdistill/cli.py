@@ -57,8 +57,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="allow the teacher checkpoint to be a pickle (torch.save(model)); unpickling runs "
-        "code from the file, so only for files you trust",
+        help="allow the teacher checkpoint and the students' whole_model files to be pickles "
+        "(torch.save(model)); unpickling runs code from the file, so only for files you trust",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
@@ -78,6 +78,9 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
     if args.trust_checkpoint:
         overrides.append("teacher.trust_checkpoint=true")
     recipe = load_recipe(resolve_recipe(recipe_arg), overrides)
+    if args.trust_checkpoint:  # and every student's whole_model
+        for student in recipe.students:
+            student.trust_checkpoint = True
     methods = None
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -48,7 +48,7 @@ from kdistill.compress.prune import (
 )
 from kdistill.compress.quantize import quantize_dynamic_linear, quantize_static
 from kdistill.distiller import Term
-from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint
+from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint, save_whole_model
 from kdistill.errors import ConfigError
 from kdistill.export import ExportResult, export_student, onnx_available
 from kdistill.losses import create_loss
@@ -138,7 +138,7 @@ class CompressionRun:
     def teacher(self) -> nn.Module:
         started = time.perf_counter()
         teacher, record = self.experiment.prepare_teacher()
-        self.add("teacher", self.recipe.teacher.model, teacher, record.test_accuracy, started)
+        self.add("teacher", self.recipe.teacher.model, teacher, record.test_score, started)
         return teacher
 
     def reference_students(self) -> None:
@@ -156,7 +156,7 @@ class CompressionRun:
             for method, terms in plans:
                 started = time.perf_counter()
                 label = f"{spec.name}/{method}/seed{seed}"
-                student, accuracy = self.experiment.train_student(
+                student, metrics = self.experiment.train_student(
                     label,
                     spec,
                     seed,
@@ -167,7 +167,11 @@ class CompressionRun:
                 )
                 what = "trained alone" if method == "alone" else f"distilled ({self.method})"
                 self.add(
-                    f"{spec.name} {method}", f"{spec.model}, {what}", student, accuracy, started
+                    f"{spec.name} {method}",
+                    f"{spec.model}, {what}",
+                    student,
+                    metrics["accuracy"],
+                    started,
                 )
 
     def prune(self, teacher: nn.Module) -> tuple[nn.Module, dict | None]:
@@ -223,6 +227,9 @@ class CompressionRun:
             student.state_dict(),
             {"shapes": {k: list(v.shape) for k, v in student.state_dict().items()}},
         )
+        # the pruned architecture is not what create_model builds, so the weights alone cannot
+        # rebuild it: also the whole model (load_whole_model(path, trust=True) / --trust-checkpoint)
+        save_whole_model(student, self.out_dir / "models" / "pruned_distilled.pt")
         return student
 
     def quantize(self, student: nn.Module) -> nn.Module:

@@ -293,6 +293,7 @@ def prune_group(model: nn.Module, group: ChannelGroup, amount: float) -> Tensor:
     else:
         plans.append((group.producer, _sliced_linear(producer, keep, None)))
     for name, module in plans:
+        module.train(model.get_submodule(name).training)  # an eval-mode model stays in eval mode
         _set_module(model, name, module)
     return keep
 

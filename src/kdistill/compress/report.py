@@ -83,7 +83,7 @@ def write_compress_report(summary: CompressSummary, recipe, command: str) -> str
         lines += ["", note]
     tradeoff = plot_tradeoff(
         [
-            {"label": s.name, "accuracy": s.test_accuracy, **(s.cost or {}), "params": s.params}
+            {"label": s.name, "score": s.test_accuracy, **(s.cost or {}), "params": s.params}
             for s in summary.stages
         ],
         out_dir / "tradeoff.png",

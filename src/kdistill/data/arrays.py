@@ -273,17 +273,19 @@ class BatchLoader:
             yield Batch(inputs=inputs, target=target, index=index)
 
 
-def _stratified_pick(targets: Tensor, count: int, seed: int, stratify: bool) -> Tensor:
-    """``count`` distinct positions drawn at random (seeded), returned sorted.
+def _stratified_pick(dataset, count: int, seed: int, stratify: bool) -> Tensor:
+    """``count`` distinct positions of ``dataset`` drawn at random (seeded), returned sorted.
 
+    Without ``stratify`` only ``len(dataset)`` is used (any dataset with a length: scenes too).
     With ``stratify`` each class c of size n_c gets ``count · n_c / N`` picks, rounded by the
     largest-remainder method so the total is exactly ``count`` (ties go to the lower class).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
-    size = len(targets)
+    size = len(dataset)
     if not stratify:
         return torch.randperm(size, generator=generator)[:count].sort().values
+    targets = dataset.targets
     classes, members = torch.unique(targets, return_counts=True)
     quota = [count * int(n) // size for n in members]
     remainder = [count * int(n) % size for n in members]
@@ -326,7 +328,7 @@ def split_train_val(
             f"dataset {dataset.name!r}: val_size={val_size!r} of {size} samples leaves no "
             f"training data"
         )
-    val_index = _stratified_pick(dataset.targets, count, seed, stratify)
+    val_index = _stratified_pick(dataset, count, seed, stratify)
     is_val = torch.zeros(size, dtype=torch.bool)
     is_val[val_index] = True
     train_index = torch.nonzero(~is_val).reshape(-1)
@@ -346,5 +348,5 @@ def take(
         raise ValueError(f"n must be a positive integer or None, got {n!r}")
     if n >= len(dataset):
         return dataset
-    index = _stratified_pick(dataset.targets, n, seed, stratify)
+    index = _stratified_pick(dataset, n, seed, stratify)
     return dataset.subset(index, name=f"{dataset.name}-take{n}")

@@ -35,6 +35,7 @@ Conventions (what the tensors mean):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ from kdistill.errors import DataError
 
 __all__ = ["SceneDataset", "fashion_mnist_scenes", "make_scenes", "scene_statistics"]
 
+TARGET_KINDS = ("both", "seg", "det")
 ITEM_SIZE = 28
 
 
@@ -76,10 +78,16 @@ class SceneDataset:
     boxes: Tensor
     classes: list[str]
     name: str = "scenes"
+    target_kind: str = "both"  # what get_batch returns as the target: "both", "seg" or "det"
 
     def __post_init__(self) -> None:
         self.classes = list(self.classes)
         k = len(self.classes)
+        if self.target_kind not in TARGET_KINDS:
+            raise DataError(
+                f"dataset {self.name!r}: target_kind must be one of {TARGET_KINDS}, got "
+                f"{self.target_kind!r}"
+            )
         for label, tensor in (
             ("inputs", self.inputs),
             ("masks", self.masks),
@@ -146,9 +154,17 @@ class SceneDataset:
         """Shape of one scene, ``(1, size, size)``."""
         return tuple(self.inputs.shape[1:])
 
-    def get_batch(self, indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(inputs[indices], {"seg": masks[indices], "det": boxes[indices]})``."""
-        return self.inputs[indices], {"seg": self.masks[indices], "det": self.boxes[indices]}
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, dict[str, Tensor] | Tensor]:
+        """``(inputs[indices], {"seg": masks[indices], "det": boxes[indices]})``; with
+        ``target_kind`` "seg" or "det" the target is that one tensor (a single-task model)."""
+        target = {"seg": self.masks[indices], "det": self.boxes[indices]}
+        if self.target_kind != "both":
+            return self.inputs[indices], target[self.target_kind]
+        return self.inputs[indices], target
+
+    def with_target(self, kind: str) -> SceneDataset:
+        """The same scenes, batches carrying the ``kind`` target ("both", "seg" or "det")."""
+        return dataclasses.replace(self, target_kind=kind)
 
     def subset(self, indices: Sequence[int] | Tensor, name: str | None = None) -> SceneDataset:
         """A new dataset holding the scenes at ``indices`` (in that order)."""
@@ -159,6 +175,7 @@ class SceneDataset:
             boxes=self.boxes[index],
             classes=list(self.classes),
             name=name if name is not None else f"{self.name}-subset",
+            target_kind=self.target_kind,
         )
 
     def fingerprint(self) -> str:

@@ -6,6 +6,13 @@ of the tensors. One file means one atomic rename: it is written to a temporary f
 disk and renamed into place, so a crash leaves either the old or the new checkpoint, never a mix.
 With `keep_previous`, the checkpoint being replaced is kept as `<name>.prev.safetensors`, so a
 corrupted latest checkpoint still leaves the previous good one usable. Nothing is ever unpickled.
+
+Loading weights from elsewhere (`load_state_dict_file`: a teacher's state dict or safetensors
+file) is safe too. The one exception is a whole model saved with `torch.save(model)`
+(`save_whole_model`, for a student whose architecture changed, e.g. channel-pruned, so that a
+state dict alone cannot rebuild it): reading it back means unpickling, which runs code from the
+file, so `load_whole_model` and `load_state_dict_file` do it only when the caller passes
+`trust=True` (the user's `--trust-checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -30,19 +37,26 @@ FORMAT_VERSION = 2
 META_KEY = "kdistill"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call `write(handle)` on a temporary file in the same folder, fsync, then rename it over
+    `path`; on any error the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -242,8 +256,11 @@ def load_state_dict_file(path: str | Path, trust: bool = False) -> dict[str, Ten
             raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
         if is_kdistill:
             return read_checkpoint_file(path)[0]
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
     if trust:
         return _load_trusted_pickle(path)
     try:
@@ -270,26 +287,122 @@ def load_state_dict_file(path: str | Path, trust: bool = False) -> dict[str, Ten
 
 
 def _load_trusted_pickle(path: Path) -> dict[str, Tensor]:
-    """`torch.load(weights_only=False)` (the user vouched for the file): a module, or a mapping
-    of tensors, possibly under a "state_dict" / "model" key."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(
-            f"{path}: cannot be loaded even with weights_only=False ({error})"
-        ) from None
+    """`torch.load(weights_only=False)` (the user vouched for the file): a module (e.g. a whole
+    model from `save_whole_model`) gives its `state_dict()`; a mapping of tensors, possibly under
+    a "state_dict" / "model" key, is returned as it is."""
+    loaded = _torch_load_unsafe(path)
     if isinstance(loaded, nn.Module):
-        return dict(loaded.state_dict())
-    if isinstance(loaded, Mapping):
+        loaded = loaded.state_dict()
+    elif isinstance(loaded, Mapping):
         for key in ("state_dict", "model"):
             inner = loaded.get(key)
             if isinstance(inner, nn.Module):
-                return dict(inner.state_dict())
+                loaded = inner.state_dict()
+                break
             if isinstance(inner, Mapping):
                 loaded = inner
                 break
-        if all(isinstance(value, Tensor) for value in loaded.values()):
-            return dict(loaded)
+    if isinstance(loaded, Mapping) and all(isinstance(v, Tensor) for v in loaded.values()):
+        return dict(loaded)
     raise CheckpointError(
         f"{path}: expected a model or a state dict of tensors, got {type(loaded).__name__}"
+        + (" holding non-tensor values" if isinstance(loaded, Mapping) else "")
+    )
+
+
+def _torch_load_unsafe(path: Path) -> Any:
+    """`torch.load(weights_only=False)`: only for files the caller said it trusts."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: the pickled model refers to code that cannot be imported here ({error}); "
+            "a whole-model file stores only the names of its classes, so the code that defines "
+            "them must be importable (same package and version) to load it"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(
+            f"{path}: unreadable or corrupted file, cannot be loaded even with "
+            f"weights_only=False ({type(error).__name__}: {error})"
+        ) from None
+
+
+# -- whole models (architecture + weights, pickled) ----------------------------------------------
+def save_whole_model(model: nn.Module, path: str | Path) -> Path:
+    """Write `torch.save(model)` to `path` atomically (temporary file, fsync, rename).
+
+    For a model whose architecture differs from what its constructor builds (e.g. a
+    channel-pruned student), which a state dict alone cannot rebuild. Reading it back means
+    unpickling: `load_whole_model(path, trust=True)`. Prefer `model.state_dict()` (safetensors)
+    whenever the architecture can be rebuilt from code.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_whole_model expects an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    try:
+        atomic_write(path, lambda handle: torch.save(model, handle))
+    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: cannot pickle {type(model).__name__} as a whole model ({error}); "
+            "remove hooks, lambdas or parametrizations (e.g. make pruning masks permanent) "
+            "first, or save model.state_dict() instead"
+        ) from None
+    return path
+
+
+def load_whole_model(path: str | Path, trust: bool = False) -> nn.Module:
+    """A model written by `save_whole_model` / `torch.save(model)`, on the CPU.
+
+    Unpickling runs code from the file, so without `trust` (the user's `--trust-checkpoint`)
+    this refuses with a CheckpointError saying so; the file is only inspected with the safe
+    `torch.load(weights_only=True)`, which tells a whole model from a state dict or a
+    corrupted file. With `trust` it is read with `torch.load(weights_only=False)` and must hold
+    an nn.Module. Every failure is a CheckpointError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path}: a safetensors file holds only tensors, not a model's architecture; build "
+            "the model and load the weights with load_state_dict_file"
+        )
+    if not trust:
+        _refuse_untrusted_whole_model(path)
+    loaded = _torch_load_unsafe(path)
+    if not isinstance(loaded, nn.Module):
+        raise CheckpointError(
+            f"{path}: expected a whole model (an nn.Module saved with torch.save(model)), got "
+            f"{type(loaded).__name__}"
+            + (
+                "; for a state dict, build the model and use load_state_dict_file"
+                if isinstance(loaded, Mapping)
+                else ""
+            )
+        )
+    return loaded
+
+
+def _refuse_untrusted_whole_model(path: Path) -> None:
+    """Raise the CheckpointError that fits `path` when the caller has not trusted it."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: this file is a pickled whole model (torch.save(model)), and "
+            "unpickling it runs code from the file, which can do anything. kdistill loads it "
+            "only when told to: pass --trust-checkpoint (Python: trust=True) only for files you "
+            "trust (ones you saved yourself or from a source you trust)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(
+            f"{path}: unreadable or corrupted model file ({type(error).__name__}: {error})"
+        ) from None
+    if isinstance(loaded, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a state dict, not a whole model; build the model and load the "
+            "weights with load_state_dict_file (no --trust-checkpoint needed)"
+        )
+    raise CheckpointError(
+        f"{path}: holds a {type(loaded).__name__}, not a whole model (torch.save(model))"
     )

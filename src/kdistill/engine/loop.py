@@ -117,6 +117,8 @@ def lookup_teacher(source, index: Tensor, device: torch.device):
         return None, None
     if isinstance(source, Tensor):
         return source[index].to(device), None
+    if isinstance(source, dict):  # stored dict outputs (a multi-task teacher)
+        return {key: value[index].to(device) for key, value in source.items()}, None
     output, features = source.lookup(index)
     if isinstance(output, dict):
         output = {key: value.to(device) for key, value in output.items()}
@@ -215,13 +217,13 @@ def fit(
     metrics_log: MetricsLog | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
-    teacher_outputs: Tensor | TeacherLookup | None = None,
+    teacher_outputs: Tensor | dict[str, Tensor] | TeacherLookup | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 
     `teacher_outputs`: the teacher's outputs for every training sample (offline distillation):
-    a tensor indexed by `batch.index`, or an object whose `lookup(index)` returns
-    `(output, features)`; the teacher then does not run during training.
+    a tensor (or a dict of tensors) indexed by `batch.index`, or an object whose `lookup(index)`
+    returns `(output, features)`; the teacher then does not run during training.
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
     bit for bit on CPU, as an uninterrupted run.

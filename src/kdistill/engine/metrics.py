@@ -64,14 +64,21 @@ def evaluate_classifier(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: str | torch.device = "cpu") -> Tensor:
-    """The model's outputs over an unshuffled loader, stacked in dataset order (eval mode)."""
+def predict(model: nn.Module, loader, device: str | torch.device = "cpu") -> Tensor | dict:
+    """The model's outputs over an unshuffled loader, stacked in dataset order (eval mode);
+    a model with dict outputs (multi-task) gives a dict of stacked tensors."""
     was_training = model.training
     model.eval()
     outputs = []
     try:
         for batch in loader:
-            outputs.append(model(batch.inputs.to(device)).float().cpu())
+            output = model(batch.inputs.to(device))
+            if isinstance(output, dict):
+                outputs.append({key: value.float().cpu() for key, value in output.items()})
+            else:
+                outputs.append(output.float().cpu())
     finally:
         model.train(was_training)
+    if outputs and isinstance(outputs[0], dict):
+        return {key: torch.cat([output[key] for output in outputs]) for key in outputs[0]}
     return torch.cat(outputs)

@@ -73,6 +73,8 @@ def run_checked(model: nn.Module, inputs: Tensor, side: str) -> Any:
 def _stored_teacher_output(teacher_outputs, index: Tensor) -> Any:
     if isinstance(teacher_outputs, Tensor):
         return teacher_outputs[index]
+    if isinstance(teacher_outputs, dict):
+        return {key: value[index] for key, value in teacher_outputs.items()}
     return teacher_outputs.lookup(index)[0]
 
 

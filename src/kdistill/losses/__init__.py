@@ -2,6 +2,7 @@
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
+from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
 from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
 from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
@@ -26,6 +27,8 @@ __all__ = [
     "FitNet",
     "LogitMSE",
     "PixelKD",
+    "YOLOLoss",
     "create_loss",
+    "encode_targets",
     "register_loss",
 ]

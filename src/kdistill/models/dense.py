@@ -23,7 +23,8 @@ inputs) with ``A`` anchors per cell; the raw output is ``N×A×S×S×(5+K)`` lai
 ``[tx, ty, tw, th, obj, cls_1 … cls_K]``, cell index order (row = y, column = x) as in a
 ``N×C×H×W`` map. A box decodes as ``cx = (i + σ(tx))·stride``, ``cy = (j + σ(ty))·stride``,
 ``w = a_w·exp(tw)``, ``h = a_h·exp(th)`` (pixels, x2/y2 exclusive like the scene boxes).
-`encode_targets`, `YOLOLoss` ("yolo" in the loss registry), `decode` and `nms` go with it.
+`decode` and `nms` go with it; `encode_targets` and `YOLOLoss` ("yolo" in the loss registry)
+live in `kdistill.losses.detection` and are re-exported here.
 
 Convs before BatchNorm have no bias; Kaiming-normal init (fan-out, ReLU gain). The detection
 head's objectness bias starts at logit(0.01) so that early training is not swamped by the
@@ -40,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.losses.base import STUDENT, TARGET, DistillLoss, register_loss
+from kdistill._checks import check_positive_int
+from kdistill.losses.detection import (
+    DEFAULT_ANCHORS,
+    YOLOLoss,
+    _check_anchors,
+    _check_raw,
+    encode_targets,
+)
 
 __all__ = [
     "DEFAULT_ANCHORS",
@@ -60,12 +68,6 @@ __all__ = [
     "seg_student",
     "seg_teacher",
 ]
-
-DEFAULT_ANCHORS: tuple[tuple[float, float], ...] = ((13.0, 22.0), (24.0, 13.0), (25.0, 30.0))
-"""Anchor (width, height) in pixels for 64×64 Fashion-MNIST scenes: k-means (1 − IoU distance,
-medians) on the foreground boxes of 2000 training scenes at the default scale range 0.6–1.4,
-rounded; a box's best anchor has shape-IoU 0.70 on average. Items are tall (dresses, trousers),
-wide (sandals, sneakers, bags) or large (coats, pullovers)."""
 
 OBJECTNESS_PRIOR = 0.01
 
@@ -116,22 +118,6 @@ def _check_widths(widths: Sequence[int], count: int, name: str) -> tuple[int, ..
     return widths
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_anchors(anchors: Sequence[Sequence[float]] | Tensor) -> Tensor:
-    anchors = torch.as_tensor(anchors, dtype=torch.float32)
-    if anchors.dim() != 2 or anchors.shape[1] != 2 or len(anchors) == 0:
-        raise ValueError(
-            f"anchors must be A×2 (width, height) pixels, got shape {tuple(anchors.shape)}"
-        )
-    if not bool((anchors > 0).all()):
-        raise ValueError(f"anchor sizes must be > 0, got {anchors.tolist()}")
-    return anchors
-
-
 def _init_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -161,7 +147,7 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int, widths: Sequence[int]):
         super().__init__()
-        _check_positive_int(in_channels, "in_channels")
+        check_positive_int(in_channels, "in_channels")
         w0, w1, w2, w3 = _check_widths(widths, 4, "widths")
         self.widths = (w0, w1, w2, w3)
         self.stem = _conv_bn_relu(in_channels, w0)
@@ -263,8 +249,8 @@ class SegNet(nn.Module):
         bins: Sequence[int] = (1, 2, 4, 8),
     ):
         super().__init__()
-        _check_positive_int(num_classes, "num_classes")
-        _check_positive_int(ppm_channels, "ppm_channels")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(ppm_channels, "ppm_channels")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.encoder = Encoder(in_channels, widths)
@@ -302,8 +288,8 @@ class Detector(nn.Module):
         neck_channels: int = 64,
     ):
         super().__init__()
-        _check_positive_int(num_classes, "num_classes")
-        _check_positive_int(neck_channels, "neck_channels")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(neck_channels, "neck_channels")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
@@ -351,11 +337,11 @@ class MultiTaskNet(nn.Module):
         bins: Sequence[int] = (1, 2, 4, 8),
     ):
         super().__init__()
-        _check_positive_int(num_classes, "num_classes")
+        check_positive_int(num_classes, "num_classes")
         seg_classes = num_classes + 1 if seg_classes is None else seg_classes
-        _check_positive_int(seg_classes, "seg_classes")
-        _check_positive_int(ppm_channels, "ppm_channels")
-        _check_positive_int(neck_channels, "neck_channels")
+        check_positive_int(seg_classes, "seg_classes")
+        check_positive_int(ppm_channels, "ppm_channels")
+        check_positive_int(neck_channels, "neck_channels")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.seg_classes = seg_classes
@@ -434,158 +420,7 @@ def multitask_student(*, in_channels: int = 1, num_classes: int = 10, **kwargs) 
     return MultiTaskNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
-# --- YOLO targets, loss, decoding ------------------------------------------------------------
-
-
-def _shape_iou(width: float, height: float, anchors: list[list[float]]) -> list[float]:
-    """IoU of a ``width×height`` box with each anchor, all centred at the same point."""
-    ious = []
-    for anchor_w, anchor_h in anchors:
-        inter = min(width, anchor_w) * min(height, anchor_h)
-        ious.append(inter / (width * height + anchor_w * anchor_h - inter))
-    return ious
-
-
-def encode_targets(
-    boxes: Tensor,
-    anchors: Sequence[Sequence[float]] | Tensor,
-    grid: int | tuple[int, int],
-    image_size: int | tuple[int, int],
-) -> Tensor:
-    """Ground-truth boxes → YOLO training targets on the ``S×S`` grid.
-
-    ``boxes``: ``N×M×5`` ``[class, x1, y1, x2, y2]`` pixels (rows with class < 0 are padding).
-    ``grid``: S (or ``(rows, cols)``); ``image_size``: pixels (or ``(height, width)``), so the
-    cell stride is ``image_size / S``. Returns ``N×A×S×S×6``
-    ``[ox, oy, tw, th, obj, class]``:
-
-    - a box goes to the cell (row j, column i) containing its centre
-      ``(cx, cy) = ((x1 + x2)/2, (y1 + y2)/2)``: ``i = ⌊cx / stride_x⌋`` (clamped to the grid),
-      and to the anchor with the best *shape* IoU (box and anchor centred together); if that
-      (anchor, cell) slot is already taken by an earlier box, the next-best anchor; if all are
-      taken, the box is dropped;
-    - ``ox = cx / stride_x − i``, ``oy = cy / stride_y − j`` in [0, 1) (the targets of σ(tx),
-      σ(ty)); ``tw = log(w / a_w)``, ``th = log(h / a_h)``; ``obj = 1``; ``class`` the class;
-    - every other slot is ``[0, 0, 0, 0, 0, −1]``. Boxes with zero width or height are skipped.
-    """
-    if boxes.dim() != 3 or boxes.shape[-1] != 5:
-        raise ValueError(
-            f"boxes must be N×M×5 [class, x1, y1, x2, y2], got shape {tuple(boxes.shape)}"
-        )
-    anchor_list = _check_anchors(anchors).tolist()
-    rows, cols = (grid, grid) if isinstance(grid, int) else grid
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    stride_x, stride_y = width / cols, height / rows
-    n = boxes.shape[0]
-    target = torch.zeros(n, len(anchor_list), rows, cols, 6, device=boxes.device)
-    target[..., 5] = -1
-    taken: set[tuple[int, int, int, int]] = set()
-    slots, values = [], []
-    for image, image_boxes in enumerate(boxes.detach().cpu().tolist()):
-        for label, x1, y1, x2, y2 in image_boxes:
-            w, h = x2 - x1, y2 - y1
-            if label < 0 or w <= 0 or h <= 0:
-                continue
-            gx, gy = (x1 + x2) / 2 / stride_x, (y1 + y2) / 2 / stride_y
-            i = min(max(int(math.floor(gx)), 0), cols - 1)
-            j = min(max(int(math.floor(gy)), 0), rows - 1)
-            ious = _shape_iou(w, h, anchor_list)
-            for a in sorted(range(len(ious)), key=lambda k: -ious[k]):
-                if (image, a, j, i) in taken:
-                    continue
-                taken.add((image, a, j, i))
-                anchor_w, anchor_h = anchor_list[a]
-                slots.append((image, a, j, i))
-                values.append(
-                    [gx - i, gy - j, math.log(w / anchor_w), math.log(h / anchor_h), 1.0, label]
-                )
-                break
-    if slots:
-        index = torch.tensor(slots, device=boxes.device).T
-        target[index[0], index[1], index[2], index[3]] = torch.tensor(
-            values, dtype=target.dtype, device=boxes.device
-        )
-    return target
-
-
-def _check_raw(raw: Tensor, anchors: int) -> None:
-    if raw.dim() != 5 or raw.shape[-1] < 6 or raw.shape[1] != anchors:
-        raise ValueError(
-            f"raw detections must be N×A×S×S×(5+K) with A={anchors} anchors and K >= 1, got "
-            f"shape {tuple(raw.shape)}"
-        )
-
-
-@register_loss("yolo")
-class YOLOLoss(DistillLoss):
-    """The hard-label YOLO loss of a single-scale anchor detector (Redmon & Farhadi 2017).
-
-    ``(raw N×A×S×S×(5+K), boxes N×M×5)``: the boxes are encoded with `encode_targets` (the
-    grid S from ``raw``); with P the assigned (positive) slots and Q all other slots,
-
-    - box = mean over P of ``(σ(tx) − ox)² + (σ(ty) − oy)² + (tw − log(w/a_w))² + (th − …)²``
-      (a sum over the four coordinates);
-    - obj = mean over P of ``BCE(obj, 1)``; noobj = mean over Q of ``BCE(obj, 0)``;
-    - cls = mean over P of the cross-entropy of the K class logits with the box's class;
-
-    loss = ``box·box_term + obj·obj_term + noobj·noobj_term + cls·cls_term`` (constructor
-    weights). A term over an empty set is 0. Unlike YOLOv3 no "ignore" band is kept: every
-    unassigned slot is a negative.
-    """
-
-    needs = (STUDENT, TARGET)
-    target_is_class_index = False
-
-    def __init__(
-        self,
-        anchors: Sequence[Sequence[float]] | Tensor = DEFAULT_ANCHORS,
-        image_size: int = 64,
-        box: float = 1.0,
-        obj: float = 1.0,
-        noobj: float = 1.0,
-        cls: float = 1.0,
-    ):
-        super().__init__()
-        for value, name in ((box, "box"), (obj, "obj"), (noobj, "noobj"), (cls, "cls")):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        _check_positive_int(image_size, "image_size")
-        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
-        self.image_size = image_size
-        self.box, self.obj, self.noobj, self.cls = float(box), float(obj), float(noobj), float(cls)
-
-    def forward(self, raw: Tensor, boxes: Tensor) -> Tensor:
-        _check_raw(raw, len(self.anchors))
-        if boxes.dim() != 3 or boxes.shape[0] != raw.shape[0] or boxes.shape[-1] != 5:
-            raise ValueError(
-                f"boxes must be N×M×5 [class, x1, y1, x2, y2] with N={raw.shape[0]}, got shape "
-                f"{tuple(boxes.shape)}"
-            )
-        target = encode_targets(boxes, self.anchors, tuple(raw.shape[2:4]), self.image_size)
-        positive = target[..., 4] > 0
-        zero = raw.sum() * 0.0  # keeps the graph (and device, dtype) when a set is empty
-        negatives = raw[..., 4][~positive]
-        noobj = (
-            F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
-            if negatives.numel()
-            else zero
-        )
-        if not bool(positive.any()):
-            return self.noobj * noobj + zero
-        pred, goal = raw[positive], target[positive]
-        box = (
-            (pred[:, :2].sigmoid() - goal[:, :2]).pow(2).sum(dim=1)
-            + (pred[:, 2:4] - goal[:, 2:4]).pow(2).sum(dim=1)
-        ).mean()
-        obj = F.binary_cross_entropy_with_logits(pred[:, 4], torch.ones_like(pred[:, 4]))
-        cls = F.cross_entropy(pred[:, 5:], goal[:, 5].long())
-        return self.box * box + self.obj * obj + self.noobj * noobj + self.cls * cls
-
-    def extra_repr(self) -> str:
-        return (
-            f"anchors={self.anchors.tolist()}, image_size={self.image_size}, box={self.box}, "
-            f"obj={self.obj}, noobj={self.noobj}, cls={self.cls}"
-        )
+# --- YOLO decoding ------------------------------------------------------------------------
 
 
 def decode(

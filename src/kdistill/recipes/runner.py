@@ -26,15 +26,24 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.cache import TeacherCache, build_teacher_cache, offline_teacher_outputs
-from kdistill.data import ArrayDataset, BatchLoader, load_dataset, split_train_val, take
+from kdistill.data import (
+    ArrayDataset,
+    BatchLoader,
+    SceneDataset,
+    fashion_mnist_scenes,
+    load_dataset,
+    split_train_val,
+    take,
+)
 from kdistill.distiller import Distiller, Term
-from kdistill.engine import MetricsLog, TrainConfig, evaluate_classifier, fit, predict
+from kdistill.engine import MetricsLog, TrainConfig, fit, predict
 from kdistill.engine.checkpoint import (
     atomic_write_text,
     checkpoint_path,
     load_checkpoint,
     load_state_dict_file,
     load_weights,
+    load_whole_model,
     read_checkpoint_file,
     save_checkpoint,
 )
@@ -42,17 +51,29 @@ from kdistill.engine.distributed import barrier, is_main_process
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.losses import create_loss
 from kdistill.models import MODELS, count_parameters
-from kdistill.recipes.schema import DistillSpec, ModelSpec, Recipe, TeacherSpec, loss_parameters
+from kdistill.multitask import multitask_terms
+from kdistill.recipes.schema import (
+    SCENES_DATASET,
+    DistillSpec,
+    ModelSpec,
+    Recipe,
+    TeacherSpec,
+    loss_parameters,
+)
+from kdistill.recipes.tasks import TARGET_KIND, evaluate_task, model_sizes, primary_metric
 from kdistill.report.cost import model_cost
 
 EVAL_BATCH = 1000
 
 
+Data = ArrayDataset | SceneDataset
+
+
 @dataclass
 class Splits:
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: Data
+    val: Data
+    test: Data
 
 
 @dataclass
@@ -64,10 +85,11 @@ class RunRecord:
     method: str  # "teacher", "alone" or a method name
     seed: int
     params: int
-    test_accuracy: float
+    test_score: float  # the task's first metric (tasks.METRICS): accuracy, mIoU or mAP@0.5
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     cost: dict | None = None  # ModelCost.as_dict() of the architecture (report/cost.py)
+    test_metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task
 
 
 @dataclass
@@ -81,20 +103,34 @@ class RunSummary:
 
 def load_splits(recipe: Recipe) -> Splits:
     spec = recipe.data
-    full_train = take(
-        load_dataset(spec.dataset, "train", root=spec.root), spec.train_limit, seed=recipe.seed
-    )
-    test = take(
-        load_dataset(spec.dataset, "test", root=spec.root), spec.test_limit, seed=recipe.seed
-    )
-    train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed)
+    if spec.dataset == SCENES_DATASET:
+        scenes = spec.scenes
+        full_train, test = fashion_mnist_scenes(
+            spec.root,
+            train_count=scenes.train_count,
+            test_count=scenes.test_count,
+            size=scenes.size,
+            seed=recipe.seed,
+            max_items=scenes.max_items,
+        )
+        full_train, test = (
+            data.with_target(TARGET_KIND[recipe.task]) for data in (full_train, test)
+        )
+        stratify = False  # a scene holds several classes
+    else:
+        full_train = load_dataset(spec.dataset, "train", root=spec.root)
+        test = load_dataset(spec.dataset, "test", root=spec.root)
+        stratify = True
+    full_train = take(full_train, spec.train_limit, seed=recipe.seed, stratify=stratify)
+    test = take(test, spec.test_limit, seed=recipe.seed, stratify=stratify)
+    train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed, stratify=stratify)
     return Splits(train, val, test)
 
 
-def build_model(spec: ModelSpec, data: ArrayDataset, seed: int) -> nn.Module:
+def build_model(spec: ModelSpec, data: Data, seed: int, task: str = "classification") -> nn.Module:
     """Seeded construction: the same seed gives the same initial weights."""
     constructor = MODELS.get(spec.model)
-    kwargs = {"in_channels": data.input_shape[0], "num_classes": data.num_classes}
+    kwargs = model_sizes(task, data)
     if "image_size" in inspect.signature(constructor).parameters:
         kwargs["image_size"] = data.input_shape[-1]
     kwargs.update(spec.kwargs)
@@ -103,12 +139,19 @@ def build_model(spec: ModelSpec, data: ArrayDataset, seed: int) -> nn.Module:
 
 
 def method_terms(
-    distill: DistillSpec, method: str, settings: dict, num_samples: int | None = None
+    distill: DistillSpec,
+    method: str,
+    settings: dict,
+    num_samples: int | None = None,
+    task: str = "classification",
 ) -> list[Term]:
     """`(1 − α)·hard + α·Σ wᵢ·softᵢ`, with grid settings applied to the losses that take them.
 
     A loss that takes `num_samples` (CRD's memory bank) and is not given one in the recipe gets
-    the training split's size, `num_samples`."""
+    the training split's size, `num_samples`. A multitask recipe mixes per task instead
+    (`multitask_method_terms`)."""
+    if task == "multitask":
+        return multitask_method_terms(distill, method, settings)
     alpha = settings.get("alpha", distill.alpha)
     terms = []
     if alpha < 1:
@@ -133,16 +176,74 @@ def method_terms(
     return terms
 
 
+def soft_loss(spec, settings: dict) -> nn.Module:
+    """The loss of a recipe term, with the grid settings it takes applied."""
+    accepted = loss_parameters(spec.loss)
+    return create_loss(
+        spec.loss, **spec.params, **{k: v for k, v in settings.items() if k in accepted}
+    )
+
+
+def multitask_method_terms(distill: DistillSpec, method: str | None, settings: dict) -> list[Term]:
+    """The four multitask terms (`multitask_terms`): r·(1 − α)·hard and r·α·w·soft per task;
+    `method` None is the student alone (α = 0 for both tasks). A grid `alpha` sets both α."""
+    mix = distill.multitask
+    soft = {}
+    if method is not None:
+        soft = {spec.output: spec for spec in distill.methods[method]}
+    alpha = {
+        key: settings.get("alpha", getattr(mix, f"alpha_{key}")) if key in soft else 0.0
+        for key in ("seg", "det")
+    }
+    terms = multitask_terms(
+        create_loss(mix.seg_hard_loss),
+        soft_loss(soft["seg"], settings) if "seg" in soft else None,
+        create_loss(mix.det_hard_loss),
+        soft_loss(soft["det"], settings) if "det" in soft else None,
+        alpha_seg=alpha["seg"],
+        alpha_det=alpha["det"],
+        ratio_seg=mix.ratio_seg,
+        ratio_det=mix.ratio_det,
+    )
+    for term in terms:  # a soft term's own recipe weight multiplies r·α
+        if term.name in ("seg_soft", "det_soft"):
+            spec = soft[term.output]
+            term.weight *= spec.weight
+            term.warmup_epochs = spec.warmup_epochs
+    return terms
+
+
+def alone_terms(recipe: Recipe) -> list[Term]:
+    """The student trained alone: the hard loss (of each task)."""
+    if recipe.task == "multitask":
+        return multitask_method_terms(recipe.distill, None, {})
+    return [Term(create_loss(recipe.distill.hard_loss), name="hard")]
+
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """ "accuracy 0.8912" / "miou 0.6120, pixel_accuracy 0.9511" (losses left out)."""
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "loss")
+
+
 def needs_teacher_layers(distill: DistillSpec, method: str) -> bool:
     return any(spec.teacher is not None for spec in distill.methods[method])
 
 
-def grid_settings(recipe: Recipe) -> list[dict]:
+def grid_settings(recipe: Recipe, method: str | None = None) -> list[dict]:
+    """Every point of `tune.grid` for `method`: the plain keys (`alpha`, `temperature`, …) and
+    the keys scoped to it (`cwd.tau` → `tau`); keys scoped to other methods are left out."""
     grid = recipe.tune.grid if recipe.tune.enabled else {}
-    if not grid:
+    scoped = {}
+    for key, values in grid.items():
+        owner, dot, parameter = key.rpartition(".")
+        if not dot:
+            scoped[key] = values
+        elif owner == method:
+            scoped[parameter] = values
+    if not scoped:
         return [{}]
-    keys = sorted(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    keys = sorted(scoped)
+    return [dict(zip(keys, values)) for values in itertools.product(*(scoped[k] for k in keys))]
 
 
 def settings_label(settings: dict) -> str:
@@ -167,7 +268,7 @@ class Experiment:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.splits = load_splits(recipe)
         self.teacher: nn.Module | None = None
-        self.teacher_train_outputs: Tensor | TeacherCache | None = None
+        self.teacher_train_outputs: Tensor | dict[str, Tensor] | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
 
     def say(self, message: str) -> None:
@@ -192,13 +293,19 @@ class Experiment:
             self._costs[name] = cost.as_dict()
         return self._costs[name]
 
-    def loader(self, data: ArrayDataset, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
+    def loader(self, data: Data, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
-    def evaluator(self, data: ArrayDataset):
+    def evaluator(self, data: Data):
+        """model → the task's metrics on `data` (`tasks.evaluate_task`)."""
         loader = self.loader(data, 0, EVAL_BATCH, shuffle=False)
         device = self.recipe.train.device
-        return lambda model: evaluate_classifier(model, loader, device)
+        return lambda model: evaluate_task(model, loader, self.recipe.task, device)
+
+    @property
+    def metric(self) -> str:
+        """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
+        return primary_metric(self.recipe.task)
 
     def train_config(self, base: TrainConfig, epochs: int | None = None) -> TrainConfig:
         updates: dict = {"progress": self.progress and base.progress}
@@ -209,7 +316,7 @@ class Experiment:
     # -- teacher ----------------------------------------------------------------------------
     def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
         spec: TeacherSpec = self.recipe.teacher
-        teacher = build_model(spec, self.splits.train, self.recipe.seed)
+        teacher = build_model(spec, self.splits.train, self.recipe.seed, self.recipe.task)
         models_dir = self.out_dir / "models"
         identity = {
             "model": spec.model_dump(
@@ -239,7 +346,7 @@ class Experiment:
             self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
             config = self.train_config(spec.train)
             fit(
-                Distiller(None, teacher, [Term(create_loss("ce"), name="ce")]),
+                Distiller(None, teacher, alone_terms(self.recipe)),
                 self.loader(self.splits.train, self.recipe.seed, config.batch_size, shuffle=True),
                 config,
                 evaluate=self.evaluator(self.splits.val),
@@ -251,18 +358,19 @@ class Experiment:
             if self.is_main:
                 save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
         teacher.eval()
-        accuracy = self.evaluator(self.splits.test)(teacher)["accuracy"]
+        metrics = self.evaluator(self.splits.test)(teacher)
         record = RunRecord(
             "teacher",
             None,
             "teacher",
             self.recipe.seed,
             count_parameters(teacher),
-            accuracy,
+            metrics[self.metric],
             seconds=time.perf_counter() - started,
             cost=self.cost_of("teacher", teacher),
+            test_metrics=metrics,
         )
-        self.say(f"teacher: test accuracy {accuracy:.4f}")
+        self.say(f"teacher: test {describe_metrics(metrics)}")
         self.teacher = teacher
         self.teacher_train_outputs = self.prepare_teacher_outputs(teacher)
         return teacher, record
@@ -272,7 +380,7 @@ class Experiment:
         layers = [t.teacher for terms in self.recipe.distill.methods.values() for t in terms]
         return list(dict.fromkeys(layer for layer in layers if layer is not None))
 
-    def prepare_teacher_outputs(self, teacher: nn.Module) -> Tensor | TeacherCache | None:
+    def prepare_teacher_outputs(self, teacher: nn.Module) -> Tensor | dict | TeacherCache | None:
         """The teacher's training-set outputs as `distill.teacher_cache` asks: in memory (logits),
         on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none."""
         distill = self.recipe.distill
@@ -333,19 +441,19 @@ class Experiment:
         seed: int,
         terms: list[Term],
         method: str,
-        evaluate_on: ArrayDataset,
+        evaluate_on: Data,
         epochs: int | None = None,
         keep_checkpoint: bool = True,
         student: nn.Module | None = None,
         train: TrainConfig | None = None,
-    ) -> tuple[nn.Module, float]:
-        """Train one student; returns it and its accuracy on `evaluate_on` after the last epoch.
+    ) -> tuple[nn.Module, dict[str, float]]:
+        """Train one student; returns it and its metrics on `evaluate_on` after the last epoch.
 
         `student`: train this model instead of building `spec`'s (e.g. a pruned teacher);
         `train`: its budget instead of the recipe's `train`.
         """
         if student is None:
-            student = build_model(spec, self.splits.train, seed)
+            student = self.initial_student(spec, seed)
         uses_teacher = any(term.uses_teacher for term in terms)
         distiller = Distiller(self.teacher if uses_teacher else None, student, terms)
         cached = None
@@ -370,16 +478,23 @@ class Experiment:
             )
         finally:
             distiller.close()
-        accuracy = self.evaluator(evaluate_on)(student)["accuracy"]
-        return student, accuracy
+        return student, self.evaluator(evaluate_on)(student)
+
+    def initial_student(self, spec: ModelSpec, seed: int) -> nn.Module:
+        """`spec`'s model built with `seed`, or its `whole_model` file (the same weights for
+        every seed: only the data order then differs)."""
+        whole_model = getattr(spec, "whole_model", None)
+        if whole_model is None:
+            return build_model(spec, self.splits.train, seed, self.recipe.task)
+        return load_whole_model(whole_model, trust=spec.trust_checkpoint)
 
     def tune(self, spec, method: str) -> tuple[dict, list[dict]]:
-        """The grid point with the best validation accuracy (ties: the first listed).
+        """The grid point with the best validation score (`metric`; ties: the first listed).
 
         Finished trials are recorded in `tuning.json`; `--resume` reuses them.
         """
         trials: list[dict] = []
-        candidates = grid_settings(self.recipe)
+        candidates = grid_settings(self.recipe, method)
         if len(candidates) == 1:
             return candidates[0], trials
         done = {trial["label"]: trial for trial in self._read_tuning()} if self.resume else {}
@@ -388,8 +503,10 @@ class Experiment:
             if label in done:
                 trials.append(done[label])
                 continue
-            terms = method_terms(self.recipe.distill, method, settings, len(self.splits.train))
-            _, val_accuracy = self.train_student(
+            terms = method_terms(
+                self.recipe.distill, method, settings, len(self.splits.train), self.recipe.task
+            )
+            _, val_metrics = self.train_student(
                 label,
                 spec,
                 self.recipe.tune.seed,
@@ -404,12 +521,13 @@ class Experiment:
                 "student": spec.name,
                 "method": method,
                 "settings": settings,
-                "val_accuracy": val_accuracy,
+                "val_score": val_metrics[self.metric],
+                "metric": self.metric,
             }
             trials.append(trial)
             self._record_tuning(trial)
-            self.say(f"  {label}: validation accuracy {val_accuracy:.4f}")
-        best = max(trials, key=lambda trial: trial["val_accuracy"])
+            self.say(f"  {label}: validation {describe_metrics(val_metrics)}")
+        best = max(trials, key=lambda trial: trial["val_score"])
         return best["settings"], trials
 
     def _read_tuning(self) -> list[dict]:
@@ -449,20 +567,26 @@ class Experiment:
         for index in range(recipe.seeds):
             seed = recipe.seed + index
             for spec in recipe.students:
-                plan = [("alone", [Term(create_loss(recipe.distill.hard_loss), name="hard")], {})]
+                plan = [("alone", alone_terms(recipe), {})]
                 for method in methods:
                     settings = chosen[spec.name][method]
                     plan.append(
                         (
                             method,
-                            method_terms(recipe.distill, method, settings, len(self.splits.train)),
+                            method_terms(
+                                recipe.distill,
+                                method,
+                                settings,
+                                len(self.splits.train),
+                                recipe.task,
+                            ),
                             settings,
                         )
                     )
                 for method, terms, settings in plan:
                     label = f"{spec.name}/{method}/seed{seed}"
                     run_started = time.perf_counter()
-                    student, accuracy = self.train_student(
+                    student, metrics = self.train_student(
                         label, spec, seed, terms, method, self.splits.test
                     )
                     if self.is_main:
@@ -479,12 +603,13 @@ class Experiment:
                             method,
                             seed,
                             count_parameters(student),
-                            accuracy,
+                            metrics[self.metric],
                             settings,
                             time.perf_counter() - run_started,
                             self.cost_of(spec.name, student),
+                            metrics,
                         )
                     )
-                    self.say(f"{label}: test accuracy {accuracy:.4f}")
+                    self.say(f"{label}: test {describe_metrics(metrics)}")
         summary = RunSummary(self.out_dir, records, chosen, tuning, time.perf_counter() - started)
         return summary

@@ -30,8 +30,32 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SCENES_DATASET = "fashion_mnist_scenes"
+
+
+class ScenesSpec(Strict):
+    """`fashion_mnist_scenes`: Fashion-MNIST items pasted into scenes (`data/scenes.py`)."""
+
+    train_count: int = Field(4000, ge=2, description="scenes drawn from the training images")
+    test_count: int = Field(1000, ge=1, description="scenes drawn from the test images")
+    size: int = Field(
+        64, ge=40, description="scene side in pixels: a multiple of 8, ≥ the largest item (39)"
+    )
+    max_items: int = Field(4, ge=1, le=8, description="items per scene: 1 to max_items")
+
+    @field_validator("size")
+    @classmethod
+    def multiple_of_eight(cls, size: int) -> int:
+        if size % 8:
+            raise ValueError(
+                f"the detectors' grid has stride 8: size must be a multiple of 8, got {size}"
+            )
+        return size
+
+
 class DataSpec(Strict):
     dataset: str = "fashion_mnist"
+    scenes: ScenesSpec = Field(default_factory=ScenesSpec)
     root: str | None = Field(None, description="folder with the dataset files (default: search)")
     val_size: int | float = Field(5000, gt=0, description="held out of the training split")
     train_limit: int | None = Field(None, ge=1, description="use a random subset (quick runs)")
@@ -42,8 +66,10 @@ class DataSpec(Strict):
     def known_dataset(cls, name: str) -> str:
         from kdistill.data import DATASETS
 
-        if name not in DATASETS:
-            raise ValueError(unknown_name_message("dataset", name, DATASETS.names()))
+        if name not in DATASETS and name != SCENES_DATASET:
+            raise ValueError(
+                unknown_name_message("dataset", name, [*DATASETS.names(), SCENES_DATASET])
+            )
         return name
 
 
@@ -73,6 +99,13 @@ class TeacherSpec(ModelSpec):
 
 class StudentSpec(ModelSpec):
     name: str
+    whole_model: str | None = Field(
+        None,
+        description="start from this whole model (torch.save(model), e.g. a channel-pruned "
+        "student whose shapes `model` does not build); a pickle, so it loads only with "
+        "trust_checkpoint (CLI: --trust-checkpoint)",
+    )
+    trust_checkpoint: bool = Field(False, description="allow whole_model to be unpickled")
 
 
 class TermSpec(Strict):
@@ -113,9 +146,37 @@ def loss_parameters(name: str) -> list[str]:
     return [p for p in signature.parameters if p != "self"]
 
 
+class MultiTaskSpec(Strict):
+    """Per-task mixing of a multitask recipe (`kdistill.multitask.multitask_terms`):
+
+    loss = r_seg·((1−α_seg)·seg_hard + α_seg·seg_soft)
+         + r_det·((1−α_det)·det_hard + α_det·det_soft)
+    """
+
+    alpha_seg: float = Field(0.5, ge=0, le=1)
+    alpha_det: float = Field(0.5, ge=0, le=1)
+    ratio_seg: float = Field(1.0, ge=0)
+    ratio_det: float = Field(1.0, ge=0)
+    seg_hard_loss: str = "ce"
+    det_hard_loss: str = "yolo"
+
+    @model_validator(mode="after")
+    def known_losses(self) -> MultiTaskSpec:
+        for field_name in ("seg_hard_loss", "det_hard_loss"):
+            name = getattr(self, field_name)
+            if name not in LOSSES:
+                raise ValueError(
+                    f"{field_name}: " + unknown_name_message("loss", name, LOSSES.names())
+                )
+        return self
+
+
 class DistillSpec(Strict):
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft terms; 1 − α on hard")
     hard_loss: str = "ce"
+    multitask: MultiTaskSpec = Field(
+        default_factory=MultiTaskSpec, description="per-task α and ratios (task: multitask)"
+    )
     methods: dict[str, list[TermSpec]] = Field(
         default_factory=lambda: {"kd": [TermSpec(loss="kd", params={"temperature": 4.0})]}
     )
@@ -158,7 +219,11 @@ class DistillSpec(Strict):
 
 class TuneSpec(Strict):
     enabled: bool = True
-    grid: dict[str, list[float]] = Field(default_factory=dict)
+    grid: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="values to try on the validation split: `alpha`, a loss parameter of every "
+        "method (`temperature`), or one scoped to a method (`cwd.tau`)",
+    )
     epochs: int | None = Field(None, ge=1, description="budget per trial (default: train.epochs)")
     seed: int = 0
 
@@ -198,6 +263,9 @@ class CompressSpec(Strict):
 
 class Recipe(Strict):
     name: str
+    task: Literal["classification", "segmentation", "detection", "multitask"] = Field(
+        "classification", description="decides the targets, model sizes and test metrics"
+    )
     seed: int = 0
     seeds: int = Field(1, ge=1, description="students are trained once per seed: seed, seed+1, …")
     data: DataSpec = Field(default_factory=DataSpec)
@@ -220,6 +288,34 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def task_fits_data(self) -> Recipe:
+        scenes = self.data.dataset == SCENES_DATASET
+        if scenes and self.task == "classification":
+            raise ValueError(
+                f"task: {SCENES_DATASET} holds masks and boxes, not class labels; choose task "
+                "segmentation, detection or multitask"
+            )
+        if not scenes and self.task != "classification":
+            raise ValueError(
+                f"task: {self.task} needs data.dataset: {SCENES_DATASET} (masks and boxes), "
+                f"got {self.data.dataset!r}"
+            )
+        if self.task == "multitask":
+            for method, terms in self.distill.methods.items():
+                outputs = [term.output for term in terms]
+                if len(set(outputs)) != len(outputs) or not set(outputs) <= {"seg", "det"}:
+                    raise ValueError(
+                        f"distill.methods.{method}: a multitask method has at most one term per "
+                        f"output, each with output: seg or output: det, got outputs {outputs}"
+                    )
+                if any(term.student or term.teacher for term in terms):
+                    raise ValueError(
+                        f"distill.methods.{method}: multitask methods distil the outputs; "
+                        "layer taps (student/teacher) are not supported there"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def grid_keys_exist(self) -> Recipe:
         for key, values in self.tune.grid.items():
             if not values:
@@ -228,16 +324,24 @@ class Recipe(Strict):
                 if not all(0 <= value <= 1 for value in values):
                     raise ValueError(f"tune.grid.alpha: values must lie in [0, 1], got {values}")
                 continue
-            for method, terms in self.distill.methods.items():
-                takers = [term for term in terms if key in loss_parameters(term.loss)]
+            owner, dot, parameter = key.rpartition(".")
+            if dot and owner not in self.distill.methods:
+                raise ValueError(
+                    f"tune.grid.{key}: {owner!r} is not a method of distill.methods "
+                    f"({sorted(self.distill.methods)})"
+                )
+            methods = {owner: self.distill.methods[owner]} if dot else self.distill.methods
+            for method, terms in methods.items():
+                takers = [term for term in terms if parameter in loss_parameters(term.loss)]
                 if not takers:
                     raise ValueError(
-                        f"tune.grid.{key}: no loss of method {method!r} has a parameter {key!r}"
+                        f"tune.grid.{key}: no loss of method {method!r} has a parameter "
+                        f"{parameter!r}"
                     )
                 for term in takers:
                     for value in values:
                         try:
-                            check_loss_params(term.loss, {**term.params, key: value})
+                            check_loss_params(term.loss, {**term.params, parameter: value})
                         except ValueError as error:
                             raise ValueError(f"tune.grid.{key}: {error}") from None
         names = [s.name for s in self.students]

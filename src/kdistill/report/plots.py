@@ -1,4 +1,5 @@
-"""Training curves (validation accuracy per epoch) from `metrics.jsonl` records."""
+"""Training curves (a validation metric per epoch) from `metrics.jsonl` records, and the
+score-against-cost trade-off."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
-def plot_curves(records: Sequence[dict], path: Path, seed: int) -> Path | None:
-    """One line per model trained with `seed` (and the teacher); tuning trials are left out."""
+def plot_curves(
+    records: Sequence[dict], path: Path, seed: int, metric: str = "accuracy", name: str = "accuracy"
+) -> Path | None:
+    """One line per model trained with `seed` (and the teacher) of `val_<metric>` (shown as
+    `name`) per epoch; tuning trials are left out."""
     curves: dict[str, list[tuple[int, float]]] = {}
+    key = f"val_{metric}"
     for record in records:
         label = record.get("model", "")
-        if "val_accuracy" not in record or label.startswith("tune/"):
+        if key not in record or label.startswith("tune/"):
             continue
         if label != "teacher" and not label.endswith(f"/seed{seed}"):
             continue
-        curves.setdefault(label, []).append((record["epoch"], record["val_accuracy"]))
+        curves.setdefault(label, []).append((record["epoch"], record[key]))
     if not curves:
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -33,8 +38,8 @@ def plot_curves(records: Sequence[dict], path: Path, seed: int) -> Path | None:
             [p[0] for p in points], [100 * p[1] for p in points], style, marker="o", label=label
         )
     axis.set_xlabel("epoch")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.set_title(f"Validation accuracy per epoch (seed {seed})")
+    axis.set_ylabel(f"validation {name} (%)")
+    axis.set_title(f"Validation {name} per epoch (seed {seed})")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -43,10 +48,12 @@ def plot_curves(records: Sequence[dict], path: Path, seed: int) -> Path | None:
     return path
 
 
-def plot_tradeoff(points: Sequence[dict], path: Path, latency_batch: str = "1") -> Path | None:
-    """Accuracy against parameters (left) and against latency at `latency_batch` (right).
+def plot_tradeoff(
+    points: Sequence[dict], path: Path, latency_batch: str = "1", name: str = "accuracy"
+) -> Path | None:
+    """The test score (`name`) against parameters (left) and latency at `latency_batch` (right).
 
-    `points`: dicts with `label`, `accuracy` (0–1), `params` and `latency_ms` (batch size as a
+    `points`: dicts with `label`, `score` (0–1), `params` and `latency_ms` (batch size as a
     string → ms, as in `ModelCost.as_dict()`); points without a cost are left out. Log x axes.
     """
     points = [p for p in points if p.get("params") and p.get("latency_ms")]
@@ -60,7 +67,7 @@ def plot_tradeoff(points: Sequence[dict], path: Path, latency_batch: str = "1") 
         crowded: dict[tuple[float, float], int] = {}  # stack labels of coinciding points
         for point in points:
             x = point["params"] if key == "params" else point["latency_ms"][latency_batch]
-            y = 100 * point["accuracy"]
+            y = 100 * point["score"]
             spot = (round(math.log10(x), 1), round(y))
             above = crowded.get(spot, 0)
             crowded[spot] = above + 1
@@ -77,10 +84,10 @@ def plot_tradeoff(points: Sequence[dict], path: Path, latency_batch: str = "1") 
         axis.xaxis.set_major_formatter(plain)
         axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
         axis.set_xlabel(title)
-        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylabel(f"test {name} (%)")
         axis.grid(alpha=0.3)
-    axes[0].set_title("Accuracy against size")
-    axes[1].set_title("Accuracy against latency")
+    axes[0].set_title(f"{name[:1].upper() + name[1:]} against size")
+    axes[1].set_title(f"{name[:1].upper() + name[1:]} against latency")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

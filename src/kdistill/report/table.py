@@ -1,15 +1,15 @@
 """The results table: one row per model and method, mean ± std over seeds, and the gap closed.
 
-gap closed = (distilled − student alone) / (teacher − student alone), on mean test accuracy:
-1 means the distilled student reached the teacher, 0 means distillation bought nothing,
-negative means it hurt.
+gap closed = (distilled − student alone) / (teacher − student alone), on the mean test score
+(accuracy, or the first metric of a dense task: mIoU, mAP@0.5): 1 means the distilled student
+reached the teacher, 0 means distillation bought nothing, negative means it hurt.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kdistill.report.cost import format_bytes, format_count
 
@@ -19,18 +19,20 @@ class Row:
     model: str
     method: str
     params: int
-    accuracies: list[float]
+    scores: list[float]  # the test score of each seed
     settings: dict
     gap_closed: float | None = None
     cost: dict | None = None  # ModelCost.as_dict() (report/cost.py), None when not measured
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # every test metric, per seed
+    gaps: dict[str, float | None] = field(default_factory=dict)  # gap closed on each metric
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accuracies)
+        return statistics.fmean(self.scores)
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
 
 
 def gap_closed(distilled: float, alone: float, teacher: float) -> float | None:
@@ -41,7 +43,8 @@ def gap_closed(distilled: float, alone: float, teacher: float) -> float | None:
 
 
 def build_rows(records: Sequence) -> list[Row]:
-    """Group run records (label, student, method, seed, params, test_accuracy, settings)."""
+    """Group run records (label, student, method, seed, params, test_score, settings,
+    test_metrics)."""
     rows: dict[tuple[str, str], Row] = {}
     for record in records:
         model = record.student or "teacher"
@@ -55,19 +58,36 @@ def build_rows(records: Sequence) -> list[Row]:
                 dict(record.settings),
                 cost=getattr(record, "cost", None),
             )
-        rows[key].accuracies.append(record.test_accuracy)
+        rows[key].scores.append(record.test_score)
+        for name, value in getattr(record, "test_metrics", {}).items():
+            rows[key].metrics.setdefault(name, []).append(value)
     teacher = rows.get(("teacher", "teacher"))
     for row in rows.values():
         alone = rows.get((row.model, "alone"))
         if teacher is not None and alone is not None and row.method not in ("alone", "teacher"):
             row.gap_closed = gap_closed(row.mean, alone.mean, teacher.mean)
+            row.gaps = {
+                name: gap_closed(
+                    statistics.fmean(values),
+                    statistics.fmean(alone.metrics[name]),
+                    statistics.fmean(teacher.metrics[name]),
+                )
+                for name, values in row.metrics.items()
+                if name in alone.metrics and name in teacher.metrics
+            }
     return list(rows.values())
 
 
+def format_percent(values: Sequence[float]) -> str:
+    """ "89.12" for one seed, "89.12 ± 0.25" (mean ± sample std) for several."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
 def format_accuracy(row: Row) -> str:
-    if len(row.accuracies) == 1:
-        return f"{100 * row.mean:.2f}"
-    return f"{100 * row.mean:.2f} ± {100 * row.std:.2f}"
+    return format_percent(row.scores)
 
 
 def format_settings(settings: dict) -> str:
@@ -98,26 +118,48 @@ def cost_cells(cost: dict | None, batches: Sequence[str]) -> str:
     )
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    """The results table; with model costs (report/cost.py) when the rows carry them."""
-    seeds = max(len(row.accuracies) for row in rows)
+def format_gap(gap: float | None) -> str:
+    return "—" if gap is None else f"{100 * gap:+.0f} %"
+
+
+def gap_header(metrics: Sequence[tuple[str, str]]) -> str:
+    """ " | gap closed", or " | gap closed (mIoU / mAP@0.5)" with several metric columns."""
+    if len(metrics) > 1:
+        return " | gap closed (" + " / ".join(label for _, label in metrics) + ")"
+    return " | gap closed"
+
+
+def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ()) -> str:
+    """The results table; with model costs (report/cost.py) when the rows carry them.
+
+    `metrics`: (key, label) of the test metric columns, e.g. ``[("miou", "mIoU"),
+    ("map50", "mAP@0.5")]``; by default one column of the rows' scores, "accuracy"."""
+    seeds = max(len(row.scores) for row in rows)
     costs = [row.cost for row in rows if row.cost is not None]
     cost_head, cost_align = cost_header(costs) if costs else ("", "")
     batches = list(costs[0]["latency_ms"]) if costs else []
     header = [
         "| model | method | params"
         + cost_head
-        + " | test accuracy % "
-        + (f"(mean ± std, {seeds} seeds)" if seeds > 1 else "")
-        + " | gap closed | settings (chosen on validation) |",
-        "|---|---|---:|" + cost_align + "---:|---:|---|",
+        + "".join(f" | test {label} %" for _, label in metrics or [("", "accuracy")])
+        + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
+        + gap_header(metrics)
+        + " | settings (chosen on validation) |",
+        "|---|---|---:|" + cost_align + "---:|" * max(1, len(metrics)) + "---:|---|",
     ]
     lines = []
     for row in rows:
-        gap = "—" if row.gap_closed is None else f"{100 * row.gap_closed:+.0f} %"
+        if len(metrics) > 1:
+            gap = " / ".join(format_gap(row.gaps.get(key)) for key, _ in metrics)
+        else:
+            gap = format_gap(row.gap_closed)
         cells = cost_cells(row.cost, batches) if costs else ""
+        if metrics:
+            values = " | ".join(format_percent(row.metrics[key]) for key, _ in metrics)
+        else:
+            values = format_accuracy(row)
         lines.append(
-            f"| {row.model} | {row.method} | {row.params:,}{cells} | {format_accuracy(row)} "
+            f"| {row.model} | {row.method} | {row.params:,}{cells} | {values} "
             f"| {gap} | {format_settings(row.settings)} |"
         )
     return "\n".join(header + lines)

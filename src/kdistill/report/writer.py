@@ -1,5 +1,6 @@
 """Writes a run folder's `results.json`, `report.md`, `report.html`, `curves.png` and
-`tradeoff.png` (accuracy against parameters and latency, when model costs were measured)."""
+`tradeoff.png` (the test score against parameters and latency, when model costs were
+measured). The metric columns follow the recipe's task (`recipes.tasks.METRICS`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from kdistill.engine.checkpoint import atomic_write_text
 from kdistill.engine.loop import MetricsLog
+from kdistill.recipes.tasks import METRIC_LABELS, METRICS, primary_metric
 from kdistill.report.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
@@ -19,7 +21,10 @@ def write_report(summary, recipe, command: str) -> str:
     """Write the files and return the Markdown table (what the CLI prints)."""
     out_dir = Path(summary.out_dir)
     rows = build_rows(summary.records)
-    table = markdown_table(rows)
+    metric = primary_metric(recipe.task)
+    name = METRIC_LABELS[metric]
+    columns = [(key, METRIC_LABELS[key]) for key in METRICS[recipe.task]]
+    table = markdown_table(rows, columns if recipe.task != "classification" else ())
     results = {
         "recipe": recipe.name,
         "seconds": round(summary.seconds, 1),
@@ -30,21 +35,26 @@ def write_report(summary, recipe, command: str) -> str:
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     curves = plot_curves(
-        MetricsLog(out_dir / "metrics.jsonl").read(), out_dir / "curves.png", recipe.seed
+        MetricsLog(out_dir / "metrics.jsonl").read(),
+        out_dir / "curves.png",
+        recipe.seed,
+        metric=metric,
+        name=name,
     )
 
     lines = [
         f"# {recipe.name}",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {summary.seconds / 60:.1f} min. Dataset: {recipe.data.dataset}; "
+        f"Wall time: {summary.seconds / 60:.1f} min. Task: {recipe.task}. "
+        f"Dataset: {recipe.data.dataset}; "
         f"teacher {recipe.teacher.model}; students trained {recipe.train.epochs} epochs "
         f"({recipe.train.optimizer}, lr {recipe.train.lr:g}, {recipe.train.schedule}); "
         f"{recipe.seeds} seed(s).",
         "",
         table,
         "",
-        "Gap closed = (distilled − student alone) / (teacher − student alone), on mean accuracy.",
+        f"Gap closed = (distilled − student alone) / (teacher − student alone), on mean {name}.",
     ]
     if summary.tuning:
         lines += [
@@ -52,28 +62,29 @@ def write_report(summary, recipe, command: str) -> str:
             "## Settings chosen on the validation split",
             "",
             f"Each grid point trained with seed {recipe.tune.seed} and evaluated on the "
-            f"{recipe.data.val_size} validation images held out of the training set; "
+            f"{recipe.data.val_size} validation samples held out of the training set; "
             "the test set was not used for the choice.",
             "",
-            "| student | method | settings | validation accuracy % |",
+            f"| student | method | settings | validation {name} % |",
             "|---|---|---|---:|",
         ]
         for trial in summary.tuning:
             lines.append(
                 f"| {trial['student']} | {trial['method']} | {format_settings(trial['settings'])} "
-                f"| {100 * trial['val_accuracy']:.2f} |"
+                f"| {100 * trial['val_score']:.2f} |"
             )
     if curves is not None:
-        lines += ["", "![validation accuracy per epoch](curves.png)"]
+        lines += ["", f"![validation {name} per epoch](curves.png)"]
     tradeoff = plot_tradeoff(
         [
-            {"label": f"{row.model}/{row.method}", "accuracy": row.mean, **(row.cost or {})}
+            {"label": f"{row.model}/{row.method}", "score": row.mean, **(row.cost or {})}
             for row in rows
         ],
         out_dir / "tradeoff.png",
+        name=name,
     )
     if tradeoff is not None:
-        lines += ["", COST_NOTE, "", "![accuracy against parameters and latency](tradeoff.png)"]
+        lines += ["", COST_NOTE, "", f"![{name} against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     write_html("\n".join(lines) + "\n", out_dir, recipe.name)
     return table
