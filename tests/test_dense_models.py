@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import DENSE_NAMES
 
 import kdistill as kd
 from kdistill.data import BatchLoader, make_scenes
@@ -25,15 +26,6 @@ from kdistill.models import (
     list_models,
     nms,
 )
-
-DENSE_NAMES = [
-    "seg_teacher",
-    "seg_student",
-    "det_teacher",
-    "det_student",
-    "multitask_teacher",
-    "multitask_student",
-]
 
 
 def conv(c_in: int, c_out: int, k: int = 3, bias: bool = False) -> int:

@@ -286,6 +286,7 @@ def test_teacher_from_a_state_dict_and_a_whole_model_student(tmp_path):
     )
     assert refused.returncode != 0
     assert "pickled whole model" in refused.stderr and "--trust-checkpoint" in refused.stderr
+    assert not (tmp_path / "a" / "models").exists()  # refused before the teacher was touched
 
     recipe = load_recipe(path, ["students.0.trust_checkpoint=true"])
     experiment = Experiment(recipe, tmp_path / "b", progress=False)

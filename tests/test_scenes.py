@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from test_cli import needs_fashion_mnist
 
 from kdistill.data import (
     FASHION_MNIST_CLASSES,
@@ -16,24 +17,10 @@ from kdistill.data import (
     SceneDataset,
     fashion_mnist_scenes,
     make_scenes,
-    resolve_fashion_mnist_root,
 )
 from kdistill.errors import DataError
 
 BACKGROUND = -FASHION_MNIST_MEAN / FASHION_MNIST_STD  # a black pixel after normalisation
-
-
-def fashion_mnist_available() -> bool:
-    try:
-        resolve_fashion_mnist_root()
-    except DataError:
-        return False
-    return True
-
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not fashion_mnist_available(), reason="Fashion-MNIST files not installed (make data)"
-)
 
 
 def synthetic_items(count: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

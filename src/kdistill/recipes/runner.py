@@ -550,6 +550,9 @@ class Experiment:
                 self.out_dir / "recipe.yaml",
                 yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
             )
+        for spec in recipe.students:  # a refused or broken whole_model fails before training
+            if spec.whole_model is not None:
+                self.initial_student(spec, recipe.seed)
         _, teacher_record = self.prepare_teacher()
         records = [teacher_record]
         chosen: dict[str, dict[str, dict]] = {}

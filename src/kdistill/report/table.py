@@ -141,8 +141,10 @@ def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ())
     header = [
         "| model | method | params"
         + cost_head
-        + "".join(f" | test {label} %" for _, label in metrics or [("", "accuracy")])
-        + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
+        + "".join(
+            f" | test {label} %" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
+            for _, label in metrics or [("", "accuracy")]
+        )
         + gap_header(metrics)
         + " | settings (chosen on validation) |",
         "|---|---|---:|" + cost_align + "---:|" * max(1, len(metrics)) + "---:|---|",
