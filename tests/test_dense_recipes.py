@@ -60,6 +60,8 @@ def test_builtin_dense_recipes_validate():
     multi = load_recipe(RECIPES / "scenes_multitask.yaml")
     assert seg.task == "segmentation" and set(seg.distill.methods) == {"pixel_kd", "cwd"}
     assert multi.task == "multitask" and set(multi.distill.methods) == {"pixel_kd", "cwd"}
+    det = load_recipe(RECIPES / "scenes_detection.yaml")
+    assert det.task == "detection" and det.distill.hard_loss == "yolo"
 
 
 @pytest.mark.parametrize(
