@@ -154,14 +154,8 @@ class Oracle(nn.Module):
             masks = torch.zeros_like(masks)  # background everywhere
         seg = 10 * F.one_hot(masks, self.data.num_seg_classes).permute(0, 3, 1, 2).float()
         det = perfect_raw(self.data.boxes[index], self.data.input_shape[-1], self.data.num_classes)
-        return (
-            {"seg": seg, "det": det}[self.kind]
-            if self.kind != "both"
-            else {
-                "seg": seg,
-                "det": det,
-            }
-        )
+        outputs = {"seg": seg, "det": det}
+        return outputs if self.kind == "both" else outputs[self.kind]
 
 
 def test_dense_evaluation_of_perfect_predictions():

@@ -24,8 +24,6 @@ from kdistill.engine import evaluate_classifier
 from kdistill.engine.dense_metrics import DetectionMAP, SegmentationMetrics
 from kdistill.models.dense import decode
 
-TASKS = ("classification", "segmentation", "detection", "multitask")
-SCENE_TASKS = ("segmentation", "detection", "multitask")
 METRICS = {
     "classification": ("accuracy",),
     "segmentation": ("miou", "pixel_accuracy"),
@@ -77,6 +75,9 @@ def evaluate_dense(
     seg_metric = SegmentationMetrics(data.num_seg_classes) if task != "detection" else None
     det_metric = DetectionMAP(data.num_classes) if task != "segmentation" else None
     image_size = tuple(data.input_shape[1:])
+    anchors = getattr(model, "anchors", None)
+    if det_metric is not None and anchors is None:
+        raise TypeError(f"{type(model).__name__} has no `anchors`: not a detector")
     was_training = model.training
     model.eval()
     try:
@@ -88,9 +89,6 @@ def evaluate_dense(
                 seg_metric.update(seg.float().cpu(), masks)
             if det_metric is not None:
                 boxes = target["det"] if isinstance(target, dict) else target
-                anchors = getattr(model, "anchors", None)
-                if anchors is None:
-                    raise TypeError(f"{type(model).__name__} has no `anchors`: not a detector")
                 detections = decode(
                     det.float().cpu(), anchors.cpu(), image_size, DETECTION_SCORE, NMS_IOU
                 )
