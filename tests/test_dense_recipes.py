@@ -24,7 +24,7 @@ from kdistill.errors import ConfigError
 from kdistill.models.dense import DEFAULT_ANCHORS, encode_targets
 from kdistill.recipes import load_recipe
 from kdistill.recipes.runner import Experiment, alone_terms, method_terms
-from kdistill.recipes.tasks import evaluate_dense
+from kdistill.tasks import evaluate, get_task
 from kdistill.report import write_report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -161,13 +161,13 @@ class Oracle(nn.Module):
 def test_dense_evaluation_of_perfect_predictions():
     data = scenes(10)
     loader = BatchLoader(data, batch_size=4, shuffle=False)
-    got = evaluate_dense(Oracle(data, "both"), loader, "multitask")
+    got = evaluate(Oracle(data, "both"), loader, get_task("multitask"))
     assert got["miou"] == 1.0 and got["pixel_accuracy"] == 1.0
     assert got["map50"] > 0.99  # a box is dropped only if 4 share one cell
     seg_only = BatchLoader(data.with_target("seg"), batch_size=4, shuffle=False)
-    assert evaluate_dense(Oracle(data, "seg"), seg_only, "segmentation")["miou"] == 1.0
+    assert evaluate(Oracle(data, "seg"), seg_only, get_task("segmentation"))["miou"] == 1.0
     det_only = BatchLoader(data.with_target("det"), batch_size=4, shuffle=False)
-    assert set(evaluate_dense(Oracle(data, "det"), det_only, "detection")) == {"map50"}
+    assert set(evaluate(Oracle(data, "det"), det_only, get_task("detection"))) == {"map50"}
 
 
 def test_dense_evaluation_of_an_all_background_prediction():
@@ -175,7 +175,7 @@ def test_dense_evaluation_of_an_all_background_prediction():
     class, pixel accuracy = background share (a hand count from the masks)."""
     data = scenes(6)
     loader = BatchLoader(data.with_target("seg"), batch_size=6, shuffle=False)
-    got = evaluate_dense(Oracle(data, "seg", wrong_seg=True), loader, "segmentation")
+    got = evaluate(Oracle(data, "seg", wrong_seg=True), loader, get_task("segmentation"))
     background = (data.masks == 0).double().mean().item()
     present = len(torch.unique(data.masks))
     assert got["pixel_accuracy"] == pytest.approx(background)

@@ -47,13 +47,12 @@ from kdistill.compress.prune import (
     sparsity,
 )
 from kdistill.compress.quantize import quantize_dynamic_linear, quantize_static
-from kdistill.distiller import Term
 from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint, save_whole_model
 from kdistill.errors import ConfigError
 from kdistill.export import ExportResult, export_student, onnx_available
-from kdistill.losses import create_loss
 from kdistill.models import count_parameters
-from kdistill.recipes.runner import Experiment, method_terms
+from kdistill.recipes.objective import build_objective
+from kdistill.recipes.runner import Experiment, alone_terms
 from kdistill.recipes.schema import CompressSpec, Recipe
 
 
@@ -63,7 +62,7 @@ class Stage:
 
     name: str
     description: str
-    test_accuracy: float
+    test_accuracy: float  # the task's ranking metric (accuracy for classification)
     params: int
     nonzero: int
     cost: dict | None = None
@@ -107,8 +106,14 @@ class CompressionRun:
     def say(self, message: str) -> None:
         self.experiment.say(message)
 
+    def _method_terms(self, method: str) -> list:
+        experiment = self.experiment
+        return build_objective(
+            experiment.task, self.recipe.distill, method, {}, len(experiment.splits.train)
+        )
+
     def evaluate(self, model: nn.Module) -> float:
-        return self.experiment.evaluator(self.experiment.splits.test)(model)["accuracy"]
+        return self.experiment.evaluator(self.experiment.splits.test)(model)[self.experiment.metric]
 
     def add(
         self,
@@ -131,7 +136,7 @@ class CompressionRun:
             time.perf_counter() - started,
         )
         self.stages.append(stage)
-        self.say(f"{name}: test accuracy {accuracy:.4f}")
+        self.say(f"{name}: test {self.experiment.metric} {accuracy:.4f}")
         return stage
 
     # -- the stages ---------------------------------------------------------------------------
@@ -145,13 +150,8 @@ class CompressionRun:
         recipe, seed = self.recipe, self.recipe.seed
         for spec in recipe.students:
             plans = [
-                ("alone", [Term(create_loss(recipe.distill.hard_loss), name="hard")]),
-                (
-                    self.method,
-                    method_terms(
-                        recipe.distill, self.method, {}, len(self.experiment.splits.train)
-                    ),
-                ),
+                ("alone", alone_terms(recipe)),
+                (self.method, self._method_terms(self.method)),
             ]
             for method, terms in plans:
                 started = time.perf_counter()
@@ -170,7 +170,7 @@ class CompressionRun:
                     f"{spec.name} {method}",
                     f"{spec.model}, {what}",
                     student,
-                    metrics["accuracy"],
+                    metrics[self.experiment.metric],
                     started,
                 )
 
@@ -194,10 +194,10 @@ class CompressionRun:
         if masks is not None:
             apply_masks(student, masks, permanent=False)
         if method == "alone":
-            terms = [Term(create_loss(self.recipe.distill.hard_loss), name="hard")]
+            terms = alone_terms(self.recipe)
             name, description = "pruned + fine-tuned", "the pruned teacher retrained (hard loss)"
         else:
-            terms = method_terms(self.recipe.distill, method, {}, len(self.experiment.splits.train))
+            terms = self._method_terms(method)
             name = "pruned + distilled"
             description = f"the pruned teacher distilled ({method}) from the teacher"
         seed = self.recipe.seed

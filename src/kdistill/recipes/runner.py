@@ -49,19 +49,11 @@ from kdistill.engine.checkpoint import (
 )
 from kdistill.engine.distributed import barrier, is_main_process
 from kdistill.errors import CacheError, CheckpointError
-from kdistill.losses import create_loss
 from kdistill.models import MODELS, count_parameters
-from kdistill.multitask import multitask_terms
-from kdistill.recipes.schema import (
-    SCENES_DATASET,
-    DistillSpec,
-    ModelSpec,
-    Recipe,
-    TeacherSpec,
-    loss_parameters,
-)
-from kdistill.recipes.tasks import TARGET_KIND, evaluate_task, model_sizes, primary_metric
+from kdistill.recipes.objective import build_objective
+from kdistill.recipes.schema import SCENES_DATASET, DistillSpec, ModelSpec, Recipe, TeacherSpec
 from kdistill.report.cost import model_cost
+from kdistill.tasks import Task, evaluate, get_task, primary_metric
 
 EVAL_BATCH = 1000
 
@@ -85,7 +77,7 @@ class RunRecord:
     method: str  # "teacher", "alone" or a method name
     seed: int
     params: int
-    test_score: float  # the task's first metric (tasks.METRICS): accuracy, mIoU or mAP@0.5
+    test_score: float  # the task's first metric (Task.metrics): accuracy, mIoU or mAP@0.5
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     cost: dict | None = None  # ModelCost.as_dict() of the architecture (report/cost.py)
@@ -99,9 +91,18 @@ class RunSummary:
     chosen: dict[str, dict[str, dict]]  # student → method → settings
     tuning: list[dict]
     seconds: float
+    metrics: tuple[str, ...] = ("accuracy",)  # the task's metrics; the first ranks
+    labels: dict[str, str] = field(default_factory=lambda: {"accuracy": "accuracy"})
 
 
-def load_splits(recipe: Recipe) -> Splits:
+def recipe_task(recipe: Recipe) -> Task:
+    """The recipe's `Task` (`kdistill.tasks`)."""
+    return get_task(recipe.task)
+
+
+def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:
+    """Train / validation / test data carrying the targets of the recipe's task."""
+    task = task or recipe_task(recipe)
     spec = recipe.data
     if spec.dataset == SCENES_DATASET:
         scenes = spec.scenes
@@ -113,24 +114,21 @@ def load_splits(recipe: Recipe) -> Splits:
             seed=recipe.seed,
             max_items=scenes.max_items,
         )
-        full_train, test = (
-            data.with_target(TARGET_KIND[recipe.task]) for data in (full_train, test)
-        )
-        stratify = False  # a scene holds several classes
     else:
         full_train = load_dataset(spec.dataset, "train", root=spec.root)
         test = load_dataset(spec.dataset, "test", root=spec.root)
-        stratify = True
+    full_train, test = task.prepare(full_train), task.prepare(test)
+    stratify = isinstance(full_train, ArrayDataset)  # class labels (a scene holds several)
     full_train = take(full_train, spec.train_limit, seed=recipe.seed, stratify=stratify)
     test = take(test, spec.test_limit, seed=recipe.seed, stratify=stratify)
     train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed, stratify=stratify)
     return Splits(train, val, test)
 
 
-def build_model(spec: ModelSpec, data: Data, seed: int, task: str = "classification") -> nn.Module:
+def build_model(spec: ModelSpec, data: Data, seed: int, task: Task | None = None) -> nn.Module:
     """Seeded construction: the same seed gives the same initial weights."""
     constructor = MODELS.get(spec.model)
-    kwargs = model_sizes(task, data)
+    kwargs = (task or get_task("classification")).model_kwargs(data)
     if "image_size" in inspect.signature(constructor).parameters:
         kwargs["image_size"] = data.input_shape[-1]
     kwargs.update(spec.kwargs)
@@ -143,81 +141,15 @@ def method_terms(
     method: str,
     settings: dict,
     num_samples: int | None = None,
-    task: str = "classification",
+    task: Task | str = "classification",
 ) -> list[Term]:
-    """`(1 − α)·hard + α·Σ wᵢ·softᵢ`, with grid settings applied to the losses that take them.
-
-    A loss that takes `num_samples` (CRD's memory bank) and is not given one in the recipe gets
-    the training split's size, `num_samples`. A multitask recipe mixes per task instead
-    (`multitask_method_terms`)."""
-    if task == "multitask":
-        return multitask_method_terms(distill, method, settings)
-    alpha = settings.get("alpha", distill.alpha)
-    terms = []
-    if alpha < 1:
-        terms.append(Term(create_loss(distill.hard_loss), weight=1 - alpha, name="hard"))
-    for spec in distill.methods[method]:
-        accepted = loss_parameters(spec.loss)
-        params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
-        if "num_samples" in accepted and "num_samples" not in params:
-            if num_samples is None:
-                raise ValueError(f"loss {spec.loss!r} needs num_samples (the dataset size)")
-            params["num_samples"] = num_samples
-        terms.append(
-            Term(
-                create_loss(spec.loss, **params),
-                weight=alpha * spec.weight,
-                student=spec.student,
-                teacher=spec.teacher,
-                output=spec.output,
-                warmup_epochs=spec.warmup_epochs,
-            )
-        )
-    return terms
-
-
-def soft_loss(spec, settings: dict) -> nn.Module:
-    """The loss of a recipe term, with the grid settings it takes applied."""
-    accepted = loss_parameters(spec.loss)
-    return create_loss(
-        spec.loss, **spec.params, **{k: v for k, v in settings.items() if k in accepted}
-    )
-
-
-def multitask_method_terms(distill: DistillSpec, method: str | None, settings: dict) -> list[Term]:
-    """The four multitask terms (`multitask_terms`): r·(1 − α)·hard and r·α·w·soft per task;
-    `method` None is the student alone (α = 0 for both tasks). A grid `alpha` sets both α."""
-    mix = distill.multitask
-    soft = {}
-    if method is not None:
-        soft = {spec.output: spec for spec in distill.methods[method]}
-    alpha = {
-        key: settings.get("alpha", getattr(mix, f"alpha_{key}")) if key in soft else 0.0
-        for key in ("seg", "det")
-    }
-    terms = multitask_terms(
-        create_loss(mix.seg_hard_loss),
-        soft_loss(soft["seg"], settings) if "seg" in soft else None,
-        create_loss(mix.det_hard_loss),
-        soft_loss(soft["det"], settings) if "det" in soft else None,
-        alpha_seg=alpha["seg"],
-        alpha_det=alpha["det"],
-        ratio_seg=mix.ratio_seg,
-        ratio_det=mix.ratio_det,
-    )
-    for term in terms:  # a soft term's own recipe weight multiplies r·α
-        if term.name in ("seg_soft", "det_soft"):
-            spec = soft[term.output]
-            term.weight *= spec.weight
-            term.warmup_epochs = spec.warmup_epochs
-    return terms
+    """The terms of `method` with grid `settings` (`recipes.objective.build_objective`)."""
+    return build_objective(get_task(task), distill, method, settings, num_samples)
 
 
 def alone_terms(recipe: Recipe) -> list[Term]:
-    """The student trained alone: the hard loss (of each task)."""
-    if recipe.task == "multitask":
-        return multitask_method_terms(recipe.distill, None, {})
-    return [Term(create_loss(recipe.distill.hard_loss), name="hard")]
+    """The student trained alone: the hard loss of each output of the task."""
+    return build_objective(recipe_task(recipe), recipe.distill, None)
 
 
 def describe_metrics(metrics: dict[str, float]) -> str:
@@ -266,7 +198,8 @@ class Experiment:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
-        self.splits = load_splits(recipe)
+        self.task = recipe_task(recipe)
+        self.splits = load_splits(recipe, self.task)
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: Tensor | dict[str, Tensor] | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
@@ -297,15 +230,15 @@ class Experiment:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
     def evaluator(self, data: Data):
-        """model → the task's metrics on `data` (`tasks.evaluate_task`)."""
+        """model → the task's metrics on `data` (`tasks.evaluate`)."""
         loader = self.loader(data, 0, EVAL_BATCH, shuffle=False)
         device = self.recipe.train.device
-        return lambda model: evaluate_task(model, loader, self.recipe.task, device)
+        return lambda model: evaluate(model, loader, self.task, device)
 
     @property
     def metric(self) -> str:
         """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
-        return primary_metric(self.recipe.task)
+        return primary_metric(self.task)
 
     def train_config(self, base: TrainConfig, epochs: int | None = None) -> TrainConfig:
         updates: dict = {"progress": self.progress and base.progress}
@@ -316,7 +249,7 @@ class Experiment:
     # -- teacher ----------------------------------------------------------------------------
     def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
         spec: TeacherSpec = self.recipe.teacher
-        teacher = build_model(spec, self.splits.train, self.recipe.seed, self.recipe.task)
+        teacher = build_model(spec, self.splits.train, self.recipe.seed, self.task)
         models_dir = self.out_dir / "models"
         identity = {
             "model": spec.model_dump(
@@ -485,7 +418,7 @@ class Experiment:
         every seed: only the data order then differs)."""
         whole_model = getattr(spec, "whole_model", None)
         if whole_model is None:
-            return build_model(spec, self.splits.train, seed, self.recipe.task)
+            return build_model(spec, self.splits.train, seed, self.task)
         return load_whole_model(whole_model, trust=spec.trust_checkpoint)
 
     def tune(self, spec, method: str) -> tuple[dict, list[dict]]:
@@ -503,8 +436,8 @@ class Experiment:
             if label in done:
                 trials.append(done[label])
                 continue
-            terms = method_terms(
-                self.recipe.distill, method, settings, len(self.splits.train), self.recipe.task
+            terms = build_objective(
+                self.task, self.recipe.distill, method, settings, len(self.splits.train)
             )
             _, val_metrics = self.train_student(
                 label,
@@ -576,12 +509,12 @@ class Experiment:
                     plan.append(
                         (
                             method,
-                            method_terms(
+                            build_objective(
+                                self.task,
                                 recipe.distill,
                                 method,
                                 settings,
                                 len(self.splits.train),
-                                recipe.task,
                             ),
                             settings,
                         )
@@ -614,5 +547,13 @@ class Experiment:
                         )
                     )
                     self.say(f"{label}: test {describe_metrics(metrics)}")
-        summary = RunSummary(self.out_dir, records, chosen, tuning, time.perf_counter() - started)
+        summary = RunSummary(
+            self.out_dir,
+            records,
+            chosen,
+            tuning,
+            time.perf_counter() - started,
+            self.task.metrics,
+            dict(self.task.labels),
+        )
         return summary

@@ -24,6 +24,7 @@ from kdistill.errors import ConfigError
 from kdistill.losses import LOSSES, create_loss
 from kdistill.models import MODELS
 from kdistill.registry import unknown_name_message
+from kdistill.tasks import get_task
 
 
 class Strict(BaseModel):
@@ -173,7 +174,9 @@ class MultiTaskSpec(Strict):
 
 class DistillSpec(Strict):
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft terms; 1 − α on hard")
-    hard_loss: str = "ce"
+    hard_loss: str | None = Field(
+        None, description="the hard loss (default: the task's own: ce, or yolo for detection)"
+    )
     multitask: MultiTaskSpec = Field(
         default_factory=MultiTaskSpec, description="per-task α and ratios (task: multitask)"
     )
@@ -212,7 +215,7 @@ class DistillSpec(Strict):
         for name, terms in self.methods.items():
             if not terms:
                 raise ValueError(f"method {name!r} has no terms")
-        if self.hard_loss not in LOSSES:
+        if self.hard_loss is not None and self.hard_loss not in LOSSES:
             raise ValueError(unknown_name_message("loss", self.hard_loss, LOSSES.names()))
         return self
 
@@ -263,8 +266,11 @@ class CompressSpec(Strict):
 
 class Recipe(Strict):
     name: str
-    task: Literal["classification", "segmentation", "detection", "multitask"] = Field(
-        "classification", description="decides the targets, model sizes and test metrics"
+    task: str = Field(
+        "classification",
+        description="decides the targets, model sizes, hard loss and test metrics: "
+        "classification | segmentation | detection | multitask, or `package.module:attr` "
+        "naming your own Task (kdistill.tasks)",
     )
     seed: int = 0
     seeds: int = Field(1, ge=1, description="students are trained once per seed: seed, seed+1, …")
@@ -276,6 +282,12 @@ class Recipe(Strict):
     tune: TuneSpec = Field(default_factory=TuneSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
     compress: CompressSpec | None = None
+
+    @field_validator("task")
+    @classmethod
+    def known_task(cls, name: str) -> str:
+        get_task(name)  # a ValueError names the task and the known ones
+        return name
 
     @model_validator(mode="after")
     def compress_method_exists(self) -> Recipe:
@@ -289,30 +301,22 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def task_fits_data(self) -> Recipe:
+        from kdistill.recipes.objective import check_methods
+
+        task = get_task(self.task)
+        dense = getattr(task, "target_kind", None) is not None  # masks / boxes targets
         scenes = self.data.dataset == SCENES_DATASET
-        if scenes and self.task == "classification":
+        if scenes and not dense:
             raise ValueError(
                 f"task: {SCENES_DATASET} holds masks and boxes, not class labels; choose task "
                 "segmentation, detection or multitask"
             )
-        if not scenes and self.task != "classification":
+        if dense and not scenes and ":" not in self.data.dataset:
             raise ValueError(
-                f"task: {self.task} needs data.dataset: {SCENES_DATASET} (masks and boxes), "
-                f"got {self.data.dataset!r}"
+                f"task: {self.task} needs data.dataset: {SCENES_DATASET} (masks and boxes) or a "
+                f"dataset factory `package.module:function`, got {self.data.dataset!r}"
             )
-        if self.task == "multitask":
-            for method, terms in self.distill.methods.items():
-                outputs = [term.output for term in terms]
-                if len(set(outputs)) != len(outputs) or not set(outputs) <= {"seg", "det"}:
-                    raise ValueError(
-                        f"distill.methods.{method}: a multitask method has at most one term per "
-                        f"output, each with output: seg or output: det, got outputs {outputs}"
-                    )
-                if any(term.student or term.teacher for term in terms):
-                    raise ValueError(
-                        f"distill.methods.{method}: multitask methods distil the outputs; "
-                        "layer taps (student/teacher) are not supported there"
-                    )
+        check_methods(task, self.distill)
         return self
 
     @model_validator(mode="after")

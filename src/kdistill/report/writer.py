@@ -1,6 +1,7 @@
 """Writes a run folder's `results.json`, `report.md`, `report.html`, `curves.png` and
 `tradeoff.png` (the test score against parameters and latency, when model costs were
-measured). The metric columns follow the recipe's task (`recipes.tasks.METRICS`)."""
+measured). The metric columns are the task's (`RunSummary.metrics`, labelled by
+`RunSummary.labels`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 from kdistill.engine.checkpoint import atomic_write_text
 from kdistill.engine.loop import MetricsLog
-from kdistill.recipes.tasks import METRIC_LABELS, METRICS, primary_metric
 from kdistill.report.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
@@ -21,10 +21,11 @@ def write_report(summary, recipe, command: str) -> str:
     """Write the files and return the Markdown table (what the CLI prints)."""
     out_dir = Path(summary.out_dir)
     rows = build_rows(summary.records)
-    metric = primary_metric(recipe.task)
-    name = METRIC_LABELS[metric]
-    columns = [(key, METRIC_LABELS[key]) for key in METRICS[recipe.task]]
-    table = markdown_table(rows, columns if recipe.task != "classification" else ())
+    metric = summary.metrics[0]
+    name = summary.labels.get(metric, metric)
+    columns = [(key, summary.labels.get(key, key)) for key in summary.metrics]
+    # a single accuracy column keeps the classic layout (mean ± std of the scores)
+    table = markdown_table(rows, columns if columns != [("accuracy", "accuracy")] else ())
     results = {
         "recipe": recipe.name,
         "seconds": round(summary.seconds, 1),

@@ -1,0 +1,144 @@
+"""The one place a method's objective is assembled from a recipe.
+
+For every output k of the task (a single-output task has one, keyed None):
+
+    loss = Σ_k r_k · ((1 − α_k) · hard_k(z_s[k], y[k])  +  α_k · Σ_i w_i · soft_i)
+
+- the student alone is the same formula with α_k = 0 (hard terms only);
+- a single-output task has r = 1, α = `distill.alpha`, hard = `distill.hard_loss` (default: the
+  task's own hard loss, e.g. CE for classification, the YOLO loss for detection); its soft terms
+  may read outputs or tapped layers;
+- a composite task (multitask) takes α_k, r_k and hard_k from `distill.multitask`
+  (`alpha_seg`, `ratio_seg`, `seg_hard_loss`, …) and each soft term names its output;
+- grid settings apply where they fit: `alpha` sets every α_k, any other key the losses that take
+  it (a key scoped to a method, `cwd.tau`, arrives here already unscoped);
+- a term of weight 0 is left out (its loss is never computed);
+- a loss that takes `num_samples` (CRD's memory bank) and is not given one gets the training
+  split's size.
+
+Term weights are computed as ``r·(1 − α)`` and ``(r·α)·w`` in this order (the numbers of earlier
+releases, bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdistill.distiller import Term
+from kdistill.losses import create_loss
+from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters
+from kdistill.tasks import Task
+
+
+@dataclass(frozen=True)
+class OutputMix:
+    """How one output's hard and soft terms are mixed."""
+
+    key: str | None
+    alpha: float
+    ratio: float
+    hard_loss: str
+
+
+def output_mixes(task: Task, distill: DistillSpec) -> list[OutputMix]:
+    """One `OutputMix` per output of `task`, in the task's output order."""
+    mixes = []
+    for key, part in task.outputs.items():
+        if key is None:
+            hard = distill.hard_loss or part.default_hard_loss
+            mixes.append(OutputMix(None, distill.alpha, 1.0, hard))
+            continue
+        mix = distill.multitask
+        mixes.append(
+            OutputMix(
+                key,
+                getattr(mix, f"alpha_{key}", distill.alpha),
+                getattr(mix, f"ratio_{key}", 1.0),
+                getattr(mix, f"{key}_hard_loss", None) or part.default_hard_loss,
+            )
+        )
+    return mixes
+
+
+def soft_loss(spec: TermSpec, settings: dict, num_samples: int | None = None) -> nn.Module:
+    """The loss of a recipe term, with the grid settings it takes applied."""
+    accepted = loss_parameters(spec.loss)
+    params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+    if "num_samples" in accepted and "num_samples" not in params:
+        if num_samples is None:
+            raise ValueError(f"loss {spec.loss!r} needs num_samples (the dataset size)")
+        params["num_samples"] = num_samples
+    return create_loss(spec.loss, **params)
+
+
+def build_objective(
+    task: Task,
+    distill: DistillSpec,
+    method: str | None,
+    settings: dict | None = None,
+    num_samples: int | None = None,
+) -> list[Term]:
+    """The terms of `method` (None: the student alone) for `task` — see the module formula."""
+    settings = settings or {}
+    specs: Sequence[TermSpec] = distill.methods[method] if method is not None else ()
+    terms: list[Term] = []
+    for mix in output_mixes(task, distill):
+        soft = [spec for spec in specs if mix.key is None or spec.output == mix.key]
+        alpha = settings.get("alpha", mix.alpha) if soft else 0.0
+        prefix = "" if mix.key is None else f"{mix.key}_"
+        hard_weight = mix.ratio * (1.0 - alpha)
+        if hard_weight != 0:
+            terms.append(
+                Term(
+                    create_loss(mix.hard_loss),
+                    weight=hard_weight,
+                    output=mix.key,
+                    name=f"{prefix}hard",
+                )
+            )
+        for spec in soft:
+            weight = (mix.ratio * alpha) * spec.weight
+            if weight == 0:
+                continue
+            terms.append(
+                Term(
+                    soft_loss(spec, settings, num_samples),
+                    weight=weight,
+                    student=spec.student,
+                    teacher=spec.teacher,
+                    output=spec.output,
+                    name=f"{prefix}soft" if prefix else None,
+                    warmup_epochs=spec.warmup_epochs,
+                )
+            )
+    if not terms:
+        raise ValueError(
+            f"every term of method {method!r} has weight 0 (α, ratios and term weights); "
+            "nothing would be trained"
+        )
+    return terms
+
+
+def check_methods(task: Task, distill: DistillSpec) -> None:
+    """Refuse methods that do not fit the task's outputs (called when the recipe is read).
+
+    For a task with named outputs, every soft term names one of them (at most one term per
+    output) and reads that output, not a tapped layer."""
+    keys = [key for key in task.outputs if key is not None]
+    if not keys:
+        return
+    for method, specs in distill.methods.items():
+        outputs = [spec.output for spec in specs]
+        if len(set(outputs)) != len(outputs) or not set(outputs) <= set(keys):
+            raise ValueError(
+                f"distill.methods.{method}: a {task.name} method has at most one term per "
+                f"output, each with output: {' or output: '.join(keys)}, got outputs {outputs}"
+            )
+        if any(spec.student or spec.teacher for spec in specs):
+            raise ValueError(
+                f"distill.methods.{method}: {task.name} methods distil the outputs; "
+                "layer taps (student/teacher) are not supported there"
+            )

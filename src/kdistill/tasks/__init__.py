@@ -1,0 +1,114 @@
+"""Tasks: what differs between kinds of problem (see `kdistill.tasks.base.Task`).
+
+| name           | targets          | metrics (the first one ranks)   | default hard loss |
+|----------------|------------------|---------------------------------|-------------------|
+| classification | class indices    | accuracy                        | ce                |
+| segmentation   | masks N×H×W      | mIoU, pixel accuracy            | ce                |
+| detection      | boxes N×M×5      | mAP@0.5 (VOC all-point)         | yolo              |
+| multitask      | {"seg", "det"}   | mIoU, pixel accuracy, mAP@0.5   | per output        |
+
+`get_task(name)` builds one by name, or from an import path ``package.module:attr`` naming a
+`Task` instance, class or factory (a user's own task).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kdistill.registry import unknown_name_message
+from kdistill.tasks.base import Metric, Task, evaluate, forward, metric_label, primary_metric
+from kdistill.tasks.classification import ClassificationTask
+from kdistill.tasks.composite import CompositeTask
+from kdistill.tasks.detection import DetectionTask
+from kdistill.tasks.segmentation import SegmentationTask
+
+
+def multitask(ignore_index: int | None = None) -> CompositeTask:
+    """Segmentation (output "seg") + detection (output "det"); models sized as detectors."""
+    return CompositeTask(
+        "multitask",
+        {"seg": SegmentationTask(ignore_index), "det": DetectionTask()},
+        sizes_from="det",
+    )
+
+
+BUILTIN = {
+    "classification": lambda **kw: ClassificationTask(),
+    "segmentation": lambda ignore_index=None: SegmentationTask(ignore_index),
+    "detection": lambda **kw: DetectionTask(),
+    "multitask": multitask,
+}
+
+
+def task_names() -> list[str]:
+    return sorted(BUILTIN)
+
+
+def get_task(spec: str | Task, **options: Any) -> Task:
+    """A task by built-in name (`options` go to its constructor, e.g. ``ignore_index``), or by
+    import path ``package.module:attr`` (an instance, or a class / factory called with no
+    arguments). Raises `ValueError` naming the spec and the known names."""
+    if not isinstance(spec, str):
+        return _checked(spec, type(spec).__name__)
+    if spec in BUILTIN:
+        return BUILTIN[spec](**options)
+    if ":" not in spec:
+        raise ValueError(unknown_name_message("task", spec, BUILTIN))
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({error})") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    found = getattr(module, attr)
+    if not isinstance(found, type) and (isinstance(found, Task) or not callable(found)):
+        return _checked(found, spec)
+    try:
+        task = found()
+    except TypeError as error:
+        raise ValueError(
+            f"task {spec!r}: not a kdistill Task, and calling it with no arguments failed ({error})"
+        ) from None
+    return _checked(task, spec)
+
+
+def _checked(task: Any, spec: str) -> Task:
+    if isinstance(task, type) or not isinstance(task, Task):
+        missing = [
+            name
+            for name in (
+                "name",
+                "metrics",
+                "labels",
+                "default_hard_loss",
+                "outputs",
+                "prepare",
+                "model_kwargs",
+                "new_metric",
+            )
+            if not hasattr(task, name)
+        ]
+        raise ValueError(f"task {spec}: not a kdistill Task; it lacks {missing}")
+    if not task.metrics:
+        raise ValueError(f"task {spec}: `metrics` is empty; the first metric ranks models")
+    return task
+
+
+__all__ = [
+    "BUILTIN",
+    "ClassificationTask",
+    "CompositeTask",
+    "DetectionTask",
+    "Metric",
+    "SegmentationTask",
+    "Task",
+    "evaluate",
+    "forward",
+    "get_task",
+    "metric_label",
+    "multitask",
+    "primary_metric",
+    "task_names",
+]

@@ -1,0 +1,112 @@
+"""The `Task` interface: everything that differs between kinds of problem lives behind it.
+
+A task says which targets the batches carry, what registry models are built with, the hard
+loss of the student alone, how a model is evaluated (its metrics; the first one ranks models,
+chooses settings on validation and gives the "gap closed" column) and how those metrics are
+labelled in reports. Nothing outside `kdistill.tasks` branches on the kind of problem.
+
+A task may have several outputs (a multi-task model returning ``{"seg": …, "det": …}``): then
+`outputs` maps each output key to the sub-task that owns it (`CompositeTask`); a single-output
+task has ``outputs == {None: self}``.
+
+Evaluation is one loop for every task (`evaluate`): the model runs once per batch and the task's
+`Metric` accumulates `update(output, target)`; a metric that can be summed across ranks
+(`shardable`) is fed every W-th batch on each of W ranks and `reduce()`d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+class Metric(Protocol):
+    """Accumulates one model's outputs over an evaluation set."""
+
+    shardable: bool  # counts that sum over ranks (reduce() makes every rank see the total)
+
+    def update(self, output: Any, target: Any) -> None: ...
+
+    def reduce(self) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a kind of problem decides. See `ClassificationTask` for a complete example."""
+
+    name: str
+    metrics: tuple[str, ...]  # every metric `evaluate` returns (besides "loss"); first ranks
+    labels: Mapping[str, str]  # metric → how reports name it ("miou" → "mIoU")
+    default_hard_loss: str  # registered loss name of the student-alone objective
+
+    @property
+    def outputs(self) -> Mapping[str | None, Task]: ...
+
+    def prepare(self, data: Any) -> Any:
+        """`data` with the targets this task trains on (e.g. scene masks for segmentation);
+        raises `ValueError` naming the dataset when it cannot provide them."""
+
+    def model_kwargs(self, data: Any) -> dict[str, int]:
+        """Sizes a registry model of this task is built with (channels, class counts)."""
+
+    def new_metric(self, model: nn.Module, data: Any) -> Metric:
+        """An empty metric for `model` evaluated on `data`."""
+
+
+def primary_metric(task: Task) -> str:
+    """The metric that ranks models of `task`: the first of `task.metrics`."""
+    return task.metrics[0]
+
+
+def metric_label(task: Task, metric: str) -> str:
+    return task.labels.get(metric, metric)
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """`model(**inputs)` for keyword batches (a dict), `model(inputs)` otherwise."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, task: Task, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """`task`'s metrics of `model` over `loader` (the model's train/eval mode is restored).
+
+    Under torchrun a `shardable` metric is fed every W-th batch on each of W ranks and summed, so
+    every rank returns the figures of the whole loader; other metrics see every batch on every
+    rank.
+    """
+    from kdistill.engine.distributed import info
+
+    world = info()
+    metric = task.new_metric(model, loader.dataset)
+    step = world.world_size if metric.shardable else 1
+    offset = world.rank if metric.shardable else 0
+    was_training = model.training
+    model.eval()
+    try:
+        for number, batch in enumerate(loader):
+            if number % step == offset:
+                output = forward(model, _to(batch.inputs, device))
+                metric.update(output, _to(batch.target, device))
+    finally:
+        model.train(was_training)
+    if metric.shardable:
+        metric.reduce()
+    return metric.compute()
