@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from kdistill.errors import ConfigError
 from kdistill.recipes import load_recipe
 from kdistill.recipes.objective import build_objective
 from kdistill.tasks import ClassificationTask, evaluate, get_task
+
+RECIPES = Path(__file__).resolve().parents[1] / "src/kdistill/recipes/builtin"
 
 
 class MeanAbsError:
@@ -87,27 +91,30 @@ def test_classification_evaluation_counts_by_hand():
 
 def test_single_output_objective_weights_follow_the_formula(tmp_path):
     recipe = load_recipe(
-        "fashion_mnist", ["distill.alpha=0.7", "distill.methods={kd: [{loss: kd, weight: 2}]}"]
+        RECIPES / "fashion_mnist.yaml",
+        ["distill.alpha=0.7", "distill.methods={kd: [{loss: kd, weight: 2}]}"],
     )
     task = get_task("classification")
-    terms = {t.name: t.weight for t in build_objective(task, recipe.distill, "kd")}
-    assert terms == pytest.approx({"hard": 0.3, "kd": 1.4})  # (1 − α), α·w
+    terms = {type(t.loss).__name__: t.weight for t in build_objective(task, recipe.distill, "kd")}
+    assert terms == pytest.approx({"CE": 0.3, "KD": 1.4})  # (1 − α), α·w
     alone = build_objective(task, recipe.distill, None)
     assert [(t.name, t.weight) for t in alone] == [("hard", 1.0)]
     only_soft = build_objective(task, recipe.distill, "kd", {"alpha": 1.0})
-    assert [t.name for t in only_soft] == ["kd"]  # the zero-weight hard term is left out
+    assert [type(t.loss).__name__ for t in only_soft] == [
+        "KD"
+    ]  # the zero-weight hard term is left out
 
 
 def test_detection_takes_its_own_hard_loss_by_default():
-    recipe = load_recipe("scenes_detection", ["distill.hard_loss=null"])
+    recipe = load_recipe(RECIPES / "scenes_detection.yaml", ["distill.hard_loss=null"])
     terms = build_objective(get_task("detection"), recipe.distill, None)
     assert type(terms[0].loss).__name__ == "YOLOLoss"
 
 
 def test_recipe_task_errors_name_the_field():
     with pytest.raises(ConfigError, match="task: unknown task 'clasification'"):
-        load_recipe("fashion_mnist", ["task=clasification"])
+        load_recipe(RECIPES / "fashion_mnist.yaml", ["task=clasification"])
     with pytest.raises(ConfigError, match="holds masks and boxes, not class labels"):
-        load_recipe("scenes_detection", ["task=classification"])
-    recipe = load_recipe("fashion_mnist", ["task=test_tasks:RegressionTask"])
+        load_recipe(RECIPES / "scenes_detection.yaml", ["task=classification"])
+    recipe = load_recipe(RECIPES / "fashion_mnist.yaml", ["task=test_tasks:RegressionTask"])
     assert recipe.task == "test_tasks:RegressionTask"
