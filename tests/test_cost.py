@@ -10,8 +10,7 @@ from torch import nn
 
 from kdistill.compress import quantize_dynamic_linear
 from kdistill.models import count_parameters, create_model
-from kdistill.recipes.runner import RunRecord
-from kdistill.report.cost import (
+from kdistill.models.cost import (
     count_macs,
     count_weights,
     format_bytes,
@@ -20,6 +19,7 @@ from kdistill.report.cost import (
     peak_memory,
     serialized_size,
 )
+from kdistill.recipes.runner import RunRecord
 from kdistill.report.table import build_rows, markdown_table
 
 

@@ -11,14 +11,13 @@ from test_models import DENSE_NAMES
 
 import kdistill as kd
 from kdistill.data import BatchLoader, make_scenes
-from kdistill.losses import CE, create_loss
+from kdistill.losses import CE, YOLOLoss, create_loss
 from kdistill.losses.base import STUDENT, TARGET
 from kdistill.models import (
     DEFAULT_ANCHORS,
     Detector,
     MultiTaskNet,
     SegNet,
-    YOLOLoss,
     count_parameters,
     create_model,
     decode,

@@ -24,8 +24,8 @@ from kdistill.errors import ConfigError
 from kdistill.models.dense import DEFAULT_ANCHORS, encode_targets
 from kdistill.recipes import load_recipe
 from kdistill.recipes.runner import Experiment, alone_terms, method_terms
-from kdistill.tasks import evaluate, get_task
 from kdistill.report import write_report
+from kdistill.tasks import evaluate, get_task
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -8,8 +8,11 @@ differ are aligned by adaptive average pooling of the larger map down to the sma
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from kdistill.ops.spatial import align_spatial
+
+__all__ = ["align_spatial", "build_connector"]
 
 
 def build_connector(
@@ -34,16 +37,3 @@ def build_connector(
             nn.BatchNorm2d(teacher_channels),
         )
     return nn.Linear(student_channels, teacher_channels)
-
-
-def align_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Pool whichever 4-D map is larger to the other's H×W; other tensors pass unchanged."""
-    if student.dim() != 4 or teacher.dim() != 4 or student.shape[2:] == teacher.shape[2:]:
-        return student, teacher
-    height = min(student.shape[2], teacher.shape[2])
-    width = min(student.shape[3], teacher.shape[3])
-    if student.shape[2:] != (height, width):
-        student = F.adaptive_avg_pool2d(student, (height, width))
-    if teacher.shape[2:] != (height, width):
-        teacher = F.adaptive_avg_pool2d(teacher, (height, width))
-    return student, teacher

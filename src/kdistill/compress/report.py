@@ -8,7 +8,7 @@ from pathlib import Path
 from kdistill.compress.pipeline import CompressSummary, Stage
 from kdistill.engine.checkpoint import atomic_write_text
 from kdistill.engine.loop import MetricsLog
-from kdistill.report.cost import COST_NOTE, format_bytes, format_count
+from kdistill.models.cost import COST_NOTE, format_bytes, format_count
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill._checks import check_ndim, check_same_shape
-from kdistill.connectors import align_spatial
 from kdistill.losses.base import STUDENT, TEACHER, DistillLoss, register_loss
+from kdistill.ops.spatial import align_spatial
 
 
 def check_same_batch(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
@@ -45,7 +45,7 @@ class AT(DistillLoss):
     The mean over channels removes the channel count, so student and teacher may differ in
     channels and no connector is used. When the spatial sizes differ, the larger side's map
     (``mean_c |f|^p``, before normalisation) is adaptive-average-pooled to the smaller H×W (each
-    dimension to the smaller of the two), as `kdistill.connectors.align_spatial` does.
+    dimension to the smaller of the two), as `kdistill.ops.spatial.align_spatial` does.
     """
 
     needs = (STUDENT, TEACHER)

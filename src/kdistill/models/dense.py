@@ -23,8 +23,9 @@ inputs) with ``A`` anchors per cell; the raw output is ``N×A×S×S×(5+K)`` lai
 ``[tx, ty, tw, th, obj, cls_1 … cls_K]``, cell index order (row = y, column = x) as in a
 ``N×C×H×W`` map. A box decodes as ``cx = (i + σ(tx))·stride``, ``cy = (j + σ(ty))·stride``,
 ``w = a_w·exp(tw)``, ``h = a_h·exp(th)`` (pixels, x2/y2 exclusive like the scene boxes).
-`decode` and `nms` go with it; `encode_targets` and `YOLOLoss` ("yolo" in the loss registry)
-live in `kdistill.losses.detection` and are re-exported here.
+`decode` and `nms` go with it; the box coding (`encode_targets`, anchors) lives in
+`kdistill.ops.boxes` and is re-exported here; the hard loss `YOLOLoss` ("yolo") is in
+`kdistill.losses`.
 
 Convs before BatchNorm have no bias; Kaiming-normal init (fan-out, ReLU gain). The detection
 head's objectness bias starts at logit(0.01) so that early training is not swamped by the
@@ -42,13 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill._checks import check_positive_int
-from kdistill.losses.detection import (
-    DEFAULT_ANCHORS,
-    YOLOLoss,
-    _check_anchors,
-    _check_raw,
-    encode_targets,
-)
+from kdistill.ops.boxes import DEFAULT_ANCHORS, check_anchors, check_raw, encode_targets
 
 __all__ = [
     "DEFAULT_ANCHORS",
@@ -57,7 +52,6 @@ __all__ = [
     "MultiTaskNet",
     "PyramidPooling",
     "SegNet",
-    "YOLOLoss",
     "decode",
     "det_student",
     "det_teacher",
@@ -292,7 +286,7 @@ class Detector(nn.Module):
         check_positive_int(neck_channels, "neck_channels")
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
+        self.register_buffer("anchors", check_anchors(anchors), persistent=False)
         self.num_anchors = len(self.anchors)
         self.encoder = Encoder(in_channels, widths)
         self.neck = nn.Sequential(
@@ -345,7 +339,7 @@ class MultiTaskNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.seg_classes = seg_classes
-        self.register_buffer("anchors", _check_anchors(anchors), persistent=False)
+        self.register_buffer("anchors", check_anchors(anchors), persistent=False)
         self.num_anchors = len(self.anchors)
         self.encoder = Encoder(in_channels, widths)
         w0, w1, w2, w3 = self.encoder.widths
@@ -438,8 +432,8 @@ def decode(
     ``>= conf_threshold`` are kept, in descending score order. With ``iou_threshold`` the boxes
     then go through class-aware `nms`. This is the format `DetectionMAP.update` takes.
     """
-    anchors_t = _check_anchors(anchors).to(raw.device, raw.dtype)
-    _check_raw(raw, len(anchors_t))
+    anchors_t = check_anchors(anchors).to(raw.device, raw.dtype)
+    check_raw(raw, len(anchors_t))
     n, a, rows, cols, _ = raw.shape
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     stride_x, stride_y = width / cols, height / rows

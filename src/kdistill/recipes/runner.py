@@ -50,9 +50,9 @@ from kdistill.engine.checkpoint import (
 from kdistill.engine.distributed import barrier, is_main_process
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import MODELS, count_parameters
+from kdistill.models.cost import model_cost
 from kdistill.recipes.objective import build_objective
 from kdistill.recipes.schema import SCENES_DATASET, DistillSpec, ModelSpec, Recipe, TeacherSpec
-from kdistill.report.cost import model_cost
 from kdistill.tasks import Task, evaluate, get_task, primary_metric
 
 EVAL_BATCH = 1000
@@ -80,7 +80,7 @@ class RunRecord:
     test_score: float  # the task's first metric (Task.metrics): accuracy, mIoU or mAP@0.5
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
-    cost: dict | None = None  # ModelCost.as_dict() of the architecture (report/cost.py)
+    cost: dict | None = None  # ModelCost.as_dict() of the architecture (models/cost.py)
     test_metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task
 
 

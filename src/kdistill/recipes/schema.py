@@ -232,7 +232,7 @@ class TuneSpec(Strict):
 
 
 class CostSpec(Strict):
-    """How model cost is measured for the report (see `kdistill.report.cost`)."""
+    """How model cost is measured for the report (see `kdistill.models.cost`)."""
 
     enabled: bool = True
     threads: int = Field(1, ge=1, description="torch.set_num_threads during the latency runs")

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kdistill.report.cost import format_bytes, format_count
+from kdistill.models.cost import format_bytes, format_count
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Row:
     scores: list[float]  # the test score of each seed
     settings: dict
     gap_closed: float | None = None
-    cost: dict | None = None  # ModelCost.as_dict() (report/cost.py), None when not measured
+    cost: dict | None = None  # ModelCost.as_dict() (models/cost.py), None when not measured
     metrics: dict[str, list[float]] = field(default_factory=dict)  # every test metric, per seed
     gaps: dict[str, float | None] = field(default_factory=dict)  # gap closed on each metric
 
@@ -130,7 +130,7 @@ def gap_header(metrics: Sequence[tuple[str, str]]) -> str:
 
 
 def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ()) -> str:
-    """The results table; with model costs (report/cost.py) when the rows carry them.
+    """The results table; with model costs (models/cost.py) when the rows carry them.
 
     `metrics`: (key, label) of the test metric columns, e.g. ``[("miou", "mIoU"),
     ("map50", "mAP@0.5")]``; by default one column of the rows' scores, "accuracy"."""

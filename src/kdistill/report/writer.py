@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdistill.engine.checkpoint import atomic_write_text
 from kdistill.engine.loop import MetricsLog
-from kdistill.report.cost import COST_NOTE
+from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
 from kdistill.report.table import build_rows, format_settings, markdown_table

@@ -1,0 +1,1 @@
+"""Tensor operations shared by models and losses (the lowest layer above torch)."""
