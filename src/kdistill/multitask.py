@@ -1,4 +1,9 @@
-"""Multi-task distillation (segmentation + detection) as plain weighted terms.
+"""Mixing hard and soft terms per output — `mix_terms`, the one place the weights of
+
+    r · ((1 − α) · L_hard + α · Σ_i w_i · L_soft_i)
+
+are computed (the recipes' objective builder and `multitask_terms` both call it) — and
+multi-task distillation (segmentation + detection) as plain weighted terms.
 
 With a per-task soft weight α and a per-task ratio r (DESIGN.md):
 
@@ -11,7 +16,9 @@ outputs (and of a dict target, for the hard terms).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 from torch import nn
@@ -37,6 +44,38 @@ def _check_ratio(value: object, name: str) -> float:
     if ratio < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return ratio
+
+
+def mix_terms(
+    hard: nn.Module | None,
+    soft: Sequence[Term],
+    *,
+    alpha: float,
+    ratio: float = 1.0,
+    output: str | None = None,
+    hard_name: str = "hard",
+    soft_name: str | None = None,
+) -> list[Term]:
+    """``r·((1 − α)·hard + α·Σ w_i·soft_i)`` as `Term`s: the hard term (reading `output`, named
+    `hard_name`) gets weight ``r·(1 − α)``; each soft term keeps its taps and output, its weight
+    w_i becomes ``(r·α)·w_i`` (and its name `soft_name`, when given). A term whose weight is 0
+    is left out, so its loss may be None (a None hard loss of non-zero weight is an error)."""
+    alpha = _check_alpha(alpha, "alpha")
+    ratio = _check_ratio(ratio, "ratio")
+    terms = []
+    hard_weight = ratio * (1.0 - alpha)
+    if hard_weight != 0:
+        if hard is None:
+            raise ValueError(
+                f"{hard_name} has weight {hard_weight:g} (alpha={alpha}, ratio={ratio}) but its "
+                "loss is None"
+            )
+        terms.append(Term(hard, weight=hard_weight, output=output, name=hard_name))
+    for term in soft:
+        weight = (ratio * alpha) * term.weight
+        if weight != 0:
+            terms.append(dataclasses.replace(term, weight=weight, name=soft_name or term.name))
+    return terms
 
 
 def multitask_terms(
@@ -71,22 +110,26 @@ def multitask_terms(
     for key, name in ((seg_key, "seg_key"), (det_key, "det_key")):
         if not isinstance(key, str) or not key:
             raise ValueError(f"{name} must be a non-empty string, got {key!r}")
-    planned = [
-        ("seg_hard", seg_hard, ratio_seg * (1.0 - alpha_seg), seg_key),
-        ("seg_soft", seg_soft, ratio_seg * alpha_seg, seg_key),
-        ("det_hard", det_hard, ratio_det * (1.0 - alpha_det), det_key),
-        ("det_soft", det_soft, ratio_det * alpha_det, det_key),
-    ]
     terms = []
-    for name, loss, weight, key in planned:
-        if weight == 0:
-            continue
-        if loss is None:
+    for task, hard, soft, alpha, ratio, key in (
+        ("seg", seg_hard, seg_soft, alpha_seg, ratio_seg, seg_key),
+        ("det", det_hard, det_soft, alpha_det, ratio_det, det_key),
+    ):
+        if soft is None and ratio * alpha != 0:
             raise ValueError(
-                f"{name} has weight {weight:g} (alpha_seg={alpha_seg}, alpha_det={alpha_det}, "
-                f"ratio_seg={ratio_seg}, ratio_det={ratio_det}) but its loss is None"
+                f"{task}_soft has weight {ratio * alpha:g} (alpha_seg={alpha_seg}, "
+                f"alpha_det={alpha_det}, ratio_seg={ratio_seg}, ratio_det={ratio_det}) but its "
+                "loss is None"
             )
-        terms.append(Term(loss, weight=weight, output=key, name=name))
+        terms += mix_terms(
+            hard,
+            [Term(soft, output=key)] if soft is not None else [],
+            alpha=alpha,
+            ratio=ratio,
+            output=key,
+            hard_name=f"{task}_hard",
+            soft_name=f"{task}_soft",
+        )
     if not terms:
         raise ValueError(
             f"every multi-task term has weight 0 (ratio_seg={ratio_seg}, ratio_det={ratio_det})"

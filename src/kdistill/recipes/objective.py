@@ -29,6 +29,7 @@ from torch import nn
 
 from kdistill.distiller import Term
 from kdistill.losses import create_loss
+from kdistill.multitask import mix_terms
 from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters
 from kdistill.tasks import Task
 
@@ -87,33 +88,26 @@ def build_objective(
     terms: list[Term] = []
     for mix in output_mixes(task, distill):
         soft = [spec for spec in specs if mix.key is None or spec.output == mix.key]
-        alpha = settings.get("alpha", mix.alpha) if soft else 0.0
         prefix = "" if mix.key is None else f"{mix.key}_"
-        hard_weight = mix.ratio * (1.0 - alpha)
-        if hard_weight != 0:
-            terms.append(
-                Term(
-                    create_loss(mix.hard_loss),
-                    weight=hard_weight,
-                    output=mix.key,
-                    name=f"{prefix}hard",
-                )
-            )
-        for spec in soft:
-            weight = (mix.ratio * alpha) * spec.weight
-            if weight == 0:
-                continue
-            terms.append(
+        terms += mix_terms(
+            create_loss(mix.hard_loss),
+            [
                 Term(
                     soft_loss(spec, settings, num_samples),
-                    weight=weight,
+                    weight=spec.weight,
                     student=spec.student,
                     teacher=spec.teacher,
                     output=spec.output,
-                    name=f"{prefix}soft" if prefix else None,
                     warmup_epochs=spec.warmup_epochs,
                 )
-            )
+                for spec in soft
+            ],
+            alpha=settings.get("alpha", mix.alpha) if soft else 0.0,
+            ratio=mix.ratio,
+            output=mix.key,
+            hard_name=f"{prefix}hard",
+            soft_name=f"{prefix}soft" if prefix else None,
+        )
     if not terms:
         raise ValueError(
             f"every term of method {method!r} has weight 0 (α, ratios and term weights); "
