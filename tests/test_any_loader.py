@@ -525,3 +525,14 @@ def test_set_epoch_reaches_a_distributed_sampler():
     loader = DataLoader(data, batch_size=16, sampler=sampler)
     kd.fit(kd_distiller(), loader, quick(epochs=3))
     assert sampler.epoch == 2
+
+
+def test_evaluation_refuses_a_loader_sharded_by_rank_under_torchrun():
+    from kdistill.engine.metrics import _check_unsharded
+
+    x, y = separable()
+    data = TensorDataset(x, y)
+    sharded = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 2, 0))
+    with pytest.raises(ConfigError, match="must not be sharded"):
+        _check_unsharded(sharded, DistInfo(rank=0, world_size=2))
+    _check_unsharded(DataLoader(data, batch_size=8), DistInfo(rank=0, world_size=2))
