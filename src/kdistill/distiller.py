@@ -2,9 +2,11 @@
 
     loss = Σ_i  w_i · ramp_i · loss_i(student side, teacher side[, target][, index])
 
-A term reads each side from the model output (a tensor, or one key of a dict output) or from a
-layer tapped by name. The teacher is kept frozen: eval mode whatever `.train()` is called with,
-parameters without gradients, forward under `torch.inference_mode`.
+A term reads each side from the model output (a tensor, one key of a dict output such as a Hugging
+Face ``ModelOutput``, or one item of a tuple output) or from a layer tapped by name. The inputs
+are a tensor (``model(inputs)``) or a dict of keyword arguments (``model(**inputs)``).
+The teacher is kept frozen: eval mode whatever `.train()` is called with, parameters without
+gradients, forward under `torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.connectors import align_spatial, build_connector
+from kdistill.connectors import align_spatial, build_connector, widths_match
+from kdistill.data.batches import call_model
 from kdistill.errors import NonFiniteLossError
 from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
 from kdistill.taps import Taps
 
-ModelOutput = Tensor | Mapping[str, Tensor]
+ModelOutput = Tensor | Mapping[str, Tensor] | Sequence[Tensor]
+Inputs = Tensor | Mapping[str, Any]
 
 
 @dataclass
@@ -30,7 +34,9 @@ class Term:
     """One weighted loss term.
 
     `student` / `teacher`: a `named_modules()` name to tap, or None for the model output.
-    `output`: the key to pick when a model returns a dict (e.g. ``"seg"``).
+    `output`: what to pick when a model returns several outputs: a key of a dict or of a
+    Hugging Face ``ModelOutput`` (e.g. ``"seg"``, ``"logits"``), or a position in a tuple or list
+    (e.g. ``0``). It also picks ``target[output]`` when the target is a dict (multi-task).
     `warmup_epochs`: the weight ramps linearly from 0 to `weight` over this many epochs
     (DKD's warm-up); the engine reports progress with `Distiller.set_progress`.
     """
@@ -39,7 +45,7 @@ class Term:
     weight: float = 1.0
     student: str | None = None
     teacher: str | None = None
-    output: str | None = None
+    output: str | int | None = None
     name: str | None = None
     warmup_epochs: float = 0.0
 
@@ -50,6 +56,13 @@ class Term:
             raise ValueError(f"term weight must be >= 0, got {self.weight}")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.output is not None and (
+            isinstance(self.output, bool) or not isinstance(self.output, str | int)
+        ):
+            raise ValueError(
+                f"Term(output=...) must be a key (str) or a tuple position (int), got "
+                f"{self.output!r}"
+            )
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -76,25 +89,61 @@ class DistillOutput:
     raw_parts: dict[str, float] = field(default_factory=dict)
 
 
-def select_output(output: Any, key: str | None, side: str) -> Tensor:
-    """The tensor a term reads from a model output: the tensor itself or `output[key]`."""
+def select_output(output: Any, key: str | int | None, side: str) -> Tensor:
+    """The tensor a term reads from a model output.
+
+    A tensor is used as it is (`key` must be None); a dict or Hugging Face ``ModelOutput`` (any
+    mapping) gives ``output[key]`` for a str `key`; a tuple or list gives ``output[key]`` for an
+    int `key`. A model with several outputs and no `key` is an error naming the fix.
+    """
     if isinstance(output, Mapping):
+        kind = "a dict" if type(output) is dict else f"a {type(output).__name__} (dict-like)"
+        keys = list(output)
         if key is None:
             raise ValueError(
-                f"the {side} returns a dict with keys {sorted(output)}; "
-                "say which one a term uses with Term(..., output=<key>)"
+                f"the {side} returns {kind} with keys {keys}; say which one a term uses "
+                "with Term(..., output=<key>)"
             )
         if key not in output:
-            raise KeyError(f"the {side} output has no key {key!r}; it has {sorted(output)}")
-        return output[key]
-    if key is not None:
-        raise ValueError(f"Term(output={key!r}) was given but the {side} returns a plain tensor")
-    if not isinstance(output, Tensor):
-        raise TypeError(f"the {side} returned {type(output).__name__}; expected a tensor or a dict")
-    return output
+            hint = (
+                " (pick a dict-like output by key, not by position)" if isinstance(key, int) else ""
+            )
+            raise KeyError(f"the {side} output has no key {key!r}{hint}; it has keys {keys}")
+        value = output[key]
+    elif isinstance(output, list | tuple):
+        kind = f"a {type(output).__name__} of {len(output)}"
+        if key is None:  # TypeError, as before tuples could be picked from
+            raise TypeError(
+                f"the {side} returns {kind} outputs; say which one a term uses with "
+                "Term(..., output=<position>), e.g. output=0"
+            )
+        if isinstance(key, str):
+            raise ValueError(
+                f"Term(output={key!r}) picks a key, but the {side} returns {kind} outputs; "
+                "pick one by position, e.g. output=0"
+            )
+        if not -len(output) <= key < len(output):
+            raise IndexError(
+                f"Term(output={key}) is out of range: the {side} returns {kind} outputs"
+            )
+        value = output[key]
+    else:
+        if key is not None:
+            raise ValueError(
+                f"Term(output={key!r}) was given but the {side} returns a plain "
+                f"{type(output).__name__}; leave output=None"
+            )
+        value = output
+    if not isinstance(value, Tensor):
+        where = "" if key is None else f" at output={key!r}"
+        raise TypeError(
+            f"the {side} gives {type(value).__name__}{where}; a term needs a tensor (a model "
+            "may return a tensor, a dict / ModelOutput of tensors, or a tuple of tensors)"
+        )
+    return value
 
 
-def select_target(target: Any, key: str | None) -> Tensor:
+def select_target(target: Any, key: str | int | None) -> Tensor:
     """The labels a term reads: the target itself, or `target[key]` for a multi-task target
     (a dict with one entry per task, keyed like the model's outputs)."""
     if isinstance(target, Mapping):
@@ -113,6 +162,9 @@ def _clone_tree(output: Any) -> Any:
         return output.clone()
     if isinstance(output, Mapping):
         return {key: _clone_tree(value) for key, value in output.items()}
+    if isinstance(output, list | tuple):
+        values = [_clone_tree(value) for value in output]
+        return type(output)(*values) if hasattr(output, "_fields") else type(output)(values)
     return output
 
 
@@ -125,6 +177,21 @@ def _float32(value: Any) -> Any:
     if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
         return value.float()
     return value
+
+
+def _fix(missing: list[str]) -> str:
+    """How to supply what a term missed (the labels, the dataset index)."""
+    hints = []
+    if TARGET in missing:
+        hints.append(
+            "labels come from the batch: (inputs, target) tuples or a dict batch's 'labels'"
+        )
+    if INDEX in missing:
+        hints.append(
+            "the index (each sample's dataset position) comes from kdistill's BatchLoader, "
+            "(inputs, target, index) tuples or a dict batch's 'index'"
+        )
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def _unique_names(terms: Sequence[Term]) -> list[str]:
@@ -199,18 +266,18 @@ class Distiller(nn.Module):
                 taps.close()
 
     # -- forward ----------------------------------------------------------------------------
-    def run_teacher(self, inputs: Tensor) -> tuple[ModelOutput, dict[str, Tensor]]:
+    def run_teacher(self, inputs: Inputs) -> tuple[ModelOutput, dict[str, Tensor]]:
         """Teacher output and tapped features, computed without autograd."""
         assert self.teacher is not None
         if self.teacher_taps is not None:
             self.teacher_taps.clear()
         with torch.inference_mode():
-            output = self.teacher(inputs)
+            output = call_model(self.teacher, inputs)
             features = self.teacher_taps.collect() if self.teacher_taps is not None else {}
         return _clone_tree(output), {k: v.clone() for k, v in features.items()}
 
     @torch.no_grad()
-    def build(self, inputs: Tensor) -> None:
+    def build(self, inputs: Inputs) -> None:
         """Create the connectors, and the parameters of losses that size them from the data
         (a `build(student_value, teacher_value)` method, e.g. CRD's embedding heads), from one
         batch's shapes (no training-mode side effects). Call it before making the optimiser."""
@@ -233,13 +300,15 @@ class Distiller(nn.Module):
 
     def forward(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: Tensor | None = None,
         index: Tensor | None = None,
         teacher_output: ModelOutput | None = None,
         teacher_features: Mapping[str, Tensor] | None = None,
     ) -> DistillOutput:
-        """`teacher_output` / `teacher_features` may come from a cache (the teacher then skips)."""
+        """`inputs`: a tensor, or a dict of keyword arguments (the models run ``model(**inputs)``).
+        `index`: each sample's position in the dataset, for terms that need it (CRD).
+        `teacher_output` / `teacher_features` may come from a cache (the teacher then skips)."""
         sides = self._run_models(inputs, teacher_output, teacher_features)
         extras = {TARGET: target, INDEX: index}
         total: Tensor | None = None
@@ -252,7 +321,9 @@ class Distiller(nn.Module):
                 values[TARGET] = select_target(target, term.output)
             missing = [need for need in term.needs if values.get(need) is None]
             if missing:
-                raise ValueError(f"term {name!r} needs {missing}, which were not given")
+                raise ValueError(
+                    f"term {name!r} needs {missing}, which were not given{_fix(missing)}"
+                )
             try:
                 # losses run in float32 even under autocast (mixed precision): see _float32
                 with torch.autocast(student_value.device.type, enabled=False):
@@ -285,7 +356,7 @@ class Distiller(nn.Module):
                 teacher_output, teacher_features = self.run_teacher(inputs)
         if self.student_taps is not None:
             self.student_taps.clear()
-        student_output = self.student(inputs)
+        student_output = call_model(self.student, inputs)
         student_features = self.student_taps.collect() if self.student_taps is not None else {}
         return student_output, student_features, teacher_output, teacher_features or {}
 
@@ -322,10 +393,7 @@ class Distiller(nn.Module):
         self, name: str, term: Term, student_value: Tensor, teacher_value: Tensor
     ) -> Tensor:
         if name not in self.connectors:
-            if (
-                student_value.dim() == teacher_value.dim()
-                and student_value.shape[1] == teacher_value.shape[1]
-            ):
+            if widths_match(tuple(student_value.shape), tuple(teacher_value.shape)):
                 return student_value
             connector = build_connector(
                 tuple(student_value.shape),

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -133,33 +133,62 @@ def _as_index(indices: Sequence[int] | Tensor, size: int, name: str) -> Tensor:
 Target = Tensor | dict[str, Tensor]
 
 
-def move_to(value: Target, device: torch.device | str, non_blocking: bool = False) -> Target:
-    """A tensor, or a dict of tensors (one target per task), on ``device``."""
-    if isinstance(value, dict):
-        return {key: item.to(device, non_blocking=non_blocking) for key, item in value.items()}
-    return value.to(device, non_blocking=non_blocking)
+def move_to(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """``value`` with every tensor in it on ``device``: a tensor, or dicts, lists and tuples of
+    them nested to any depth (a multi-task target, a dict of model keyword arguments). Anything
+    that is not a tensor (``None``, numbers, strings) is returned as it is."""
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, Mapping):
+        return {key: move_to(item, device, non_blocking) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [move_to(item, device, non_blocking) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def batch_size_of(inputs: Any) -> int | None:
+    """The leading dimension of the first tensor found in ``inputs`` (depth first), or None."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() > 0 else None
+    items = inputs.values() if isinstance(inputs, Mapping) else inputs
+    if isinstance(inputs, Mapping | list | tuple):
+        for item in items:
+            size = batch_size_of(item)
+            if size is not None:
+                return size
+    return None
 
 
 @dataclass(eq=False)
 class Batch:
     """One batch: ``inputs``, ``target`` and ``index`` (int64 positions in the dataset).
 
-    ``target`` is a tensor, or a dict of tensors for multi-task data (``{"seg": …, "det": …}``;
-    a term with ``output="seg"`` reads ``target["seg"]``)."""
+    ``inputs`` is a tensor (the model is called as ``model(inputs)``) or a dict of keyword
+    arguments (``model(**inputs)``, e.g. ``{"input_ids": …, "attention_mask": …}``).
+    ``target`` is a tensor, a dict of tensors for multi-task data (``{"seg": …, "det": …}``;
+    a term with ``output="seg"`` reads ``target["seg"]``), or None when the data has no labels.
+    ``index`` is None when the loader does not say which samples a batch holds (a plain torch
+    ``DataLoader``); the terms and teacher caches that need it then fail with a clear error."""
 
-    inputs: Tensor
-    target: Target
-    index: Tensor
+    inputs: Tensor | dict[str, Any]
+    target: Target | None = None
+    index: Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.index)
+        if self.index is not None:
+            return len(self.index)
+        size = batch_size_of(self.inputs)
+        if size is None:
+            raise TypeError("a batch whose inputs hold no tensor has no length")
+        return size
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with all its tensors moved to ``device``."""
         return Batch(
-            inputs=self.inputs.to(device, non_blocking=non_blocking),
+            inputs=move_to(self.inputs, device, non_blocking),
             target=move_to(self.target, device, non_blocking),
-            index=self.index.to(device, non_blocking=non_blocking),
+            index=move_to(self.index, device, non_blocking),
         )
 
 

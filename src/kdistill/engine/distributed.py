@@ -153,17 +153,36 @@ def cleanup() -> None:
 def shard_loader(loader, world: DistInfo):
     """This rank's share of a single-process loader: the same seeded order, batch / world size.
 
-    `loader.batch_size` is the global batch; it must divide by the number of processes. A loader
-    built with `world_size > 1` is taken as already sharded and returned as it is.
+    - kdistill's `BatchLoader`: `loader.batch_size` is the global batch; it must divide by the
+      number of processes, and the loader is rebuilt for this rank;
+    - a loader built with `world_size > 1` is taken as already sharded and returned as it is;
+    - a torch ``DataLoader`` whose sampler is a ``DistributedSampler`` (for this world size) is
+      already sharded and returned as it is; its `batch_size` is the per-rank batch, and `fit`
+      calls the sampler's `set_epoch` every epoch;
+    - any other loader is refused with a ConfigError saying how to shard it: kdistill does not
+      rebuild a foreign loader (its collate function, workers and sampler are the user's).
     """
     from kdistill.data.arrays import BatchLoader
+    from kdistill.data.batches import distributed_sampler
 
     if world.world_size == 1 or getattr(loader, "world_size", 1) > 1:
         return loader
+    sampler = distributed_sampler(loader)
+    if sampler is not None:
+        if sampler.num_replicas != world.world_size or sampler.rank != world.rank:
+            raise ConfigError(
+                f"the training loader's DistributedSampler has num_replicas={sampler.num_replicas}"
+                f", rank={sampler.rank}, but this is rank {world.rank} of {world.world_size}; "
+                "build it with DistributedSampler(dataset) inside the torchrun process"
+            )
+        return loader
     if not isinstance(loader, BatchLoader):
         raise ConfigError(
-            f"under torchrun the training loader must be a kdistill BatchLoader (fit shards it by "
-            f"rank) or one built with rank= and world_size=; got {type(loader).__name__}"
+            f"under torchrun the training loader must be sharded by rank; got a "
+            f"{type(loader).__name__} without a DistributedSampler. Build it as "
+            "DataLoader(dataset, batch_size=<global batch / number of processes>, "
+            "sampler=DistributedSampler(dataset, shuffle=...)) (fit calls set_epoch), or use "
+            "kdistill's BatchLoader, which fit shards itself"
         )
     if loader.batch_size % world.world_size:
         raise ConfigError(

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.data.arrays import move_to
+from kdistill.data.arrays import Batch, move_to
+from kdistill.data.batches import as_batch, can_restart, iter_batches, set_epoch
 from kdistill.distiller import Distiller
 from kdistill.engine.checkpoint import (
     load_latest_checkpoint,
@@ -42,8 +43,8 @@ from kdistill.engine.distributed import (
 )
 from kdistill.engine.optim import make_optimizer, make_scheduler
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
-from kdistill.engine.preflight import check_before_training
-from kdistill.errors import NonFiniteLossError
+from kdistill.engine.preflight import check_before_training, check_loader
+from kdistill.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger("kdistill")
 
@@ -207,6 +208,13 @@ def _restore(checkpoint_dir, distiller, optimizer, scheduler, label, scaler) -> 
     return progress
 
 
+def _first_batch(loader) -> Batch:
+    """The loader's first batch (for the checks and for sizing connectors), as a `Batch`."""
+    for item in loader:
+        return as_batch(item)
+    raise ConfigError(f"the training loader ({type(loader).__name__}) yields no batches")
+
+
 def fit(
     distiller: Distiller,
     train_loader,
@@ -221,18 +229,32 @@ def fit(
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 
+    `train_loader`: kdistill's `BatchLoader`, a torch ``DataLoader``, or any re-iterable object
+    with a `len()` whose items are ``(inputs, target[, index])`` tuples, dicts of model keyword
+    arguments with the labels under ``"labels"`` (Hugging Face style; the models are called as
+    ``model(**inputs)``), or kdistill `Batch`es (see `kdistill.data.batches.as_batch`). Tensors,
+    nested in dicts, lists and tuples too, are moved to `config.device`. The loader decides the
+    batch size: a `config.batch_size` set explicitly that differs from the loader's is a
+    ConfigError (`engine.preflight.check_loader`). Each epoch starts with the loader's
+    `set_epoch(epoch)`, or its sampler's (torch's ``DistributedSampler``).
+
     `teacher_outputs`: the teacher's outputs for every training sample (offline distillation):
     a tensor (or a dict of tensors) indexed by `batch.index`, or an object whose `lookup(index)`
     returns `(output, features)`; the teacher then does not run during training.
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
-    bit for bit on CPU, as an uninterrupted run.
+    bit for bit on CPU, as an uninterrupted run. Mid-epoch checkpoints
+    (`config.checkpoint_every_steps`) need a loader that can restart at a batch (`iter_from`,
+    as kdistill's `BatchLoader` has); with any other loader they are skipped, with one warning,
+    and a resume restarts at the last epoch boundary.
 
     Before the first step the models run once on the first batch (`engine.preflight`): wrong
     input channels, teacher/student class-count mismatches and out-of-range labels fail here.
     `config.precision` bf16/fp16 runs the forward under autocast (`engine.precision`).
-    Under torchrun (an initialised process group) the loader is sharded by rank with
-    `config.batch_size` as the global batch, the distiller is wrapped in DDP without its teacher,
+    Under torchrun (an initialised process group) a `BatchLoader` is sharded by rank with its
+    batch size as the global batch; a ``DataLoader`` must bring its own ``DistributedSampler``
+    (anything else is a ConfigError, `engine.distributed.shard_loader`); the distiller is
+    wrapped in DDP without its teacher,
     training losses are averaged over ranks, and only rank 0 writes metrics and checkpoints
     (`engine.distributed`).
     """
@@ -241,27 +263,45 @@ def fit(
     check_precision(config.precision, device)
     train_loader = shard_loader(train_loader, world)
     distiller.to(device)
-    first_batch = next(iter(train_loader))
+    first_batch = _first_batch(train_loader)
+    check_loader(train_loader, config, first_batch, label)
     check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
-    distiller.build(first_batch.inputs.to(device))
+    distiller.build(move_to(first_batch.inputs, device))
     model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     scaler = grad_scaler(config.precision, device)
     progress = Progress()
+    restartable = can_restart(train_loader)
+    if checkpoint_dir is not None and config.checkpoint_every_steps and not restartable:
+        log.warning(
+            "%s: the training loader (%s) cannot restart mid-epoch (it has no iter_from), so "
+            "checkpoint_every_steps=%d is ignored: checkpoints are written at epoch ends and a "
+            "resume starts at the last epoch boundary",
+            label,
+            type(train_loader).__name__,
+            config.checkpoint_every_steps,
+        )
     if resume and checkpoint_dir is not None:
         directory = Path(checkpoint_dir)
         if any(directory.glob(f"{CHECKPOINT_NAME}*.safetensors")):
             progress = _restore(directory, distiller, optimizer, scheduler, label, scaler)
+            if progress.step and not restartable:
+                raise ConfigError(
+                    f"{label}: the checkpoint in {directory} was written at step "
+                    f"{progress.step} of epoch {progress.epoch + 1}, but this training loader "
+                    f"({type(train_loader).__name__}) cannot restart mid-epoch; resume with the "
+                    "loader that wrote it (one with iter_from, e.g. kdistill's BatchLoader)"
+                )
 
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
     while progress.epoch < config.epochs:
         epoch = progress.epoch
-        train_loader.set_epoch(epoch)
+        set_epoch(train_loader, epoch)
         distiller.train()
         bar = tqdm(
-            train_loader.iter_from(progress.step),
+            iter_batches(train_loader, progress.step),
             total=steps_per_epoch,
             initial=progress.step,
             desc=f"{label} {epoch + 1}/{config.epochs}",
@@ -269,16 +309,17 @@ def fit(
             leave=False,
             dynamic_ncols=True,
         )
-        for step, batch in enumerate(bar, start=progress.step):
+        for step, item in enumerate(bar, start=progress.step):
+            batch = as_batch(item)
             distiller.set_progress(epoch + step / steps_per_epoch)
             cached_output, cached_features = lookup_teacher(teacher_outputs, batch.index, device)
             error: NonFiniteLossError | None = None
             try:
                 with autocast(config.precision, device):
                     out = model(
-                        batch.inputs.to(device),
+                        move_to(batch.inputs, device),
                         target=move_to(batch.target, device),
-                        index=batch.index.to(device),
+                        index=move_to(batch.index, device),
                         teacher_output=cached_output,
                         teacher_features=cached_features,
                     )
@@ -319,6 +360,7 @@ def fit(
             if (
                 checkpoint_dir is not None
                 and config.checkpoint_every_steps
+                and restartable
                 and progress.step % config.checkpoint_every_steps == 0
                 and progress.step < steps_per_epoch
             ):

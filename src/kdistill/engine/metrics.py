@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.data.arrays import move_to
+from kdistill.data.batches import as_batch, call_model, shard_count
+from kdistill.distiller import select_output
 from kdistill.engine.distributed import all_reduce_sum, info
+from kdistill.errors import ConfigError, DataError
 
 
 class Accuracy:
@@ -40,23 +44,52 @@ class Accuracy:
         return {"accuracy": correct / total, "loss": loss / total}
 
 
+def _check_unsharded(loader, world) -> None:
+    """Evaluation splits an unsharded loader by batch; a loader already sharded by rank (a
+    ``DistributedSampler``, which also pads with repeated samples) would count wrongly."""
+    if world.world_size > 1 and shard_count(loader) > 1:
+        raise ConfigError(
+            f"evaluation loaders must not be sharded by rank ({type(loader).__name__} splits "
+            "each epoch over ranks): each rank already evaluates every W-th batch of the whole "
+            "loader, and a DistributedSampler pads with repeated samples; pass a plain loader"
+        )
+
+
 @torch.no_grad()
 def evaluate_classifier(
-    model: nn.Module, loader, device: str | torch.device = "cpu"
+    model: nn.Module,
+    loader,
+    device: str | torch.device = "cpu",
+    output: str | int | None = None,
 ) -> dict[str, float]:
     """Accuracy and loss of `model` (restored to its previous mode) over `loader`.
 
+    `loader` yields anything `kdistill.data.batches.as_batch` reads (kdistill batches, torch
+    ``DataLoader`` tuples, dicts with ``"labels"``); its batches must carry labels. `output`
+    picks the logits from a model with several outputs (a key, e.g. ``"logits"`` of a Hugging
+    Face ``ModelOutput``, or a tuple position), as `Term(output=...)` does.
     Under torchrun each rank evaluates every W-th batch (rank r the batches r, r+W, …) and the
     counts are summed over ranks, so every rank returns the figures of the whole loader.
     """
     world = info()
+    _check_unsharded(loader, world)
     was_training = model.training
     model.eval()
     metric = Accuracy()
     try:
-        for number, batch in enumerate(loader):
-            if number % world.world_size == world.rank:
-                metric.update(model(batch.inputs.to(device)), batch.target.to(device))
+        for number, item in enumerate(loader):
+            if number % world.world_size != world.rank:
+                continue
+            batch = as_batch(item)
+            if batch.target is None:
+                raise DataError(
+                    "evaluate_classifier needs labels, but the loader's batches carry none; "
+                    "yield (inputs, target) tuples or dicts with a 'labels' key"
+                )
+            logits = select_output(
+                call_model(model, move_to(batch.inputs, device)), output, "model"
+            )
+            metric.update(logits, batch.target.to(device))
     finally:
         model.train(was_training)
     metric.reduce()
@@ -71,8 +104,8 @@ def predict(model: nn.Module, loader, device: str | torch.device = "cpu") -> Ten
     model.eval()
     outputs = []
     try:
-        for batch in loader:
-            output = model(batch.inputs.to(device))
+        for item in loader:
+            output = call_model(model, move_to(as_batch(item).inputs, device))
             if isinstance(output, dict):
                 outputs.append({key: value.float().cpu() for key, value in output.items()})
             else:

@@ -5,19 +5,30 @@ message naming what was wrong — never after an epoch, and never as a silent wr
   number of input channels names the model, its first layer, the expected and the given channels;
 - a term comparing the two models' outputs needs the same number of classes on both sides;
 - every training label must be a valid class index of the student's output (checked over the
-  whole dataset when the loader exposes `dataset.targets`, else on the first batch).
+  whole dataset when the loader exposes `dataset.targets`, else on the first batch);
+- the batches must carry what the terms need: labels for a term reading the target, the dataset
+  index for a term that needs it (CRD) and for stored teacher outputs;
+- the loader itself (`check_loader`): it has a length, can be iterated once per epoch, and its
+  batch size agrees with `TrainConfig.batch_size` when the user set that explicitly.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kdistill.data.arrays import Batch, move_to
+from kdistill.data.batches import call_model, describe_inputs, shard_count
 from kdistill.distiller import Distiller, select_output, select_target
+from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError, DataError
-from kdistill.losses.base import TARGET
+from kdistill.losses.base import INDEX, TARGET
+
+log = logging.getLogger("kdistill")
 
 _LAYERS_WITH_INPUT_CHANNELS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -27,8 +38,9 @@ def _in_channels(layer: nn.Module) -> int:
 
 
 @torch.no_grad()
-def run_checked(model: nn.Module, inputs: Tensor, side: str) -> Any:
-    """`model(inputs)` in eval mode; a failure raises ConfigError naming the model and shapes.
+def run_checked(model: nn.Module, inputs: Tensor | Mapping[str, Any], side: str) -> Any:
+    """`model(inputs)` (``model(**inputs)`` for a dict) in eval mode; a failure raises
+    ConfigError naming the model and shapes.
 
     When the first weighted layer the model called expects another number of input channels
     than the batch has, the message says so (the usual cause: RGB model, grey-scale data).
@@ -48,9 +60,14 @@ def run_checked(model: nn.Module, inputs: Tensor, side: str) -> Any:
     was_training = model.training
     model.eval()
     try:
-        return model(inputs)
+        return call_model(model, inputs)
     except (RuntimeError, ValueError, TypeError) as error:
         model_name = type(model).__name__
+        if not isinstance(inputs, Tensor):
+            raise ConfigError(
+                f"the {side} ({model_name}) cannot process a training batch "
+                f"{describe_inputs(inputs)} given as {side}(**batch): {error}"
+            ) from error
         shape = tuple(inputs.shape)
         given = shape[1] if inputs.dim() > 1 else None
         if first and given is not None and _in_channels(first[0]) != given:
@@ -87,7 +104,8 @@ def check_before_training(
     distiller: Distiller, batch, loader, device: torch.device, teacher_outputs=None
 ) -> None:
     """Run the checks listed in the module docstring; raise ConfigError / DataError on a defect."""
-    inputs = batch.inputs.to(device)
+    check_batch_carries(distiller, batch, teacher_outputs)
+    inputs = move_to(batch.inputs, device)
     student_output = run_checked(distiller.student, inputs, "student")
     teacher_output = None
     if distiller.needs_teacher:
@@ -117,6 +135,81 @@ def check_before_training(
             and getattr(term.loss, "target_is_class_index", True)
         ):
             check_labels(loader, batch, student_classes, name, term.output)
+
+
+def check_batch_carries(distiller: Distiller, batch: Batch, teacher_outputs=None) -> None:
+    """The batch holds the labels and the dataset index that the terms (and stored teacher
+    outputs) read; ConfigError naming the term and where such data comes from otherwise."""
+    if batch.index is None:
+        users = [n for n, t in zip(distiller.term_names, distiller.terms) if INDEX in t.needs]
+        if users or teacher_outputs is not None:
+            needs = f"terms {users}" if users else "stored teacher outputs (teacher_outputs=)"
+            raise ConfigError(
+                f"{needs} need each sample's dataset index, but the loader's batches carry "
+                "none; yield (inputs, target, index) tuples (a Dataset returning "
+                "(x, y, i)), a dict batch with an 'index' key, or use kdistill's BatchLoader"
+            )
+    if batch.target is None:
+        users = [n for n, t in zip(distiller.term_names, distiller.terms) if TARGET in t.needs]
+        if users:
+            raise ConfigError(
+                f"terms {users} need labels, but the loader's batches carry none; yield "
+                "(inputs, target) tuples or a dict batch with a 'labels' key"
+            )
+
+
+def check_loader(loader: Any, config: TrainConfig, first_batch: Batch, label: str) -> None:
+    """The training loader can be read once per epoch, and its batch size is the one asked for.
+
+    - it needs `len()` (batches per epoch: the learning-rate schedule is laid out from it);
+    - a one-shot iterator (a generator) is refused: epoch 2 would silently see no data;
+    - `TrainConfig.batch_size` is never silently ignored. When the user set it explicitly
+      (``"batch_size" in config.model_fields_set``) and the loader states another global batch
+      (its `batch_size` × the number of shards it splits an epoch into), that is a ConfigError
+      naming both; a loader that states no `batch_size` is compared through its first batch,
+      with a warning only (a short last or only batch is legitimate). When the user did not
+      set it, the loader's batch size is used and logged.
+    """
+    name = type(loader).__name__
+    if isinstance(loader, Iterator):
+        raise ConfigError(
+            f"the training loader is a one-shot iterator ({name}): it would be empty after the "
+            "first epoch; pass a DataLoader, a list of batches or another re-iterable object"
+        )
+    try:
+        len(loader)
+    except TypeError as error:
+        raise ConfigError(
+            f"the training loader ({name}) has no len(): fit needs the number of batches per "
+            "epoch for the learning-rate schedule; use a DataLoader over a map-style Dataset "
+            "(or an IterableDataset with __len__), or a list of batches"
+        ) from error
+    shards = shard_count(loader)
+    stated = getattr(loader, "batch_size", None)
+    explicit = "batch_size" in config.model_fields_set
+    if isinstance(stated, int):
+        loader_batch = stated * shards
+        where = f"batch_size={stated}" + (f" × {shards} ranks" if shards > 1 else "")
+        if explicit and loader_batch != config.batch_size:
+            raise ConfigError(
+                f"{label}: TrainConfig(batch_size={config.batch_size}) but the training loader "
+                f"({name}) gives batches of {loader_batch} ({where}); the loader decides the "
+                f"batch, so build it with batch_size={config.batch_size // shards} or leave "
+                "TrainConfig.batch_size unset"
+            )
+    else:
+        loader_batch = len(first_batch) * shards
+        if explicit and loader_batch != config.batch_size:
+            log.warning(
+                "%s: TrainConfig(batch_size=%d) but the training loader's (%s) first batch holds "
+                "%d samples; the loader decides the batch size",
+                label,
+                config.batch_size,
+                name,
+                loader_batch,
+            )
+    if not explicit:
+        log.info("%s: batch size %d, from the training loader (%s)", label, loader_batch, name)
 
 
 def check_labels(loader, batch, num_classes: int, term: str, key: str | None = None) -> None:

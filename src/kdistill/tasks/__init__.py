@@ -17,7 +17,7 @@ import importlib
 from typing import Any
 
 from kdistill.registry import unknown_name_message
-from kdistill.tasks.base import Metric, Task, evaluate, forward, metric_label, primary_metric
+from kdistill.tasks.base import Metric, Task, evaluate, metric_label, primary_metric
 from kdistill.tasks.classification import ClassificationTask
 from kdistill.tasks.composite import CompositeTask
 from kdistill.tasks.detection import DetectionTask
@@ -105,7 +105,6 @@ __all__ = [
     "SegmentationTask",
     "Task",
     "evaluate",
-    "forward",
     "get_task",
     "metric_label",
     "multitask",

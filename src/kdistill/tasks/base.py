@@ -22,6 +22,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from kdistill.data.arrays import move_to
+from kdistill.data.batches import as_batch, call_model
+
 
 class Metric(Protocol):
     """Accumulates one model's outputs over an evaluation set."""
@@ -67,21 +70,6 @@ def metric_label(task: Task, metric: str) -> str:
     return task.labels.get(metric, metric)
 
 
-def forward(model: nn.Module, inputs: Any) -> Any:
-    """`model(**inputs)` for keyword batches (a dict), `model(inputs)` otherwise."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _to(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to(item, device) for key, item in value.items()}
-    return value
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, task: Task, device: str | torch.device = "cpu"
@@ -95,16 +83,17 @@ def evaluate(
     from kdistill.engine.distributed import info
 
     world = info()
-    metric = task.new_metric(model, loader.dataset)
+    metric = task.new_metric(model, getattr(loader, "dataset", None))
     step = world.world_size if metric.shardable else 1
     offset = world.rank if metric.shardable else 0
     was_training = model.training
     model.eval()
     try:
-        for number, batch in enumerate(loader):
+        for number, raw in enumerate(loader):
             if number % step == offset:
-                output = forward(model, _to(batch.inputs, device))
-                metric.update(output, _to(batch.target, device))
+                batch = as_batch(raw)
+                output = call_model(model, move_to(batch.inputs, device))
+                metric.update(output, move_to(batch.target, device))
     finally:
         model.train(was_training)
     if metric.shardable:
