@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.data.arrays import ArrayDataset, Batch, BatchLoader, split_train_val, take
+from kdistill.data.batches import as_batch
 from kdistill.data.digits import DIGITS_CLASSES, load_digits
 from kdistill.data.fashion_mnist import (
     DEFAULT_FASHION_MNIST_DIRS,
@@ -26,6 +27,7 @@ from kdistill.data.scenes import SceneDataset, fashion_mnist_scenes, make_scenes
 from kdistill.registry import Registry
 
 __all__ = [
+    "as_batch",
     "DATASETS",
     "DEFAULT_FASHION_MNIST_DIRS",
     "DIGITS_CLASSES",

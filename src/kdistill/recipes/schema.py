@@ -115,7 +115,9 @@ class TermSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     student: str | None = None
     teacher: str | None = None
-    output: str | None = None
+    output: str | int | None = Field(
+        None, description="which model output a term reads: a dict key, or a tuple position"
+    )
     warmup_epochs: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
