@@ -7,6 +7,7 @@ reports `out.parts`. Features are plain flags on `TrainConfig`, not callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -207,6 +208,21 @@ def _restore(checkpoint_dir, distiller, optimizer, scheduler, label, scaler) -> 
     return progress
 
 
+def _detach_on_return(function):
+    """`fit` leaves no kdistill hook on the models, whether it returns or raises: the trained
+    student pickles and scripts; the distiller puts its taps back on its next forward."""
+
+    @functools.wraps(function)
+    def wrapper(distiller: Distiller, *args, **kwargs):
+        try:
+            return function(distiller, *args, **kwargs)
+        finally:
+            distiller.detach()
+
+    return wrapper
+
+
+@_detach_on_return
 def fit(
     distiller: Distiller,
     train_loader,
@@ -243,7 +259,7 @@ def fit(
     distiller.to(device)
     first_batch = next(iter(train_loader))
     check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
-    distiller.build(first_batch.inputs.to(device))
+    distiller.build(first_batch.inputs.to(device), optimiser_follows=True)
     model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
