@@ -3,15 +3,31 @@
     loss = Σ_i  w_i · ramp_i · loss_i(student side, teacher side[, target][, index])
 
 A term reads each side from the model output (a tensor, one key of a dict output such as a Hugging
-Face ``ModelOutput``, or one item of a tuple output) or from a layer tapped by name. The inputs
-are a tensor (``model(inputs)``) or a dict of keyword arguments (``model(**inputs)``).
-The teacher is kept frozen: eval mode whatever `.train()` is called with, parameters without
-gradients, forward under `torch.inference_mode`.
+Face ``ModelOutput``, or one item of a tuple output) or from a layer tapped by name (a copy of the
+layer's own output, see `kdistill.taps`). The inputs are a tensor (``model(inputs)``) or a dict of
+keyword arguments (``model(**inputs)``). The teacher is kept
+frozen: parameters without gradients, forward under `torch.inference_mode`, and eval mode on
+every forward — whatever `.train()` was called on it or on any of its submodules since, the
+teacher and all its submodules are put back in eval mode before it runs (BatchNorm statistics
+never drift, dropout never randomises its outputs). Floating-point inputs whose dtype differs
+from the teacher's parameters (a bf16 or float64 teacher, float32 data) are cast to the
+teacher's dtype for its forward — the cast a user would write; float32 → float64 is exact.
+
+Parameters that appear on the first forward (connectors, loss-owned heads such as CRD's) are made
+by `build(example_inputs)`, which must run before an optimiser reads the parameter list. Once
+`parameters()`, `named_parameters()` or `trainable_parameters()` has been read, a parameter that
+a forward would create is an error (`LateParameterError`, naming the term, the layers and the
+fix), never a parameter the optimiser silently does not train.
+
+The taps' hooks stay on the models while the distiller works; `detach()` (or `close()`) removes
+them, and the next forward puts them back. `kd.fit` detaches on return, so a trained student
+pickles and scripts as if it was never tapped.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +37,7 @@ from torch import Tensor, nn
 
 from kdistill.connectors import align_spatial, build_connector, widths_match
 from kdistill.data.batches import call_model
-from kdistill.errors import NonFiniteLossError
+from kdistill.errors import LateParameterError, NonFiniteLossError
 from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
 from kdistill.taps import Taps
 
@@ -194,6 +210,34 @@ def _fix(missing: list[str]) -> str:
     return "; " + "; ".join(hints) if hints else ""
 
 
+def _parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _count_parameters(module: nn.Module) -> int:
+    return sum(1 for _ in module.parameters())
+
+
+def _dtype_error(model: nn.Module, side: str, inputs: Any, error: Exception) -> TypeError | None:
+    """A one-line explanation of a failed forward when the inputs' floating dtype differs from
+    the model's parameters (PyTorch's own message names neither the model nor the fix)."""
+    dtype = _parameter_dtype(model)
+    if not (
+        isinstance(inputs, Tensor)
+        and inputs.is_floating_point()
+        and dtype is not None
+        and inputs.dtype != dtype
+        and "type" in str(error).lower()
+    ):
+        return None
+    return TypeError(
+        f"the {side} ({type(model).__name__}) has {dtype} parameters but the inputs are "
+        f"{inputs.dtype}: cast one to the other ({side}.to({inputs.dtype}), or pass "
+        f"inputs.to({dtype}))"
+    )
+
+
 def _unique_names(terms: Sequence[Term]) -> list[str]:
     names: list[str] = []
     for term in terms:
@@ -233,6 +277,8 @@ class Distiller(nn.Module):
         self.connectors = nn.ModuleDict()
         self.check_finite = check_finite
         self.progress_epochs = 0.0
+        self._parameters_read = False  # by an optimiser, perhaps: see LateParameterError
+        self._building = False
         student_layers = [t.student for t in self.terms if t.student is not None]
         teacher_layers = [t.teacher for t in self.terms if t.teacher is not None and t.uses_teacher]
         self.student_taps = Taps(student, student_layers, "student") if student_layers else None
@@ -248,8 +294,19 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def named_parameters(self, *args, **kwargs):
+        """As `nn.Module.named_parameters` (and `parameters`, which calls it); from now on a
+        forward that would create a parameter raises `LateParameterError`."""
+        self._parameters_read = True
+        return super().named_parameters(*args, **kwargs)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student, connector and loss-owned parameters (e.g. embedding heads); not the teacher."""
+        """Student, connector and loss-owned parameters (e.g. embedding heads); not the teacher.
+
+        Call `build(example_inputs)` first when connectors or loss heads are sized from the data:
+        after this call, a forward that would create a parameter raises `LateParameterError`.
+        """
+        self._parameters_read = True
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.connectors.parameters() if p.requires_grad]
         params += [p for p in self.losses.parameters() if p.requires_grad]
@@ -259,28 +316,58 @@ class Distiller(nn.Module):
         """Training progress in epochs (fractional), for the terms' warm-up ramps."""
         self.progress_epochs = float(epochs)
 
-    def close(self) -> None:
-        """Remove every forward hook this distiller put on the models."""
+    def detach(self) -> None:
+        """Remove every forward hook this distiller put on the models (they then pickle and
+        script as if never tapped); the next forward of the distiller puts them back."""
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
-                taps.close()
+                taps.detach()
+
+    def close(self) -> None:
+        """Remove every forward hook this distiller put on the models (as `detach`)."""
+        self.detach()
 
     # -- forward ----------------------------------------------------------------------------
-    def run_teacher(self, inputs: Inputs) -> tuple[ModelOutput, dict[str, Tensor]]:
-        """Teacher output and tapped features, computed without autograd."""
+    def _freeze_teacher(self) -> None:
+        """Eval mode for the teacher and every submodule, whatever was called on them since."""
         assert self.teacher is not None
+        if any(module.training for module in self.teacher.modules()):
+            self.teacher.eval()
+
+    def run_teacher(self, inputs: Inputs) -> tuple[ModelOutput, dict[str, Tensor]]:
+        """Teacher output and tapped features, computed without autograd, in eval mode.
+
+        Floating-point `inputs` of another dtype than the teacher's parameters are cast to it.
+        """
+        assert self.teacher is not None
+        self._freeze_teacher()
+        dtype = _parameter_dtype(self.teacher)
+        if (
+            isinstance(inputs, Tensor)
+            and inputs.is_floating_point()
+            and dtype is not None
+            and inputs.dtype != dtype
+        ):
+            inputs = inputs.to(dtype)
         if self.teacher_taps is not None:
+            self.teacher_taps.attach()
             self.teacher_taps.clear()
         with torch.inference_mode():
             output = call_model(self.teacher, inputs)
+            # the taps hand over copies that are already normal (not inference-mode) tensors
             features = self.teacher_taps.collect() if self.teacher_taps is not None else {}
-        return _clone_tree(output), {k: v.clone() for k, v in features.items()}
+        return _clone_tree(output), features
 
     @torch.no_grad()
-    def build(self, inputs: Inputs) -> None:
+    def build(self, inputs: Inputs, *, optimiser_follows: bool = False) -> None:
         """Create the connectors, and the parameters of losses that size them from the data
         (a `build(student_value, teacher_value)` method, e.g. CRD's embedding heads), from one
-        batch's shapes (no training-mode side effects). Call it before making the optimiser."""
+        batch's shapes (no training-mode side effects). Call it before making the optimiser.
+
+        When the parameter list was read before this call and it creates parameters, a warning
+        says that an optimiser made from that list does not train them, unless the caller says
+        `optimiser_follows=True` (it makes its optimiser afterwards, as `kd.fit` does).
+        """
 
         def sized_on_data(loss) -> bool:
             return getattr(loss, "uses_connector", False) or callable(getattr(loss, "build", None))
@@ -288,7 +375,9 @@ class Distiller(nn.Module):
         if not any(sized_on_data(term.loss) for term in self.terms):
             return
         was_training = self.training
+        before = _count_parameters(self.connectors) + _count_parameters(self.losses)
         self.eval()
+        self._building = True
         try:
             sides = self._run_models(inputs, None, None)
             for name, term in zip(self.term_names, self.terms):
@@ -296,7 +385,16 @@ class Distiller(nn.Module):
                 if callable(getattr(term.loss, "build", None)):
                     term.loss.build(_float32(student_value), _float32(teacher_value))
         finally:
+            self._building = False
             self.train(was_training)
+        created = _count_parameters(self.connectors) + _count_parameters(self.losses) - before
+        if created and self._parameters_read and not optimiser_follows:
+            warnings.warn(
+                f"Distiller.build created {created} parameter tensors (connectors / loss heads) "
+                "after the distiller's parameters were read; an optimiser made before this call "
+                "does not train them: make the optimiser after build()",
+                stacklevel=2,
+            )
 
     def forward(
         self,
@@ -324,12 +422,23 @@ class Distiller(nn.Module):
                 raise ValueError(
                     f"term {name!r} needs {missing}, which were not given{_fix(missing)}"
                 )
+            guard = self._parameters_read and not self._building
+            before = _count_parameters(term.loss) if guard else 0
             try:
                 # losses run in float32 even under autocast (mixed precision): see _float32
                 with torch.autocast(student_value.device.type, enabled=False):
                     value = term.loss(*(_float32(values[need]) for need in term.needs))
             except (ValueError, RuntimeError) as error:
                 raise type(error)(f"term {self._describe(name, term)}: {error}") from error
+            if guard and _count_parameters(term.loss) != before:
+                shapes = [tuple(p.shape) for p in term.loss.parameters()]
+                raise LateParameterError(
+                    f"term {self._describe(name, term)}: the loss "
+                    f"{type(term.loss).__name__} created parameters {shapes} on this forward, "
+                    "after the distiller's parameters were read (by an optimiser?), which then "
+                    "does not train them; call distiller.build(example_inputs) before creating "
+                    "the optimiser"
+                )
             weight = term.weight * term.ramp(self.progress_epochs)
             raw = float(value.detach())
             if self.check_finite and not math.isfinite(raw):
@@ -355,8 +464,15 @@ class Distiller(nn.Module):
             if teacher_output is None or not have_features:
                 teacher_output, teacher_features = self.run_teacher(inputs)
         if self.student_taps is not None:
+            self.student_taps.attach()
             self.student_taps.clear()
-        student_output = call_model(self.student, inputs)
+        try:
+            student_output = call_model(self.student, inputs)
+        except RuntimeError as error:
+            explained = _dtype_error(self.student, "student", inputs, error)
+            if explained is None:
+                raise
+            raise explained from error
         student_features = self.student_taps.collect() if self.student_taps is not None else {}
         return student_output, student_features, teacher_output, teacher_features or {}
 
@@ -401,6 +517,15 @@ class Distiller(nn.Module):
                 term.student or "output",
                 term.teacher or "output",
             )
+            if self._parameters_read and not self._building and _count_parameters(connector):
+                shapes = ", ".join(str(tuple(p.shape)) for p in connector.parameters())
+                raise LateParameterError(
+                    f"term {self._describe(name, term)} needs a connector from the student's "
+                    f"{tuple(student_value.shape)} to the teacher's {tuple(teacher_value.shape)} "
+                    f"(parameters {shapes}), made on this first forward, after the distiller's "
+                    "parameters were read (by an optimiser?), which would never train it; call "
+                    "distiller.build(example_inputs) before creating the optimiser"
+                )
             connector = connector.to(device=student_value.device, dtype=student_value.dtype)
             self.connectors[name] = connector.train(self.training)
         return self.connectors[name](student_value)

@@ -37,3 +37,9 @@ class NonFiniteLossError(KdistillError, FloatingPointError):
 class CacheError(KdistillError, ValueError):
     """A teacher-output cache is stale, mismatched, incomplete or corrupt; the message says what
     differs (teacher weights, dataset, dtype, layers, top-k) or which file is bad."""
+
+
+class LateParameterError(KdistillError, RuntimeError):
+    """A forward would create a parameter (a connector, a loss's head) after the parameter list
+    was read, by an optimiser perhaps, which would then never train it; the message names the
+    term, its layers and the fix (`Distiller.build(example_inputs)` before the optimiser)."""

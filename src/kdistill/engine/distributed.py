@@ -98,10 +98,33 @@ def is_main_process() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
-    """The device of this process: under torchrun, ``"cuda"`` means GPU ``LOCAL_RANK``."""
-    resolved = torch.device(device)
+    """The device of this process: under torchrun, ``"cuda"`` means GPU ``LOCAL_RANK``.
+
+    Raises ConfigError (naming `train.device` and the fix) for a name torch does not know, and
+    for a CUDA device this machine does not have — before any model or tensor is moved.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(
+            f"train.device: {device!r} is not a device name torch knows "
+            f"({str(error).splitlines()[0]}); use 'cpu', 'cuda' or 'cuda:<index>'"
+        ) from error
     if resolved.type == "cuda" and resolved.index is None and is_distributed():
-        return torch.device("cuda", info().local_rank)
+        resolved = torch.device("cuda", info().local_rank)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device is {device!r}, but torch finds no CUDA device on this machine "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                "set train.device: cpu (on the command line: --set train.device=cpu)"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"train.device is {device!r}, but this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}; pick one of them"
+            )
     return resolved
 
 

@@ -7,6 +7,7 @@ reports `out.parts`. Features are plain flags on `TrainConfig`, not callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -215,6 +216,21 @@ def _first_batch(loader) -> Batch:
     raise ConfigError(f"the training loader ({type(loader).__name__}) yields no batches")
 
 
+def _detach_on_return(function):
+    """`fit` leaves no kdistill hook on the models, whether it returns or raises: the trained
+    student pickles and scripts; the distiller puts its taps back on its next forward."""
+
+    @functools.wraps(function)
+    def wrapper(distiller: Distiller, *args, **kwargs):
+        try:
+            return function(distiller, *args, **kwargs)
+        finally:
+            distiller.detach()
+
+    return wrapper
+
+
+@_detach_on_return
 def fit(
     distiller: Distiller,
     train_loader,
@@ -266,7 +282,7 @@ def fit(
     first_batch = _first_batch(train_loader)
     check_loader(train_loader, config, first_batch, label)
     check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
-    distiller.build(move_to(first_batch.inputs, device))
+    distiller.build(move_to(first_batch.inputs, device), optimiser_follows=True)
     model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
