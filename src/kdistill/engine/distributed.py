@@ -18,6 +18,7 @@ Conventions the engine follows (see `kdistill.engine.loop.fit`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -131,6 +132,20 @@ def all_gather(tensor: Tensor) -> list[Tensor]:
     return [part.to(tensor.device) for part in parts]
 
 
+def all_gather_rows(tensor: Tensor) -> tuple[Tensor, list[int]]:
+    """Every rank's `tensor` concatenated along dimension 0 in rank order, and each rank's row
+    count; the ranks may hold different numbers of rows (the other dimensions and the dtype
+    must agree). In a single process: `tensor` itself and ``[len(tensor)]``."""
+    if not is_distributed():
+        return tensor, [tensor.shape[0]]
+    counts = [int(c) for c in all_gather(torch.tensor([tensor.shape[0]], device=tensor.device))]
+    most = max(counts)
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = all_gather(padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]), counts
+
+
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on at least one rank (every rank gets the same answer)."""
     if not is_distributed():
@@ -181,6 +196,54 @@ def shard_loader(loader, world: DistInfo):
     )
 
 
+class _LossOnlyOutput(torch.nn.Module):
+    """What DDP wraps: the distiller, its output's model outputs detached from the graph.
+
+    DDP with ``find_unused_parameters`` walks the autograd graph from every tensor the forward
+    returns to learn which parameters will get a gradient. The model outputs reach parameters
+    that the loss may not (the head of a dict output that no term reads), and DDP would then wait
+    for gradients that never come; only `loss` keeps its graph (the loop reads `loss` and
+    `parts`, nothing else).
+    """
+
+    def __init__(self, distiller: torch.nn.Module):
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, *args, **kwargs):
+        out = self.distiller(*args, **kwargs)
+        if dataclasses.is_dataclass(out) and hasattr(out, "student_output"):
+            out = dataclasses.replace(
+                out,
+                student_output=_detached(out.student_output),
+                teacher_output=_detached(out.teacher_output),
+            )
+        return out
+
+
+def _detached(value):
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(item) for item in value)
+    return value
+
+
+def _buffers_synced_by_losses(distiller: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """(name, buffer) of the loss modules that keep their buffers equal on every rank themselves
+    (class attribute ``syncs_buffers_across_ranks``, e.g. CRD's memory banks)."""
+    losses = getattr(distiller, "losses", None)
+    if losses is None:
+        return []
+    found = []
+    for prefix, module in losses.named_modules(prefix="losses"):
+        if getattr(module, "syncs_buffers_across_ranks", False):
+            found += [(f"{prefix}.{name}", b) for name, b in module.named_buffers()]
+    return found
+
+
 def wrap_ddp(distiller: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`distiller` in DistributedDataParallel with its teacher left out (replicated, frozen).
 
@@ -188,15 +251,38 @@ def wrap_ddp(distiller: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     averages their gradients in every backward; the teacher's parameters and buffers are neither
     broadcast nor reduced. Connectors must exist (`Distiller.build`) before wrapping. In a single
     process the distiller itself is returned.
+
+    Parameters without a gradient: an objective may leave student, connector or loss parameters
+    out of the loss, always (FitNets hint training: the classifier) or on some steps only (a
+    term that needs a sample the rank's share may lack). DDP runs with
+    ``find_unused_parameters=True``: each backward it marks the parameters the loss does not
+    reach and reduces the others, so a parameter no rank used keeps ``grad = None`` (the
+    optimiser skips it, as in one process) and one used on some ranks only gets the average with
+    zeros from the others — the single-process gradient of a per-sample mean. The price is one
+    walk of the autograd graph per step (see the README's DDP section for the measured cost).
+
+    Buffers of losses with ``syncs_buffers_across_ranks`` (CRD's memory banks, which every rank
+    updates with every rank's embeddings) are broadcast from rank 0 once here, then left out of
+    DDP's per-step buffer broadcast (which would copy the whole bank every step).
     """
     if not is_distributed():
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
+    ignored = []
     teacher = getattr(distiller, "teacher", None)
     if teacher is not None:
-        ignored = [f"teacher.{name}" for name, _ in teacher.named_parameters()]
+        ignored += [f"teacher.{name}" for name, _ in teacher.named_parameters()]
         ignored += [f"teacher.{name}" for name, _ in teacher.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+    for name, buffer in _buffers_synced_by_losses(distiller):
+        work = buffer.detach().to(_collective_device(), copy=True)
+        dist.broadcast(work, src=0)
+        with torch.no_grad():
+            buffer.copy_(work.to(buffer.device))
+        ignored.append(name)
+    wrapped = _LossOnlyOutput(distiller)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        wrapped, [f"distiller.{name}" for name in ignored]
+    )
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(distiller, device_ids=device_ids)
+    return DistributedDataParallel(wrapped, device_ids=device_ids, find_unused_parameters=True)
