@@ -369,3 +369,60 @@ def test_two_ranks_train_objectives_that_leave_parameters_without_gradient(tmp_p
         assert record["hint"]["connectors"] == ["fitnet"]  # 2 → 5 channels
         assert record["sometimes"]["aux_untouched"]
         assert record["sometimes"]["scale"] != 1.0  # trained on the steps that used it
+
+
+CRD_WORKER = """
+import json, sys
+import torch
+from torch import nn
+from kdistill.data.arrays import ArrayDataset, BatchLoader
+from kdistill.distiller import Distiller, Term
+from kdistill.engine import TrainConfig, fit
+from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
+from kdistill.losses import CE, CRD
+
+init_distributed("cpu")
+world = info()
+generator = torch.Generator().manual_seed(0)
+data = ArrayDataset(torch.randn(64, 1, 2, 2, generator=generator), torch.arange(64) % 3,
+                    ["a", "b", "c"], "toy")
+torch.manual_seed(0)  # the same global RNG on every rank: the same negatives draw
+teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+student = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+crd = CRD(3, 6, feature_dim=4, num_samples=64, num_negatives=8, nce_temperature=0.5)
+if world.rank == 1:  # the banks must start from rank 0's
+    crd.memory_student.mul_(-1.0)
+distiller = Distiller(teacher, student, [Term(CE()), Term(crd, 0.5, student="2", teacher="2")])
+config = TrainConfig(epochs=2, batch_size=16, lr=0.05, progress=False)
+banks_before = torch.cat([crd.memory_student, crd.memory_teacher]).clone()
+fit(distiller, BatchLoader(data, batch_size=16, shuffle=True, seed=5), config)
+weights = torch.cat([p.detach().reshape(-1) for p in distiller.trainable_parameters()])
+banks = torch.cat([crd.memory_student, crd.memory_teacher])
+state = torch.cat([weights, banks.flatten(), crd.log_z])
+record = {
+    "world": world.world_size,
+    "same_on_every_rank": all(torch.equal(s, state) for s in all_gather(state)),
+    "weights": weights.tolist(),
+    "banks": banks.tolist(),
+    "log_z": crd.log_z.tolist(),
+    "rows_written": int((banks != banks_before).any(dim=1).sum()),
+}
+with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as handle:
+    json.dump(record, handle)
+cleanup()
+"""
+
+
+def test_crd_banks_under_two_ranks_hold_every_ranks_updates(tmp_path):
+    """CRD under DDP: every rank writes every rank's embeddings into the memory banks, so after
+    2 shuffled epochs the banks, Z and the weights of 2 ranks equal one process's with the same
+    global batch (the negatives are drawn for the global batch, row r for the r-th smallest
+    dataset index), and are identical, bit for bit, on the two ranks."""
+    alone, ranks = run_worker_both_ways(tmp_path, CRD_WORKER)
+    assert alone["rows_written"] == 2 * 64  # every sample of both banks was written
+    for record in ranks:
+        assert record["same_on_every_rank"]
+        for key in ("banks", "log_z", "weights"):
+            torch.testing.assert_close(
+                torch.tensor(record[key]), torch.tensor(alone[key]), atol=1e-5, rtol=1e-4, msg=key
+            )
