@@ -155,10 +155,12 @@ def method_terms(
     alpha = settings.get("alpha", distill.alpha)
     terms = []
     if alpha < 1:
-        terms.append(Term(create_loss(distill.hard_loss), weight=1 - alpha, name="hard"))
+        hard = create_loss(distill.hard_loss, **void_label(distill.hard_loss, {}, distill))
+        terms.append(Term(hard, weight=1 - alpha, name="hard"))
     for spec in distill.methods[method]:
         accepted = loss_parameters(spec.loss)
         params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+        params.update(void_label(spec.loss, params, distill))
         if "num_samples" in accepted and "num_samples" not in params:
             if num_samples is None:
                 raise ValueError(f"loss {spec.loss!r} needs num_samples (the dataset size)")
@@ -176,12 +178,24 @@ def method_terms(
     return terms
 
 
-def soft_loss(spec, settings: dict) -> nn.Module:
-    """The loss of a recipe term, with the grid settings it takes applied."""
+def void_label(loss: str, params: dict, distill: DistillSpec) -> dict:
+    """``{"ignore_index": distill.ignore_index}`` for a loss that takes it (CE, PixelKD, CWD)
+    when the recipe sets one and the term's params do not; else ``{}``."""
+    if distill.ignore_index is None or "ignore_index" in params:
+        return {}
+    if "ignore_index" not in loss_parameters(loss):
+        return {}
+    return {"ignore_index": distill.ignore_index}
+
+
+def soft_loss(spec, settings: dict, distill: DistillSpec | None = None) -> nn.Module:
+    """The loss of a recipe term, with the grid settings it takes applied (and the recipe's
+    void label, when `distill` is given)."""
     accepted = loss_parameters(spec.loss)
-    return create_loss(
-        spec.loss, **spec.params, **{k: v for k, v in settings.items() if k in accepted}
-    )
+    params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+    if distill is not None:
+        params.update(void_label(spec.loss, params, distill))
+    return create_loss(spec.loss, **params)
 
 
 def multitask_method_terms(distill: DistillSpec, method: str | None, settings: dict) -> list[Term]:
@@ -196,8 +210,8 @@ def multitask_method_terms(distill: DistillSpec, method: str | None, settings: d
         for key in ("seg", "det")
     }
     terms = multitask_terms(
-        create_loss(mix.seg_hard_loss),
-        soft_loss(soft["seg"], settings) if "seg" in soft else None,
+        create_loss(mix.seg_hard_loss, **void_label(mix.seg_hard_loss, {}, distill)),
+        soft_loss(soft["seg"], settings, distill) if "seg" in soft else None,
         create_loss(mix.det_hard_loss),
         soft_loss(soft["det"], settings) if "det" in soft else None,
         alpha_seg=alpha["seg"],
@@ -217,7 +231,8 @@ def alone_terms(recipe: Recipe) -> list[Term]:
     """The student trained alone: the hard loss (of each task)."""
     if recipe.task == "multitask":
         return multitask_method_terms(recipe.distill, None, {})
-    return [Term(create_loss(recipe.distill.hard_loss), name="hard")]
+    hard = recipe.distill.hard_loss
+    return [Term(create_loss(hard, **void_label(hard, {}, recipe.distill)), name="hard")]
 
 
 def describe_metrics(metrics: dict[str, float]) -> str:
@@ -300,7 +315,8 @@ class Experiment:
         """model → the task's metrics on `data` (`tasks.evaluate_task`)."""
         loader = self.loader(data, 0, EVAL_BATCH, shuffle=False)
         device = self.recipe.train.device
-        return lambda model: evaluate_task(model, loader, self.recipe.task, device)
+        void = self.recipe.distill.ignore_index
+        return lambda model: evaluate_task(model, loader, self.recipe.task, device, void)
 
     @property
     def metric(self) -> str:

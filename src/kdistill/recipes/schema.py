@@ -192,6 +192,12 @@ class DistillSpec(Strict):
     teacher_cache_topk: int | None = Field(
         None, ge=1, description="a disk cache keeps only the k largest logits (approximate)"
     )
+    ignore_index: int | None = Field(
+        None,
+        description="label of void pixels in the masks (255 for VOC / Cityscapes): left out of "
+        "the hard loss, of the soft terms that take it (pixel_kd, cwd) and of mIoU / pixel "
+        "accuracy (task segmentation or multitask)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -313,6 +319,15 @@ class Recipe(Strict):
                         f"distill.methods.{method}: multitask methods distil the outputs; "
                         "layer taps (student/teacher) are not supported there"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def ignore_index_needs_masks(self) -> Recipe:
+        if self.distill.ignore_index is not None and self.task not in ("segmentation", "multitask"):
+            raise ValueError(
+                f"distill.ignore_index marks void pixels of segmentation masks; task {self.task} "
+                "has none (use task segmentation or multitask, or leave it out)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -68,11 +68,18 @@ def _seg_and_det(task: str, output: Any) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def evaluate_dense(
-    model: nn.Module, loader, task: str, device: str | torch.device = "cpu"
+    model: nn.Module,
+    loader,
+    task: str,
+    device: str | torch.device = "cpu",
+    ignore_index: int | None = None,
 ) -> dict[str, float]:
-    """mIoU / pixel accuracy and/or mAP@0.5 of `model` over `loader` (its mode restored)."""
+    """mIoU / pixel accuracy and/or mAP@0.5 of `model` over `loader` (its mode restored); mask
+    pixels labelled `ignore_index` (void) count in neither segmentation metric."""
     data = loader.dataset
-    seg_metric = SegmentationMetrics(data.num_seg_classes) if task != "detection" else None
+    seg_metric = None
+    if task != "detection":
+        seg_metric = SegmentationMetrics(data.num_seg_classes, ignore_index=ignore_index)
     det_metric = DetectionMAP(data.num_classes) if task != "segmentation" else None
     image_size = tuple(data.input_shape[1:])
     anchors = getattr(model, "anchors", None)
@@ -104,8 +111,15 @@ def evaluate_dense(
     return results
 
 
-def evaluate_task(model: nn.Module, loader, task: str, device: str | torch.device = "cpu"):
-    """The task's test metrics of `model` over `loader` (see the module table)."""
+def evaluate_task(
+    model: nn.Module,
+    loader,
+    task: str,
+    device: str | torch.device = "cpu",
+    ignore_index: int | None = None,
+):
+    """The task's test metrics of `model` over `loader` (see the module table); `ignore_index`:
+    the void label of segmentation masks (recipes: distill.ignore_index)."""
     if task == "classification":
         return evaluate_classifier(model, loader, device)
-    return evaluate_dense(model, loader, task, device)
+    return evaluate_dense(model, loader, task, device, ignore_index)
