@@ -380,6 +380,7 @@ from kdistill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
 from kdistill.losses import CE, CRD
+from kdistill.losses.base import INDEX, STUDENT, DistillLoss
 
 init_distributed("cpu")
 world = info()
@@ -407,6 +408,31 @@ record = {
     "log_z": crd.log_z.tolist(),
     "rows_written": int((banks != banks_before).any(dim=1).sum()),
 }
+
+
+class NanOnSample(DistillLoss):
+    needs = (STUDENT, INDEX)
+
+    def forward(self, logits, index):
+        value = logits.pow(2).mean() * 0.01
+        return value * float("nan") if bool((index == 5).any()) else value
+
+
+# a NaN before CRD on rank 1 only (sample 5, unshuffled: rank 1's share of batch 0): rank 0
+# runs CRD's gather, rank 1 must take part in it (skip_step) or both wait forever
+torch.manual_seed(0)
+crd = CRD(3, 6, feature_dim=4, num_samples=64, num_negatives=8, nce_temperature=0.5)
+distiller = Distiller(
+    teacher, student, [Term(NanOnSample(), name="nan"), Term(crd, 0.5, student="2", teacher="2")]
+)
+result = fit(
+    distiller,
+    BatchLoader(data, batch_size=16),
+    TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, on_nonfinite="skip"),
+)
+state = torch.cat([crd.memory_student, crd.memory_teacher, crd.log_z.unsqueeze(0).T.repeat(1, 4)])
+record["skipped"] = result.skipped_batches
+record["skip_same_on_every_rank"] = all(torch.equal(s, state) for s in all_gather(state))
 with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as handle:
     json.dump(record, handle)
 cleanup()
@@ -417,10 +443,14 @@ def test_crd_banks_under_two_ranks_hold_every_ranks_updates(tmp_path):
     """CRD under DDP: every rank writes every rank's embeddings into the memory banks, so after
     2 shuffled epochs the banks, Z and the weights of 2 ranks equal one process's with the same
     global batch (the negatives are drawn for the global batch, row r for the r-th smallest
-    dataset index), and are identical, bit for bit, on the two ranks."""
+    dataset index), and are identical, bit for bit, on the two ranks. A NaN term before CRD on
+    one rank only makes both ranks skip the step without hanging in CRD's gather."""
     alone, ranks = run_worker_both_ways(tmp_path, CRD_WORKER)
     assert alone["rows_written"] == 2 * 64  # every sample of both banks was written
+    assert alone["skipped"] == 1
     for record in ranks:
+        # a NaN term before CRD on one rank: both skip the step, none hangs, banks stay equal
+        assert record["skipped"] == 1 and record["skip_same_on_every_rank"]
         assert record["same_on_every_rank"]
         for key in ("banks", "log_z", "weights"):
             torch.testing.assert_close(

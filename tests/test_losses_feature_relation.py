@@ -696,6 +696,15 @@ def test_crd_writes_a_repeated_index_once_from_its_first_occurrence():
     np.testing.assert_allclose(crd.memory_student[4].numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
+def test_crd_skip_step_is_a_no_op_in_one_process():
+    crd = small_crd()
+    before = crd.memory_student.clone(), crd.memory_teacher.clone(), torch.get_rng_state()
+    crd.skip_step()  # only under DDP does it take part in the other ranks' gather
+    assert torch.equal(crd.memory_student, before[0])
+    assert torch.equal(crd.memory_teacher, before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
 def test_crd_banks_do_not_change_in_eval_mode():
     crd = small_crd().eval()
     before = crd.memory_student.clone(), crd.memory_teacher.clone()

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, NonFiniteLossError
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -140,6 +140,8 @@ def all_gather_rows(tensor: Tensor) -> tuple[Tensor, list[int]]:
         return tensor, [tensor.shape[0]]
     counts = [int(c) for c in all_gather(torch.tensor([tensor.shape[0]], device=tensor.device))]
     most = max(counts)
+    if most == 0:  # every rank sees the same counts, so all return here together
+        return tensor, counts
     padded = tensor.new_zeros((most, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor.detach()
     parts = all_gather(padded)
@@ -211,7 +213,12 @@ class _LossOnlyOutput(torch.nn.Module):
         self.distiller = distiller
 
     def forward(self, *args, **kwargs):
-        out = self.distiller(*args, **kwargs)
+        try:
+            out = self.distiller(*args, **kwargs)
+        except NonFiniteLossError as error:
+            # the terms after the failed one did not run here but do on the other ranks
+            _skip_terms_after(self.distiller, error.term)
+            raise
         if dataclasses.is_dataclass(out) and hasattr(out, "student_output"):
             out = dataclasses.replace(
                 out,
@@ -219,6 +226,19 @@ class _LossOnlyOutput(torch.nn.Module):
                 teacher_output=_detached(out.teacher_output),
             )
         return out
+
+
+def _skip_terms_after(distiller: torch.nn.Module, failed: str | None) -> None:
+    """Call `skip_step()` on the losses (those with collectives inside, e.g. CRD) of the terms
+    after `failed`, which did not run on this rank, so that every rank makes the same
+    collective calls in this step (see `CRD.skip_step`)."""
+    names = list(getattr(distiller, "term_names", []))
+    terms = list(getattr(distiller, "terms", []))
+    start = names.index(failed) + 1 if failed in names else 0
+    for term in terms[start:]:
+        skip = getattr(term.loss, "skip_step", None)
+        if callable(skip):
+            skip()
 
 
 def _detached(value):
@@ -263,7 +283,10 @@ def wrap_ddp(distiller: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 
     Buffers of losses with ``syncs_buffers_across_ranks`` (CRD's memory banks, which every rank
     updates with every rank's embeddings) are broadcast from rank 0 once here, then left out of
-    DDP's per-step buffer broadcast (which would copy the whole bank every step).
+    DDP's per-step buffer broadcast (which would copy the whole bank every step). When a term
+    raises NonFiniteLossError on one rank, the losses of the later terms that have a
+    `skip_step()` method (collectives inside the loss) take part in the step's collectives
+    without samples, so that no rank waits forever on another.
     """
     if not is_distributed():
         return distiller

@@ -396,6 +396,12 @@ class CRD(DistillLoss):
         v_student = F.normalize(self.student_head(f_student), dim=1)
         v_teacher = F.normalize(self.teacher_head(f_teacher), dim=1)
         index = index.to(device=self.memory_student.device, dtype=torch.int64)
+        return self._nce_and_update(index, v_student, v_teacher)
+
+    def _nce_and_update(self, index: Tensor, v_student: Tensor, v_teacher: Tensor) -> Tensor:
+        """The loss of the embeddings `v_*` (N×D) at dataset positions `index`, and the bank
+        updates (in training mode); under DDP training, with every rank's samples."""
+        batch = len(index)
         all_index, all_student, all_teacher, offset, gathered = self._gather(
             index, v_student, v_teacher
         )
@@ -416,6 +422,23 @@ class CRD(DistillLoss):
             self._update(self.memory_student, all_index, all_student.to(v_student.device))
             self._update(self.memory_teacher, all_index, all_teacher.to(v_teacher.device))
         return loss
+
+    def skip_step(self) -> None:
+        """Take part in this step's collectives with no sample of its own: under DDP training,
+        when an earlier term raised on this rank (a NaN: the engine then skips or stops the step
+        on every rank) and this loss did not run, while it runs on the other ranks. Without it
+        they would wait in the gather forever; with it every rank draws the same negatives and
+        writes the other ranks' embeddings, so the banks stay identical on all ranks. A no-op
+        outside DDP training (`wrap_ddp` calls it)."""
+        from kdistill.engine.distributed import is_distributed
+
+        if not (self.training and is_distributed()) or self.student_head is None:
+            return
+        weight = self.student_head.weight
+        empty = weight.new_zeros((0, self.feature_dim))
+        index = torch.zeros(0, dtype=torch.int64, device=self.memory_student.device)
+        with torch.no_grad():
+            self._nce_and_update(index, empty, empty)
 
     def extra_repr(self) -> str:
         return (
