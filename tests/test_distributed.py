@@ -228,3 +228,231 @@ def test_ranks_skip_a_non_finite_batch_together_and_reduce_evaluation(tmp_path):
         assert record["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)
         assert record["evaluation"]["accuracy"] == alone["evaluation"]["accuracy"]
         assert record["evaluation"]["loss"] == pytest.approx(alone["evaluation"]["loss"], rel=1e-5)
+
+
+UNUSED_WORKER = """
+import json, sys
+import torch
+from torch import nn
+from kdistill.data.arrays import ArrayDataset, BatchLoader
+from kdistill.distiller import Distiller, Term
+from kdistill.engine import TrainConfig, fit
+from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
+from kdistill.losses import CE, KD, FitNet
+from kdistill.losses.base import INDEX, STUDENT, DistillLoss
+
+CHOSEN = (3, 20, 21, 53)  # unshuffled batches of 16: rank 1 only, both, none, rank 1 only
+
+
+class Sometimes(DistillLoss):
+    \"\"\"Its own parameter enters the loss only through the samples in CHOSEN: a per-sample sum
+    divided by the batch size, so 2 ranks' mean gradient is the single-process one.\"\"\"
+
+    needs = (STUDENT, INDEX)
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, logits, index):
+        value = logits.pow(2).mean() * 0.01
+        chosen = torch.isin(index, torch.tensor(CHOSEN))
+        if chosen.any():
+            value = value + (self.scale * logits[chosen]).pow(2).sum() / len(index)
+        return value
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU())
+        self.head = nn.Linear(3, 3)
+        self.aux = nn.Linear(3, 2)  # in the output dict, read by no term
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"logits": self.head(features), "aux": self.aux(features)}
+
+
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+init_distributed("cpu")
+world = info()
+generator = torch.Generator().manual_seed(0)
+data = ArrayDataset(torch.randn(64, 1, 2, 2, generator=generator), torch.arange(64) % 3,
+                    ["a", "b", "c"], "toy")
+config = TrainConfig(epochs=2, batch_size=16, lr=0.05, optimizer="adamw", weight_decay=0.1,
+                     progress=False)
+record = {"world": world.world_size}
+
+# FitNets stage 1: only the hint term; the student's classifier (layer 3) is outside the loss
+torch.manual_seed(0)
+teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+student = nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 3))
+classifier_before = flat(student[3].parameters())
+hint_before = flat(student[1].parameters())
+distiller = Distiller(teacher, student, [Term(FitNet(), student="1", teacher="1")])
+fit(distiller, BatchLoader(data, batch_size=16), config)
+weights = flat(distiller.trainable_parameters())
+record["hint"] = {
+    "weights": weights.tolist(),
+    "same_on_every_rank": all(torch.equal(w, weights) for w in all_gather(weights)),
+    "classifier_untouched": torch.equal(flat(student[3].parameters()), classifier_before),
+    "hint_layer_trained": not torch.equal(flat(student[1].parameters()), hint_before),
+    "connectors": sorted(distiller.connectors),
+}
+
+# a dict output with an unread head, and a loss parameter used on some steps only
+torch.manual_seed(1)
+teacher = TwoHeads()
+student = TwoHeads()
+sometimes = Sometimes()
+distiller = Distiller(
+    teacher,
+    student,
+    [Term(KD(2.0), output="logits"), Term(CE(), output="logits"),
+     Term(sometimes, output="logits", name="sometimes")],
+)
+aux_before = flat(student.aux.parameters())
+fit(distiller, BatchLoader(data, batch_size=16), config)
+weights = flat(distiller.trainable_parameters())
+record["sometimes"] = {
+    "weights": weights.tolist(),
+    "same_on_every_rank": all(torch.equal(w, weights) for w in all_gather(weights)),
+    "aux_untouched": torch.equal(flat(student.aux.parameters()), aux_before),
+    "scale": float(sometimes.scale),
+}
+with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as handle:
+    json.dump(record, handle)
+cleanup()
+"""
+
+
+def run_worker_both_ways(tmp_path: Path, source: str) -> tuple[dict, list[dict]]:
+    """Run the worker `source` in one process and in 2 gloo ranks: (single record, rank records)."""
+    script = tmp_path / "worker.py"
+    script.write_text(source)
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    double.mkdir()
+    run([sys.executable, str(script), str(single)])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run([*launcher, "--nproc_per_node=2", str(script), str(double)])
+    alone = json.loads((single / "rank0.json").read_text())
+    ranks = [json.loads((double / f"rank{r}.json").read_text()) for r in range(2)]
+    assert alone["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    return alone, ranks
+
+
+def test_two_ranks_train_objectives_that_leave_parameters_without_gradient(tmp_path):
+    """FitNets hint training (the classifier is outside the loss), a dict output whose second
+    head no term reads, and a loss parameter that some steps use on one rank, both or none:
+    2 ranks train (no "Expected to have finished reduction" error) and end with the weights of
+    one process with the same global batch. Parameters no rank used are untouched on every rank
+    even under AdamW's weight decay (grad None, skipped, as in one process)."""
+    alone, ranks = run_worker_both_ways(tmp_path, UNUSED_WORKER)
+    for scenario in ("hint", "sometimes"):
+        for record in ranks:
+            got = record[scenario]
+            assert got["same_on_every_rank"], scenario
+            torch.testing.assert_close(
+                torch.tensor(got["weights"]),
+                torch.tensor(alone[scenario]["weights"]),
+                atol=1e-5,
+                rtol=1e-4,
+                msg=scenario,
+            )
+    for record in (alone, *ranks):
+        assert record["hint"]["classifier_untouched"] and record["hint"]["hint_layer_trained"]
+        assert record["hint"]["connectors"] == ["fitnet"]  # 2 → 5 channels
+        assert record["sometimes"]["aux_untouched"]
+        assert record["sometimes"]["scale"] != 1.0  # trained on the steps that used it
+
+
+CRD_WORKER = """
+import json, sys
+import torch
+from torch import nn
+from kdistill.data.arrays import ArrayDataset, BatchLoader
+from kdistill.distiller import Distiller, Term
+from kdistill.engine import TrainConfig, fit
+from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
+from kdistill.losses import CE, CRD
+from kdistill.losses.base import INDEX, STUDENT, DistillLoss
+
+init_distributed("cpu")
+world = info()
+generator = torch.Generator().manual_seed(0)
+data = ArrayDataset(torch.randn(64, 1, 2, 2, generator=generator), torch.arange(64) % 3,
+                    ["a", "b", "c"], "toy")
+torch.manual_seed(0)  # the same global RNG on every rank: the same negatives draw
+teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+student = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))
+crd = CRD(3, 6, feature_dim=4, num_samples=64, num_negatives=8, nce_temperature=0.5)
+if world.rank == 1:  # the banks must start from rank 0's
+    crd.memory_student.mul_(-1.0)
+distiller = Distiller(teacher, student, [Term(CE()), Term(crd, 0.5, student="2", teacher="2")])
+config = TrainConfig(epochs=2, batch_size=16, lr=0.05, progress=False)
+banks_before = torch.cat([crd.memory_student, crd.memory_teacher]).clone()
+fit(distiller, BatchLoader(data, batch_size=16, shuffle=True, seed=5), config)
+weights = torch.cat([p.detach().reshape(-1) for p in distiller.trainable_parameters()])
+banks = torch.cat([crd.memory_student, crd.memory_teacher])
+state = torch.cat([weights, banks.flatten(), crd.log_z])
+record = {
+    "world": world.world_size,
+    "same_on_every_rank": all(torch.equal(s, state) for s in all_gather(state)),
+    "weights": weights.tolist(),
+    "banks": banks.tolist(),
+    "log_z": crd.log_z.tolist(),
+    "rows_written": int((banks != banks_before).any(dim=1).sum()),
+}
+
+
+class NanOnSample(DistillLoss):
+    needs = (STUDENT, INDEX)
+
+    def forward(self, logits, index):
+        value = logits.pow(2).mean() * 0.01
+        return value * float("nan") if bool((index == 5).any()) else value
+
+
+# a NaN before CRD on rank 1 only (sample 5, unshuffled: rank 1's share of batch 0): rank 0
+# runs CRD's gather, rank 1 must take part in it (skip_step) or both wait forever
+torch.manual_seed(0)
+crd = CRD(3, 6, feature_dim=4, num_samples=64, num_negatives=8, nce_temperature=0.5)
+distiller = Distiller(
+    teacher, student, [Term(NanOnSample(), name="nan"), Term(crd, 0.5, student="2", teacher="2")]
+)
+result = fit(
+    distiller,
+    BatchLoader(data, batch_size=16),
+    TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, on_nonfinite="skip"),
+)
+state = torch.cat([crd.memory_student, crd.memory_teacher, crd.log_z.unsqueeze(0).T.repeat(1, 4)])
+record["skipped"] = result.skipped_batches
+record["skip_same_on_every_rank"] = all(torch.equal(s, state) for s in all_gather(state))
+with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as handle:
+    json.dump(record, handle)
+cleanup()
+"""
+
+
+def test_crd_banks_under_two_ranks_hold_every_ranks_updates(tmp_path):
+    """CRD under DDP: every rank writes every rank's embeddings into the memory banks, so after
+    2 shuffled epochs the banks, Z and the weights of 2 ranks equal one process's with the same
+    global batch (the negatives are drawn for the global batch, row r for the r-th smallest
+    dataset index), and are identical, bit for bit, on the two ranks. A NaN term before CRD on
+    one rank only makes both ranks skip the step without hanging in CRD's gather."""
+    alone, ranks = run_worker_both_ways(tmp_path, CRD_WORKER)
+    assert alone["rows_written"] == 2 * 64  # every sample of both banks was written
+    assert alone["skipped"] == 1
+    for record in ranks:
+        # a NaN term before CRD on one rank: both skip the step, none hangs, banks stay equal
+        assert record["skipped"] == 1 and record["skip_same_on_every_rank"]
+        assert record["same_on_every_rank"]
+        for key in ("banks", "log_z", "weights"):
+            torch.testing.assert_close(
+                torch.tensor(record[key]), torch.tensor(alone[key]), atol=1e-5, rtol=1e-4, msg=key
+            )

@@ -436,3 +436,169 @@ def test_multitask_distiller_loss_equals_the_formula_by_hand():
     assert out.parts["det_soft"] == pytest.approx(r_det * a_det * det_soft.item(), rel=1e-5)
     out.loss.backward()
     assert all(p.grad is not None for p in student.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Void pixels (ignore_index): PixelKD and CWD take the labels and leave the void pixels out.
+# ---------------------------------------------------------------------------------------------
+
+VOID = 255
+
+
+def np_pixel_kd_void(s, t, temp, labels, void):
+    """T² · Σ over counted pixels of the per-pixel KL / number of counted pixels (0 if none)."""
+    total, count = 0.0, 0
+    n_, _, h_, w_ = s.shape
+    for n in range(n_):
+        for h in range(h_):
+            for w in range(w_):
+                if labels[n, h, w] == void:
+                    continue
+                count += 1
+                total += np_kl(np_softmax(t[n, :, h, w] / temp), np_softmax(s[n, :, h, w] / temp))
+    return temp * temp * total / count if count else 0.0
+
+
+def np_cwd_void(s, t, tau, labels, void):
+    """Per (n, c): softmax over sample n's counted locations only, KL over them; the mean over
+    the channels of the samples with a counted location, × τ²."""
+    total, rows = 0.0, 0
+    n_, c_ = s.shape[:2]
+    for n in range(n_):
+        kept = [i for i, label in enumerate(labels[n].ravel()) if label != void]
+        if not kept:
+            continue
+        for c in range(c_):
+            rows += 1
+            p_t = np_softmax(t[n, c].ravel()[kept] / tau)
+            p_s = np_softmax(s[n, c].ravel()[kept] / tau)
+            total += np_kl(p_t, p_s)
+    return tau * tau * total / rows if rows else 0.0
+
+
+def void_labels(n, h, w, classes, seed, void_fraction=0.4):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n, h, w), generator=g)
+    return labels.masked_fill(torch.rand(n, h, w, generator=g) < void_fraction, VOID)
+
+
+def test_pixel_and_channel_losses_read_the_labels_only_with_ignore_index():
+    assert tuple(L.PixelKD().needs) == tuple(L.CWD().needs) == ("student", "teacher")
+    for loss in (L.create_loss("pixel_kd", ignore_index=VOID), L.CWD(ignore_index=VOID)):
+        assert tuple(loss.needs) == ("student", "teacher", "target")
+        assert loss.ignore_index == VOID
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        L.CWD(ignore_index=2.5)
+
+
+def test_pixel_kd_void_pixel_counts_nowhere_hand_worked():
+    # N=1, K=2, H=1, W=2, T=2: pixel 1 teacher [2 ln 3, 0] vs student [0, 0] → KL 0.130812;
+    # pixel 2 is void, its logits far apart. Mean over the 1 counted pixel × T² = 0.523248.
+    z_t = torch.tensor([[[[2 * math.log(3), 30.0]], [[0.0, -30.0]]]])
+    z_s = torch.tensor([[[[0.0, -30.0]], [[0.0, 30.0]]]])
+    got = L.PixelKD(temperature=2.0, ignore_index=VOID)(z_s, z_t, torch.tensor([[[1, VOID]]]))
+    assert got.item() == pytest.approx(0.523248, abs=1e-6)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+def test_pixel_kd_with_void_pixels_matches_per_pixel_loop(temp):
+    z_s, z_t = randn(2, 4, 3, 5, seed=31, scale=3), randn(2, 4, 3, 5, seed=32, scale=3)
+    labels = void_labels(2, 3, 5, 4, seed=33)
+    assert (labels == VOID).any() and (labels != VOID).any()
+    expected = np_pixel_kd_void(z_s.numpy(), z_t.numpy(), temp, labels.numpy(), VOID)
+    got = L.PixelKD(temperature=temp, ignore_index=VOID)(z_s, z_t, labels.int())  # int32 too
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_cwd_void_location_leaves_both_softmaxes_hand_worked():
+    # N=1, C=1, H=3, W=1, τ=2; location 3 void. Over the 2 counted locations: teacher
+    # [2 ln 3, 0]/2 → [3/4, 1/4], student [0, 0] → [½, ½]; KL 0.130812, × τ² = 0.523248.
+    # Counting the void location (teacher 9, student −9) would give about 4.9 instead.
+    z_t = torch.tensor([2 * math.log(3), 0.0, 9.0]).view(1, 1, 3, 1)
+    z_s = torch.tensor([0.0, 0.0, -9.0]).view(1, 1, 3, 1)
+    labels = torch.tensor([[[0], [2], [VOID]]])
+    got = L.CWD(tau=2.0, ignore_index=VOID)(z_s, z_t, labels).item()
+    assert got == pytest.approx(0.523248, abs=1e-6)
+    assert L.CWD(tau=2.0)(z_s, z_t).item() > 4
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_cwd_with_void_matches_loop_and_skips_an_all_void_sample(tau):
+    y_s, y_t = randn(3, 2, 4, 3, seed=34, scale=3), randn(3, 2, 4, 3, seed=35, scale=3)
+    labels = void_labels(3, 4, 3, 5, seed=36)
+    labels[1] = VOID  # sample 1 has no counted location: its channels are left out
+    expected = np_cwd_void(y_s.numpy(), y_t.numpy(), tau, labels.numpy(), VOID)
+    got = L.CWD(tau=tau, ignore_index=VOID)(y_s, y_t, labels)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "loss", [L.PixelKD(2.0, ignore_index=VOID), L.CWD(2.0, ignore_index=VOID)], ids=["pkd", "cwd"]
+)
+def test_void_pixels_neither_change_the_loss_nor_get_a_gradient(loss):
+    z_s, z_t = randn(2, 3, 3, 4, seed=37), randn(2, 3, 3, 4, seed=38)
+    labels = void_labels(2, 3, 4, 3, seed=39)
+    void = (labels == VOID).unsqueeze(1).expand_as(z_s)
+    wild_s = torch.where(void, 1e4 * torch.sign(randn(2, 3, 3, 4, seed=40)), z_s)
+    wild_t = torch.where(void, -1e4 * torch.ones_like(z_t), z_t)
+    wild_s.requires_grad_()
+    value = loss(wild_s, wild_t, labels)
+    assert value.item() == pytest.approx(loss(z_s, z_t, labels).item(), rel=1e-10)
+    value.backward()
+    assert torch.isfinite(wild_s.grad).all()
+    assert (wild_s.grad[void] == 0).all() and (wild_s.grad[~void] != 0).any()
+
+
+@pytest.mark.parametrize(
+    "loss", [L.PixelKD(1.5, ignore_index=VOID), L.CWD(1.5, ignore_index=VOID)], ids=["pkd", "cwd"]
+)
+def test_void_pixels_gradcheck_student_and_teacher(loss):
+    z_s = randn(2, 3, 2, 3, seed=41).requires_grad_()
+    z_t = randn(2, 3, 2, 3, seed=42).requires_grad_()
+    labels = void_labels(2, 2, 3, 3, seed=43)
+    assert torch.autograd.gradcheck(lambda s, t: loss(s, t, labels), (z_s, z_t))
+
+
+@pytest.mark.parametrize(
+    "loss", [L.PixelKD(ignore_index=VOID), L.CWD(ignore_index=VOID)], ids=["pkd", "cwd"]
+)
+def test_an_all_void_batch_gives_zero_with_zero_gradient(loss):
+    z_s = randn(2, 3, 2, 2, seed=44).requires_grad_()
+    value = loss(z_s, randn(2, 3, 2, 2, seed=45), torch.full((2, 2, 2), VOID))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(z_s.grad, torch.zeros_like(z_s))
+
+
+def test_void_mask_must_match_the_maps():
+    loss = L.CWD(ignore_index=VOID)
+    maps = randn(2, 3, 4, 4, seed=46)
+    with pytest.raises(ValueError, match=r"N×H×W \(2, 4, 4\).*got \(2, 8, 8\)"):
+        loss(maps, maps, torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer labels"):
+        loss(maps, maps, torch.zeros(2, 4, 4))
+
+
+def test_void_pixels_in_a_distiller_with_ce_and_pixel_kd():
+    """The Distiller hands the labels to PixelKD(ignore_index) as to CE: the weighted sum equals
+    per-pixel loops over the counted pixels."""
+    teacher, student = Conv(3, seed=1), Conv(3, seed=2)
+    x = randn(2, 2, 3, 3, seed=47).float()
+    labels = void_labels(2, 3, 3, 3, seed=48)
+    distiller = kd.Distiller(
+        teacher,
+        student,
+        [kd.Term(L.CE(ignore_index=VOID), 0.5), kd.Term(L.PixelKD(2.0, ignore_index=VOID), 0.5)],
+    )
+    out = distiller(x, target=labels)
+    with torch.no_grad():
+        s, t = student(x).double().numpy(), teacher(x).double().numpy()
+    ce_terms = [
+        -math.log(np_softmax(s[n, :, h, w])[labels[n, h, w]])
+        for n in range(2)
+        for h in range(3)
+        for w in range(3)
+        if labels[n, h, w] != VOID
+    ]
+    expected = 0.5 * np.mean(ce_terms) + 0.5 * np_pixel_kd_void(s, t, 2.0, labels.numpy(), VOID)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)

@@ -629,7 +629,10 @@ def test_crd_matches_loop_reference_over_two_calls():
             torch.manual_seed(100 + call)
             got = crd(f_s, f_t, index).item()
             torch.manual_seed(100 + call)
-            negatives = torch.randint(0, 10, (4, 6))  # the draw the docstring specifies
+            draw = torch.randint(0, 10, (4, 6))  # the draw the docstring specifies
+        # row r of the draw goes to the sample with the r-th smallest dataset index
+        rank = {value: r for r, value in enumerate(sorted(index.tolist()))}
+        negatives = draw[[rank[value] for value in index.tolist()]]
         candidates = torch.cat([index.unsqueeze(1), negatives], dim=1).numpy()
         if log_z is None:  # Z is estimated on the first call only, then kept
             log_z = (
@@ -662,6 +665,44 @@ def test_crd_banks_change_only_at_the_batch_indices():
             np.testing.assert_allclose(bank[i].numpy(), expected, rtol=1e-12, atol=1e-14)
         # unit rows (the untouched ones were normalised in float32 before .double())
         np.testing.assert_allclose(bank.norm(dim=1).numpy(), np.ones(10), rtol=1e-6)
+
+
+def test_crd_loss_and_banks_do_not_depend_on_the_order_of_the_batch():
+    """Each sample's negatives follow its dataset index, not its position in the batch (so a
+    batch split among DDP ranks gets the draws of one process): a permuted batch under the
+    same seed gives the same loss and the same banks."""
+    f_s, f_t = randn(5, 3, seed=70), randn(5, 5, seed=71)
+    index = torch.tensor([8, 1, 6, 3, 0])
+    results = []
+    for order in (torch.arange(5), torch.tensor([3, 0, 4, 2, 1])):
+        torch.manual_seed(4)
+        crd = small_crd().double()
+        torch.manual_seed(9)
+        loss = crd(f_s[order], f_t[order], index[order]).item()
+        results.append((loss, crd.memory_student.clone(), crd.memory_teacher.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_crd_writes_a_repeated_index_once_from_its_first_occurrence():
+    torch.manual_seed(2)
+    crd = small_crd(momentum=0.5).double()
+    f_s, f_t = randn(3, 3, seed=72), randn(3, 5, seed=73)
+    before = crd.memory_student.clone()
+    crd(f_s, f_t, torch.tensor([4, 7, 4]))
+    v_s = np_embed(crd.student_head, f_s)
+    expected = unit(0.5 * before[4].numpy() + 0.5 * v_s[0])  # not v_s[2]
+    np.testing.assert_allclose(crd.memory_student[4].numpy(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_crd_skip_step_is_a_no_op_in_one_process():
+    crd = small_crd()
+    before = crd.memory_student.clone(), crd.memory_teacher.clone(), torch.get_rng_state()
+    crd.skip_step()  # only under DDP does it take part in the other ranks' gather
+    assert torch.equal(crd.memory_student, before[0])
+    assert torch.equal(crd.memory_teacher, before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
 
 
 def test_crd_banks_do_not_change_in_eval_mode():

@@ -383,6 +383,77 @@ def test_ce_gradcheck_and_gradient():
     torch.testing.assert_close(z.grad, expected, rtol=1e-9, atol=1e-12)
 
 
+def np_ce_void(z: np.ndarray, labels: np.ndarray, void: int, smoothing: float = 0.0) -> float:
+    """Mean over the counted items (label ≠ void) of −Σ_k q_k log p_k, q the smoothed one-hot;
+    `z` N×K or N×K×H×W, one item (sample or pixel) at a time; 0 when nothing is counted."""
+    classes = z.shape[1]
+    rows = np.moveaxis(z, 1, -1).reshape(-1, classes)
+    total, count = 0.0, 0
+    for row, label in zip(rows, labels.ravel()):
+        if label == void:
+            continue
+        q = np.full(classes, smoothing / classes)
+        q[label] += 1 - smoothing
+        total -= float(np.sum(q * np.log(np_softmax(row))))
+        count += 1
+    return total / count if count else 0.0
+
+
+def test_ce_hand_worked_with_a_padding_token():
+    # the two rows of test_ce_hand_worked_two_samples, then a padding row (−100) with wild
+    # logits: mean over the 2 counted rows = 1.5 ln 2, as without the padding row
+    z = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [50.0, -50.0]])
+    got = L.CE()(z, torch.tensor([0, 1, -100]))
+    assert got.item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_ce_void_pixels_match_a_per_pixel_loop(smoothing):
+    z = randn(2, 4, 3, 5, seed=60, scale=2)
+    g = torch.Generator().manual_seed(61)
+    labels = torch.randint(0, 4, (2, 3, 5), generator=g)
+    labels[torch.rand(2, 3, 5, generator=g) < 0.4] = 255  # VOC / Cityscapes void
+    expected = np_ce_void(z.numpy(), labels.numpy(), 255, smoothing)
+    got = L.CE(label_smoothing=smoothing, ignore_index=255)(z, labels)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    z = z.requires_grad_()
+    ce = L.CE(label_smoothing=smoothing, ignore_index=255)
+    assert torch.autograd.gradcheck(lambda s: ce(s, labels), (z,))
+
+
+def test_ce_all_void_batch_gives_zero_with_zero_gradient():
+    z = randn(3, 4, seed=62).requires_grad_()
+    value = L.CE()(z, torch.full((3,), -100))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_ce_and_dkd_accept_integer_labels_of_any_dtype(dtype):
+    z = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    assert L.CE()(z, torch.tensor([0, 1], dtype=dtype)).item() == pytest.approx(
+        1.5 * math.log(2), rel=1e-6
+    )
+    z_s, z_t, target = hand_dkd_inputs(2.0)
+    tckd, nckd = L.DKD(temperature=2.0).tckd_nckd(z_s, z_t, target.to(dtype))
+    assert (tckd.item(), nckd.item()) == pytest.approx((4 * HAND_TCKD, 4 * HAND_NCKD), rel=1e-9)
+
+
+def test_ce_refuses_labels_that_are_not_class_indices():
+    z = randn(2, 3, seed=63)
+    with pytest.raises(TypeError, match=r"integer class indices, got dtype torch.float32 .*long"):
+        L.CE()(z, torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="torch.bool"):
+        L.CE()(z, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"shape \(2,\) .*\(2, 3\).*got \(2, 1\)"):
+        L.CE()(z, torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match=r"or be ignore_index=-100, got min 0 and max 255"):
+        L.CE()(z, torch.tensor([0, 255]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\], got min -100"):
+        L.CE(ignore_index=None)(z, torch.tensor([0, -100]))
+
+
 # ---------------------------------------------------------------------------------------------
 # DKD
 # ---------------------------------------------------------------------------------------------

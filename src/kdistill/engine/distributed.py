@@ -18,29 +18,28 @@ Conventions the engine follows (see `kdistill.engine.loop.fit`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, NonFiniteLossError
+from kdistill.ops.collectives import (  # noqa: F401  (re-exported: the engine's rank helpers)
+    DistInfo,
+    all_gather,
+    all_gather_rows,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    collective_device,
+    info,
+    is_distributed,
+    is_main_process,
+)
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands: its rank, the number of processes, its rank on this node."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -77,26 +76,6 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return info()
 
 
-def is_distributed() -> bool:
-    """True inside an initialised process group with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def info() -> DistInfo:
-    if not is_distributed():
-        return DistInfo()
-    return DistInfo(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files and prints."""
-    return info().is_main
-
-
 def resolve_device(device: str) -> torch.device:
     """The device of this process: under torchrun, ``"cuda"`` means GPU ``LOCAL_RANK``.
 
@@ -126,45 +105,6 @@ def resolve_device(device: str) -> torch.device:
                 f"cuda:0 to cuda:{count - 1}; pick one of them"
             )
     return resolved
-
-
-def _collective_device() -> torch.device:
-    """nccl reduces CUDA tensors only; gloo reduces CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """The element-wise sum of `tensor` over all ranks (a new tensor, on `tensor`'s device)."""
-    if not is_distributed():
-        return tensor.clone()
-    work = tensor.detach().to(_collective_device(), copy=True)
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(tensor.device)
-
-
-def all_gather(tensor: Tensor) -> list[Tensor]:
-    """Every rank's `tensor` (same shape and dtype everywhere), in rank order."""
-    if not is_distributed():
-        return [tensor.clone()]
-    work = tensor.detach().to(_collective_device(), copy=True)
-    parts = [torch.empty_like(work) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, work)
-    return [part.to(tensor.device) for part in parts]
-
-
-def any_rank(flag: bool) -> bool:
-    """True when `flag` is true on at least one rank (every rank gets the same answer)."""
-    if not is_distributed():
-        return flag
-    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
-
-
-def barrier() -> None:
-    """Wait until every rank gets here (no-op in a single process)."""
-    if is_distributed():
-        dist.barrier()
 
 
 def cleanup() -> None:
@@ -223,6 +163,72 @@ def shard_loader(loader, world: DistInfo):
     )
 
 
+class _LossOnlyOutput(torch.nn.Module):
+    """What DDP wraps: the distiller, its output's model outputs detached from the graph.
+
+    DDP with ``find_unused_parameters`` walks the autograd graph from every tensor the forward
+    returns to learn which parameters will get a gradient. The model outputs reach parameters
+    that the loss may not (the head of a dict output that no term reads), and DDP would then wait
+    for gradients that never come; only `loss` keeps its graph (the loop reads `loss` and
+    `parts`, nothing else).
+    """
+
+    def __init__(self, distiller: torch.nn.Module):
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, *args, **kwargs):
+        try:
+            out = self.distiller(*args, **kwargs)
+        except NonFiniteLossError as error:
+            # the terms after the failed one did not run here but do on the other ranks
+            _skip_terms_after(self.distiller, error.term)
+            raise
+        if dataclasses.is_dataclass(out) and hasattr(out, "student_output"):
+            out = dataclasses.replace(
+                out,
+                student_output=_detached(out.student_output),
+                teacher_output=_detached(out.teacher_output),
+            )
+        return out
+
+
+def _skip_terms_after(distiller: torch.nn.Module, failed: str | None) -> None:
+    """Call `skip_step()` on the losses (those with collectives inside, e.g. CRD) of the terms
+    after `failed`, which did not run on this rank, so that every rank makes the same
+    collective calls in this step (see `CRD.skip_step`)."""
+    names = list(getattr(distiller, "term_names", []))
+    terms = list(getattr(distiller, "terms", []))
+    start = names.index(failed) + 1 if failed in names else 0
+    for term in terms[start:]:
+        skip = getattr(term.loss, "skip_step", None)
+        if callable(skip):
+            skip()
+
+
+def _detached(value):
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(item) for item in value)
+    return value
+
+
+def _buffers_synced_by_losses(distiller: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """(name, buffer) of the loss modules that keep their buffers equal on every rank themselves
+    (class attribute ``syncs_buffers_across_ranks``, e.g. CRD's memory banks)."""
+    losses = getattr(distiller, "losses", None)
+    if losses is None:
+        return []
+    found = []
+    for prefix, module in losses.named_modules(prefix="losses"):
+        if getattr(module, "syncs_buffers_across_ranks", False):
+            found += [(f"{prefix}.{name}", b) for name, b in module.named_buffers()]
+    return found
+
+
 def wrap_ddp(distiller: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`distiller` in DistributedDataParallel with its teacher left out (replicated, frozen).
 
@@ -230,15 +236,41 @@ def wrap_ddp(distiller: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     averages their gradients in every backward; the teacher's parameters and buffers are neither
     broadcast nor reduced. Connectors must exist (`Distiller.build`) before wrapping. In a single
     process the distiller itself is returned.
+
+    Parameters without a gradient: an objective may leave student, connector or loss parameters
+    out of the loss, always (FitNets hint training: the classifier) or on some steps only (a
+    term that needs a sample the rank's share may lack). DDP runs with
+    ``find_unused_parameters=True``: each backward it marks the parameters the loss does not
+    reach and reduces the others, so a parameter no rank used keeps ``grad = None`` (the
+    optimiser skips it, as in one process) and one used on some ranks only gets the average with
+    zeros from the others — the single-process gradient of a per-sample mean. The price is one
+    walk of the autograd graph per step (see the README's DDP section for the measured cost).
+
+    Buffers of losses with ``syncs_buffers_across_ranks`` (CRD's memory banks, which every rank
+    updates with every rank's embeddings) are broadcast from rank 0 once here, then left out of
+    DDP's per-step buffer broadcast (which would copy the whole bank every step). When a term
+    raises NonFiniteLossError on one rank, the losses of the later terms that have a
+    `skip_step()` method (collectives inside the loss) take part in the step's collectives
+    without samples, so that no rank waits forever on another.
     """
     if not is_distributed():
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
+    ignored = []
     teacher = getattr(distiller, "teacher", None)
     if teacher is not None:
-        ignored = [f"teacher.{name}" for name, _ in teacher.named_parameters()]
+        ignored += [f"teacher.{name}" for name, _ in teacher.named_parameters()]
         ignored += [f"teacher.{name}" for name, _ in teacher.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+    for name, buffer in _buffers_synced_by_losses(distiller):
+        work = buffer.detach().to(collective_device(), copy=True)
+        dist.broadcast(work, src=0)
+        with torch.no_grad():
+            buffer.copy_(work.to(buffer.device))
+        ignored.append(name)
+    wrapped = _LossOnlyOutput(distiller)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        wrapped, [f"distiller.{name}" for name in ignored]
+    )
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(distiller, device_ids=device_ids)
+    return DistributedDataParallel(wrapped, device_ids=device_ids, find_unused_parameters=True)

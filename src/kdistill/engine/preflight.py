@@ -134,7 +134,8 @@ def check_before_training(
             and student_classes is not None
             and getattr(term.loss, "target_is_class_index", True)
         ):
-            check_labels(loader, batch, student_classes, name, term.output)
+            ignore_index = getattr(term.loss, "ignore_index", None)
+            check_labels(loader, batch, student_classes, name, term.output, ignore_index)
 
 
 def check_batch_carries(distiller: Distiller, batch: Batch, teacher_outputs=None) -> None:
@@ -212,20 +213,46 @@ def check_loader(loader: Any, config: TrainConfig, first_batch: Batch, label: st
         log.info("%s: batch size %d, from the training loader (%s)", label, loader_batch, name)
 
 
-def check_labels(loader, batch, num_classes: int, term: str, key: str | None = None) -> None:
-    """Every label in [0, num_classes): over `loader.dataset.targets` when there, else the batch
-    (its `target[key]` for a multi-task target)."""
+def check_labels(
+    loader,
+    batch,
+    num_classes: int,
+    term: str,
+    key: str | None = None,
+    ignore_index: int | None = None,
+) -> None:
+    """Every label in [0, num_classes) or equal to `ignore_index` (the term's void label, e.g.
+    255 or -100): over `loader.dataset.targets` when there, else the batch (its `target[key]` for
+    a multi-task target)."""
     targets = getattr(getattr(loader, "dataset", None), "targets", None)
     where = "the training labels"
     if not isinstance(targets, Tensor) or targets.dim() != 1:
         targets, where = select_target(batch.target, key), "the first batch's labels"
     if targets.numel() == 0:
         return
-    if targets.dtype.is_floating_point:
-        raise DataError(f"{where} must be integer class indices, got dtype {targets.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise DataError(
+            f"{where} must be integer class indices, got dtype {targets.dtype}; convert them "
+            "with .long() if they are whole numbers"
+        )
+    if ignore_index is not None:
+        targets = targets[targets != ignore_index]
+        if targets.numel() == 0:
+            return
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= num_classes:
+        shown = ignore_index is not None and ignore_index != -100  # -100: CE's default
+        void = f" or ignore_index={ignore_index}" if shown else ""
+        # the void conventions: 255 (VOC / Cityscapes masks), negative (-1, -100 padding)
+        suspect = low if low < 0 else high if high == 255 else None
+        hint = (
+            f"; if {suspect} marks void labels, build the loss with ignore_index={suspect} "
+            "(recipes: distill.ignore_index)"
+            if suspect is not None and suspect != ignore_index
+            else ""
+        )
         raise DataError(
             f"labels out of range: {where} lie in [{low}, {high}] but the student outputs "
-            f"{num_classes} classes (term {term!r} needs labels in [0, {num_classes - 1}])"
+            f"{num_classes} classes (term {term!r} needs labels in [0, {num_classes - 1}]"
+            f"{void}){hint}"
         )

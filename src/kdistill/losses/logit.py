@@ -15,14 +15,45 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     check_same_shape(student_logits, teacher_logits, "student logits", "teacher logits")
 
 
-def _check_target(target: Tensor, num_classes: int) -> None:
-    if target.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"target must hold integer class labels, got dtype {target.dtype}")
-    if target.numel() and (target.min() < 0 or target.max() >= num_classes):
-        raise ValueError(
-            f"target labels must lie in [0, {num_classes - 1}], "
-            f"got min {int(target.min())} and max {int(target.max())}"
+def class_indices(
+    target: Tensor, logits: Tensor, ignore_index: int | None = None, what: str = "target"
+) -> Tensor:
+    """`target` as int64 class indices of `logits` (N×K or N×K×d₁×…), after checking it.
+
+    Any integer dtype is accepted and converted exactly (int32 labels from numpy, uint8 masks);
+    floating-point, complex or bool labels are refused with a message, as is a shape other than
+    the logits' without dimension 1, and a label outside [0, K) other than `ignore_index`.
+    """
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{what} must hold integer class indices, got dtype {target.dtype} (shape "
+            f"{tuple(target.shape)}); labels that are whole numbers convert with target.long(), "
+            "class probabilities are not class indices (use a soft loss such as KD)"
         )
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{what} must have shape {expected} (the logits' {tuple(logits.shape)} without the "
+            f"class dimension 1), got {tuple(target.shape)}"
+        )
+    target = target.long()  # exact for every integer dtype torch has
+    num_classes = logits.shape[1]
+    counted = target if ignore_index is None else target[target != ignore_index]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= num_classes):
+        also = f" or be ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(
+            f"{what} labels must lie in [0, {num_classes - 1}]{also}, got min "
+            f"{int(counted.min())} and max {int(counted.max())}"
+        )
+    return target
+
+
+def _check_ignore_index(ignore_index: int | None) -> int | None:
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+    return ignore_index
 
 
 def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -59,23 +90,45 @@ class KD(DistillLoss):
 
 @register_loss("ce")
 class CE(DistillLoss):
-    """Cross-entropy with the labels: ``mean_n −log softmax(z_s)[n, y_n]`` (may be smoothed)."""
+    """Cross-entropy with the labels: ``Σ_{n ∈ C} −log softmax(z_s)[n, y_n] / |C|`` (may be
+    smoothed), C the samples (or pixels, for N×K×H×W logits and N×H×W labels) whose label is not
+    `ignore_index`.
+
+    `ignore_index` (default −100, as in PyTorch; None: every label must be a class) marks void
+    labels: 255 for the void pixels of VOC / Cityscapes masks, −100 for padding tokens. A batch
+    whose labels are all void gives 0 with a zero gradient (PyTorch's mean gives NaN).
+    Labels of any integer dtype are accepted (converted exactly to int64).
+    """
 
     needs = (STUDENT, TARGET)
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int | None = -100):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        self.ignore_index = _check_ignore_index(ignore_index)
 
     def forward(self, student_logits: Tensor, target: Tensor) -> Tensor:
         if student_logits.dim() < 2:
             raise ValueError(
                 f"student logits must be N×K (or N×K×…), got shape {tuple(student_logits.shape)}"
             )
-        _check_target(target, student_logits.shape[1])
-        return F.cross_entropy(student_logits, target, label_smoothing=self.label_smoothing)
+        target = class_indices(target, student_logits, self.ignore_index)
+        if self.ignore_index is None:
+            return F.cross_entropy(student_logits, target, label_smoothing=self.label_smoothing)
+        per_item = F.cross_entropy(
+            student_logits,
+            target,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        )  # 0 at void labels
+        counted = (target != self.ignore_index).sum()
+        return per_item.sum() / counted.clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}"
 
 
 @register_loss("dkd")
@@ -108,7 +161,7 @@ class DKD(DistillLoss):
         num_classes = student_logits.shape[1]
         if num_classes < 3:
             raise ValueError(f"DKD needs at least 3 classes, got {num_classes}")
-        _check_target(target, num_classes)
+        target = class_indices(target, student_logits)
         t = self.temperature
         is_target = F.one_hot(target, num_classes).bool()
 

@@ -196,7 +196,10 @@ class CRD(DistillLoss):
     Memory banks B_s, B_t (``num_samples × feature_dim`` buffers, unit rows) hold each dataset
     sample's past embeddings. For sample n with dataset index y_n, the candidates are
     ``j_{n,0} = y_n`` (the positive) and K = `num_negatives` indices drawn uniformly with
-    replacement from [0, M), M = `num_samples` (``torch.randint(0, M, (N, K))``, global generator).
+    replacement from [0, M), M = `num_samples`: ``torch.randint(0, M, (N, K))`` from the global
+    generator, whose row r goes to the sample with the r-th smallest dataset index (a stable
+    sort: equal indices keep their batch order) — an order that does not depend on how a batch
+    is split among processes.
     The student side scores ``l_{n,k} = ⟨v_s[n], B_t[j_{n,k}]⟩ / τ − log Z_s`` (τ is
     `nce_temperature`, named apart from KD's T so that a temperature grid never touches it) and,
     with
@@ -211,13 +214,26 @@ class CRD(DistillLoss):
     ``N × (K+1)`` scores, then fixed (the normalisation constant of the authors' code); it is a
     buffer, like the banks, so checkpoints keep it. After computing the loss, in training mode
     only: ``B_s[y] ← l2normalize(m · B_s[y] + (1 − m) · v_s)`` and likewise B_t (no gradient),
-    m = `momentum`; a bank row is written only at the batch's indices.
+    m = `momentum`; a bank row is written only at the batch's indices (an index that appears twice
+    in a batch is written once, from its first occurrence).
+
+    Under DDP (an initialised process group of several ranks, training mode), every rank gathers
+    every rank's dataset indices and (detached) embeddings: the N above is the global batch (all
+    ranks' samples), each rank draws the global batch's N × K negatives and keeps the rows of its
+    own samples, Z is estimated from all ranks' scores, and every rank applies every rank's bank
+    updates, so the banks stay identical on all ranks and equal to one process's with the same
+    global batch (the engine then leaves them out of DDP's per-step buffer broadcast:
+    ``syncs_buffers_across_ranks``). Each rank's loss is the mean over its own samples; DDP's
+    gradient average makes it the global mean. This needs the same global RNG state on every
+    rank (the same seed); with different states each rank's negatives are still uniform draws.
+    In eval mode nothing is gathered (no collective, so one rank may evaluate alone).
 
     The heads are built in the constructor when `student_dim` and `teacher_dim` are given, else by
     `build` from the first batch's shapes; they must exist before the optimiser is made.
     """
 
     needs = (STUDENT, TEACHER, INDEX)
+    syncs_buffers_across_ranks = True  # see the DDP paragraph above
 
     def __init__(
         self,
@@ -295,25 +311,74 @@ class CRD(DistillLoss):
                 f"{self.num_samples}), got min {int(index.min())} and max {int(index.max())}"
             )
 
-    def _side_loss(self, embedding: Tensor, bank: Tensor, candidates: Tensor, side: int) -> Tensor:
-        """The NCE loss of one side: `embedding` (N×D) against bank rows `candidates` (N×(K+1))."""
+    def _scores(self, embedding: Tensor, bank: Tensor, candidates: Tensor) -> Tensor:
+        """``N×(K+1)`` scores ``⟨embedding[n], bank[candidates[n, k]]⟩ / τ``."""
         rows = bank[candidates].to(embedding.dtype)  # N×(K+1)×D
-        scores = torch.einsum("nd,nkd->nk", embedding, rows) / self.nce_temperature
-        if torch.isnan(self.log_z[side]):
-            # Z = M · mean(exp(score)), fixed from now on
-            log_mean = torch.logsumexp(scores.detach().flatten(), dim=0) - math.log(scores.numel())
-            self.log_z[side] = math.log(self.num_samples) + float(log_mean)
-        logits = scores - self.log_z[side].to(scores.dtype)
+        return torch.einsum("nd,nkd->nk", embedding, rows) / self.nce_temperature
+
+    def _side_loss(self, scores: Tensor, log_z: Tensor) -> Tensor:
+        """The NCE loss of one side from its ``N×(K+1)`` scores (the positive first)."""
+        logits = scores - log_z.to(scores.dtype)
         log_c = math.log(self.num_negatives / self.num_samples)
         positive = F.softplus(log_c - logits[:, 0])
         negatives = F.softplus(logits[:, 1:] - log_c).sum(dim=1)
         return (positive + negatives).mean()
 
+    def _set_log_z(self, scores: tuple[Tensor, Tensor], gathered: bool) -> None:
+        """Z = M · mean(exp(score)) of each side over the batch's scores (all ranks' when
+        `gathered`), fixed from now on."""
+        log_sums = torch.stack([torch.logsumexp(s.detach().flatten().double(), 0) for s in scores])
+        count = torch.tensor([float(scores[0].numel())], dtype=torch.float64)
+        if gathered:
+            from kdistill.ops.collectives import all_gather
+
+            parts = all_gather(torch.cat([log_sums.cpu(), count]))
+            log_sums = torch.logsumexp(torch.stack([p[:2] for p in parts]), dim=0)
+            count = sum(p[2:] for p in parts)
+        log_mean = log_sums.cpu() - torch.log(count)
+        self.log_z.copy_((math.log(self.num_samples) + log_mean).to(self.log_z.dtype))
+
+    @staticmethod
+    def _sorted_positions(index: Tensor) -> Tensor:
+        """Position of each sample when the batch is stably sorted by dataset index."""
+        order = torch.sort(index, stable=True).indices
+        positions = torch.empty_like(order)
+        positions[order] = torch.arange(len(order), device=order.device)
+        return positions
+
     @torch.no_grad()
     def _update(self, bank: Tensor, index: Tensor, embedding: Tensor) -> None:
+        """Write `embedding` rows into `bank` at `index`, an index seen twice from its first
+        occurrence (deterministic, so every rank writes the same values)."""
+        unique, inverse = torch.unique(index, return_inverse=True)
+        first = torch.full_like(unique, len(index))
+        first.scatter_reduce_(0, inverse, torch.arange(len(index), device=index.device), "amin")
         m = self.momentum
-        rows = bank[index] * m + embedding.detach().to(bank.dtype) * (1 - m)
-        bank.index_copy_(0, index, F.normalize(rows, dim=1))
+        rows = bank[unique] * m + embedding[first].detach().to(bank.dtype) * (1 - m)
+        bank.index_copy_(0, unique, F.normalize(rows, dim=1))
+
+    def _gather(self, index: Tensor, v_student: Tensor, v_teacher: Tensor):
+        """All ranks' (index, v_student, v_teacher) in rank order, and where this rank's rows
+        start; this rank's own tensors (offset 0) outside DDP training."""
+        from kdistill.ops.collectives import all_gather_rows, info, is_distributed
+
+        if not (self.training and is_distributed()):
+            return index, v_student.detach(), v_teacher.detach(), 0, False
+        d = v_student.shape[1]
+        # one collective: indices (exact in float64 below 2**53) and float32/64 embeddings
+        packed = torch.cat(
+            [index.unsqueeze(1).double(), v_student.detach().double(), v_teacher.detach().double()],
+            dim=1,
+        )
+        rows, counts = all_gather_rows(packed)
+        offset = sum(counts[: info().rank])
+        return (
+            rows[:, 0].long(),
+            rows[:, 1 : 1 + d].to(v_student.dtype),
+            rows[:, 1 + d :].to(v_teacher.dtype),
+            offset,
+            True,
+        )
 
     def forward(self, student_features: Tensor, teacher_features: Tensor, index: Tensor) -> Tensor:
         f_student, f_teacher = flat_pair(student_features, teacher_features)
@@ -331,16 +396,49 @@ class CRD(DistillLoss):
         v_student = F.normalize(self.student_head(f_student), dim=1)
         v_teacher = F.normalize(self.teacher_head(f_teacher), dim=1)
         index = index.to(device=self.memory_student.device, dtype=torch.int64)
-        negatives = torch.randint(
-            0, self.num_samples, (batch, self.num_negatives), device=index.device
+        return self._nce_and_update(index, v_student, v_teacher)
+
+    def _nce_and_update(self, index: Tensor, v_student: Tensor, v_teacher: Tensor) -> Tensor:
+        """The loss of the embeddings `v_*` (N×D) at dataset positions `index`, and the bank
+        updates (in training mode); under DDP training, with every rank's samples."""
+        batch = len(index)
+        all_index, all_student, all_teacher, offset, gathered = self._gather(
+            index, v_student, v_teacher
         )
-        candidates = torch.cat([index.unsqueeze(1), negatives], dim=1)
-        loss = self._side_loss(v_student, self.memory_teacher, candidates, side=0)
-        loss = loss + self._side_loss(v_teacher, self.memory_student, candidates, side=1)
+        all_index = all_index.to(index.device)
+        negatives = torch.randint(
+            0, self.num_samples, (len(all_index), self.num_negatives), device=index.device
+        )
+        own = self._sorted_positions(all_index)[offset : offset + batch]
+        candidates = torch.cat([index.unsqueeze(1), negatives[own]], dim=1)
+        scores = (
+            self._scores(v_student, self.memory_teacher, candidates),
+            self._scores(v_teacher, self.memory_student, candidates),
+        )
+        if bool(torch.isnan(self.log_z).any()):
+            self._set_log_z(scores, gathered)
+        loss = self._side_loss(scores[0], self.log_z[0]) + self._side_loss(scores[1], self.log_z[1])
         if self.training:
-            self._update(self.memory_student, index, v_student)
-            self._update(self.memory_teacher, index, v_teacher)
+            self._update(self.memory_student, all_index, all_student.to(v_student.device))
+            self._update(self.memory_teacher, all_index, all_teacher.to(v_teacher.device))
         return loss
+
+    def skip_step(self) -> None:
+        """Take part in this step's collectives with no sample of its own: under DDP training,
+        when an earlier term raised on this rank (a NaN: the engine then skips or stops the step
+        on every rank) and this loss did not run, while it runs on the other ranks. Without it
+        they would wait in the gather forever; with it every rank draws the same negatives and
+        writes the other ranks' embeddings, so the banks stay identical on all ranks. A no-op
+        outside DDP training (`wrap_ddp` calls it)."""
+        from kdistill.ops.collectives import is_distributed
+
+        if not (self.training and is_distributed()) or self.student_head is None:
+            return
+        weight = self.student_head.weight
+        empty = weight.new_zeros((0, self.feature_dim))
+        index = torch.zeros(0, dtype=torch.int64, device=self.memory_student.device)
+        with torch.no_grad():
+            self._nce_and_update(index, empty, empty)
 
     def extra_repr(self) -> str:
         return (

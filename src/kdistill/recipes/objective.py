@@ -64,10 +64,37 @@ def output_mixes(task: Task, distill: DistillSpec) -> list[OutputMix]:
     return mixes
 
 
-def soft_loss(spec: TermSpec, settings: dict, num_samples: int | None = None) -> nn.Module:
-    """The loss of a recipe term, with the grid settings it takes applied."""
+def task_options(distill: DistillSpec) -> dict:
+    """Options the recipe gives its task: the masks' void label (`distill.ignore_index`)."""
+    return {"ignore_index": distill.ignore_index} if distill.ignore_index is not None else {}
+
+
+def with_void_label(name: str, params: dict, distill: DistillSpec) -> dict:
+    """`params` plus ``ignore_index: distill.ignore_index`` for a loss that takes it (CE,
+    PixelKD, CWD) when the recipe sets one and the term does not."""
+    if distill.ignore_index is None or "ignore_index" in params:
+        return params
+    if "ignore_index" not in loss_parameters(name):
+        return params
+    return {**params, "ignore_index": distill.ignore_index}
+
+
+def hard_loss(name: str, distill: DistillSpec) -> nn.Module:
+    return create_loss(name, **with_void_label(name, {}, distill))
+
+
+def soft_loss(
+    spec: TermSpec,
+    settings: dict,
+    num_samples: int | None = None,
+    distill: DistillSpec | None = None,
+) -> nn.Module:
+    """The loss of a recipe term, with the grid settings it takes applied (and the recipe's void
+    label, when `distill` is given)."""
     accepted = loss_parameters(spec.loss)
     params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
+    if distill is not None:
+        params = with_void_label(spec.loss, params, distill)
     if "num_samples" in accepted and "num_samples" not in params:
         if num_samples is None:
             raise ValueError(f"loss {spec.loss!r} needs num_samples (the dataset size)")
@@ -90,10 +117,10 @@ def build_objective(
         soft = [spec for spec in specs if mix.key is None or spec.output == mix.key]
         prefix = "" if mix.key is None else f"{mix.key}_"
         terms += mix_terms(
-            create_loss(mix.hard_loss),
+            hard_loss(mix.hard_loss, distill),
             [
                 Term(
-                    soft_loss(spec, settings, num_samples),
+                    soft_loss(spec, settings, num_samples, distill),
                     weight=spec.weight,
                     student=spec.student,
                     teacher=spec.teacher,

@@ -51,7 +51,7 @@ from kdistill.engine.distributed import barrier, is_main_process
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import MODELS, count_parameters
 from kdistill.models.cost import model_cost
-from kdistill.recipes.objective import build_objective
+from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import SCENES_DATASET, DistillSpec, ModelSpec, Recipe, TeacherSpec
 from kdistill.tasks import Task, evaluate, get_task, primary_metric
 
@@ -96,8 +96,9 @@ class RunSummary:
 
 
 def recipe_task(recipe: Recipe) -> Task:
-    """The recipe's `Task` (`kdistill.tasks`)."""
-    return get_task(recipe.task)
+    """The recipe's `Task` (`kdistill.tasks`), with the void label of its masks when it has one
+    (`distill.ignore_index`)."""
+    return get_task(recipe.task, **task_options(recipe.distill))
 
 
 def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:

@@ -197,6 +197,12 @@ class DistillSpec(Strict):
     teacher_cache_topk: int | None = Field(
         None, ge=1, description="a disk cache keeps only the k largest logits (approximate)"
     )
+    ignore_index: int | None = Field(
+        None,
+        description="label of void pixels in the masks (255 for VOC / Cityscapes): left out of "
+        "the hard loss, of the soft terms that take it (pixel_kd, cwd) and of mIoU / pixel "
+        "accuracy (task segmentation or multitask)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -319,6 +325,19 @@ class Recipe(Strict):
                 f"dataset factory `package.module:function`, got {self.data.dataset!r}"
             )
         check_methods(task, self.distill)
+        return self
+
+    @model_validator(mode="after")
+    def ignore_index_needs_masks(self) -> Recipe:
+        if self.distill.ignore_index is None:
+            return self
+        try:
+            get_task(self.task, ignore_index=self.distill.ignore_index)
+        except ValueError:
+            raise ValueError(
+                f"distill.ignore_index marks void pixels of segmentation masks; task {self.task} "
+                "has none (use task segmentation or multitask, or leave it out)"
+            ) from None
         return self
 
     @model_validator(mode="after")

@@ -34,9 +34,9 @@ def multitask(ignore_index: int | None = None) -> CompositeTask:
 
 
 BUILTIN = {
-    "classification": lambda **kw: ClassificationTask(),
-    "segmentation": lambda ignore_index=None: SegmentationTask(ignore_index),
-    "detection": lambda **kw: DetectionTask(),
+    "classification": ClassificationTask,
+    "segmentation": SegmentationTask,
+    "detection": DetectionTask,
     "multitask": multitask,
 }
 
@@ -52,7 +52,10 @@ def get_task(spec: str | Task, **options: Any) -> Task:
     if not isinstance(spec, str):
         return _checked(spec, type(spec).__name__)
     if spec in BUILTIN:
-        return BUILTIN[spec](**options)
+        try:
+            return BUILTIN[spec](**options)
+        except TypeError:
+            raise ValueError(f"task {spec} takes no option(s) {sorted(options)}") from None
     if ":" not in spec:
         raise ValueError(unknown_name_message("task", spec, BUILTIN))
     module_name, _, attr = spec.partition(":")
