@@ -1,11 +1,11 @@
 """Where a recipe's classification data comes from: one name, one `(train, test)` pair.
 
-| `dataset`                 | reads                                                  | module        |
-|---------------------------|--------------------------------------------------------|---------------|
-| a registry name           | `DATASETS` (`fashion_mnist`, `digits`), `root`         | (registry)    |
-| `imagefolder`             | `root/train/<class>/*.png`, `root/test/<class>/*.png`  | imagefolder   |
-| `arrays`                  | the `.npz` files `train` and `test` (`x`, `y`)         | npz           |
-| `package.module:factory`  | `factory(**kwargs)` → `(train, test)` torch Datasets   | factory       |
+| `dataset`                | reads                                                 | module      |
+|--------------------------|-------------------------------------------------------|-------------|
+| a registry name          | `DATASETS` (`fashion_mnist`, `digits`), `root`        | (registry)  |
+| `imagefolder`            | `root/train/<class>/*.png`, `root/test/<class>/*.png` | imagefolder |
+| `arrays`                 | the `.npz` files `train` and `test` (`x`, `y`)        | npz         |
+| `package.module:factory` | `factory(**kwargs)` → `(train, test)` torch Datasets  | factory     |
 
 Registry datasets apply their own normalisation unless `builtin_normalize` is False; the other
 sources are returned unnormalised (uint8 scaled to [0, 1]) — the caller standardises them
