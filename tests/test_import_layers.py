@@ -1,6 +1,6 @@
 """Imports go one way: a module may import its own layer and the layers below it, never above.
 
-    0 shared    errors, registry, _checks, ops/, io
+    0 shared    errors, registry, _checks, importpath, ops/, io
     1 data      data/
     2 models    models/
     3 losses    losses/
@@ -22,7 +22,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdistill"
 
 LAYERS = {
-    "errors": 0, "registry": 0, "_checks": 0, "ops": 0, "io": 0,
+    "errors": 0, "registry": 0, "_checks": 0, "ops": 0, "io": 0, "importpath": 0,
     "data": 1,
     "models": 2,
     "losses": 3,

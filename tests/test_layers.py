@@ -104,7 +104,9 @@ def test_cli_prints_both_models_and_the_pairs(capsys):
     "argv, message",
     [
         (["layers", "resnet2O"], "unknown model 'resnet2O'"),
-        (["layers", "resnet8", "--input", "1,28"], "three positive sizes"),
+        (["layers", "resnet8", "--input", "1,x"], "expected sizes like 1,28,28"),
+        (["layers", "resnet8", "--input", "1,28"], "cannot run on zeros of shape (2, 1, 28)"),
+        (["layers", "resnet8", "--kwargs", "{widht: 4}"], "unexpected keyword 'widht'"),
         (["layers", "--teacher", "resnet20"], "both --teacher and --student"),
     ],
 )
@@ -123,3 +125,62 @@ def test_input_is_zeros_of_the_given_shape():
 
     describe_layers(nn.Sequential(Probe()), (2, 3, 5))
     assert torch.equal(seen["x"], torch.zeros(2, 2, 3, 5))
+
+
+def test_stages_inside_blocks_are_paired_at_every_shared_size():
+    # each model wraps its conv blocks in one `features` Sequential: before, only the frontier
+    # (features, pool, head) was searched, so the teacher (3×3) and student (7×7) shared nothing
+    from kdistill.examples.my_models import TinyCNN, WideCNN
+
+    teacher = describe_layers(WideCNN(channels=1, classes=10, width=8), (1, 28, 28))
+    student = describe_layers(TinyCNN(channels=1, classes=10, width=4), (1, 28, 28))
+    pairs = [(p.student, p.teacher, p.reason) for p in propose_pairs(teacher, student)]
+    # by hand: a block is conv, bn, relu (same size), max-pool (half). The last module at each
+    # size: teacher 28 features.0.2, 14 features.1.2, 7 features.2.2, 3 features; student
+    # 28 features.0.2, 14 features.1.2, 7 features (its last block pools to 7×7)
+    assert pairs[:3] == [
+        ("features", "features.2.2", "stage end at 7×7 (connector)"),
+        ("features.1.2", "features.1.2", "stage end at 14×14 (connector)"),
+        ("features.0.2", "features.0.2", "stage end at 28×28 (connector)"),
+    ]
+    assert not any("3×3" in reason for _, _, reason in pairs)  # the teacher's alone
+
+
+TOKEN_MODEL = """
+from torch import nn
+
+class TokenNet(nn.Module):
+    def __init__(self, vocab, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        return self.out(self.mix(self.embed(ids)))
+"""
+
+
+def test_cli_takes_import_path_specs_and_token_ids(tmp_path, monkeypatch, capsys):
+    (tmp_path / "h4_token_models.py").write_text(TOKEN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["layers", "h4_token_models:TokenNet", "--kwargs", "{vocab: 11}"]
+    assert main([*argv, "--input", "16", "--dtype", "long", "--batch", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "input 3×16 int64" in printed
+    assert "| `embed` | Embedding | 16×8 | 88 |" in printed  # 11·8
+    assert "| `out` | Linear | 16×11 | 99 |" in printed  # 8·11 + 11
+    assert main([*argv, "--input", "16"]) == 2  # float zeros are not token ids
+    assert "dtype torch.float32" in capsys.readouterr().err
+
+
+def test_token_ids_of_the_given_dtype_reach_the_model():
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen["x"] = x.clone()
+            return x
+
+    describe_layers(nn.Sequential(Probe()), (5,), batch_size=3, dtype=torch.long)
+    assert seen["x"].dtype == torch.long and seen["x"].shape == (3, 5)

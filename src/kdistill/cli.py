@@ -201,10 +201,39 @@ def list_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {
+    "float32": "float32",
+    "float": "float32",
+    "float64": "float64",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "int64": "int64",
+    "long": "int64",
+    "int32": "int32",
+    "int": "int32",
+}
+
+
+def _yaml_mapping(text: str | None, option: str) -> dict:
+    import yaml
+
+    if not text:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise KdistillError(f"{option} {text!r}: not valid YAML ({error})") from None
+    if not isinstance(value, dict):
+        raise KdistillError(f"{option} {text!r}: expected a mapping such as '{{width: 8}}'")
+    return value
+
+
 def layers_command(args: argparse.Namespace) -> int:
-    """`kdistill layers`: layer names and shapes of built-in models, and proposed stage pairs."""
+    """`kdistill layers`: layer names and shapes of any model spec, and proposed stage pairs."""
+    import torch
+
     from kdistill.layers import describe_layers, layers_table, pairs_table, propose_pairs
-    from kdistill.models import create_model, list_models
+    from kdistill.models import list_models, model_from_spec
 
     if args.list:
         print("\n".join(list_models()))
@@ -212,27 +241,40 @@ def layers_command(args: argparse.Namespace) -> int:
     try:
         input_shape = tuple(int(size) for size in args.input.split(","))
     except ValueError:
-        raise KdistillError(f"--input {args.input!r}: expected sizes like 1,28,28") from None
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise KdistillError(f"--input {args.input!r}: expected three positive sizes C,H,W")
+        raise KdistillError(
+            f"--input {args.input!r}: expected sizes like 1,28,28 (C,H,W) or 16 (tokens)"
+        ) from None
+    if not input_shape or min(input_shape) < 1:
+        raise KdistillError(f"--input {args.input!r}: expected positive sizes")
+    if args.batch < 1:
+        raise KdistillError(f"--batch {args.batch}: expected a positive batch size")
     if bool(args.teacher) != bool(args.student):
-        raise KdistillError("give both --teacher and --student, or one model name")
+        raise KdistillError("give both --teacher and --student, or one model spec")
     if not (args.model or args.teacher):
-        raise KdistillError("name a model, or --teacher and --student (see --list)")
+        raise KdistillError("name a model spec, or --teacher and --student (see --list)")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    # a registry model also gets the sizes a recipe would give it; other specs only their kwargs
+    sizes = {
+        "in_channels": input_shape[0],
+        "num_classes": args.classes,
+        "image_size": input_shape[-1],
+    }
+    shown = f"input {args.batch}×{'×'.join(map(str, input_shape))} {DTYPES[args.dtype]}"
 
-    def build(name: str):
-        try:
-            model = create_model(name, in_channels=input_shape[0], num_classes=args.classes)
-        except KeyError as error:
-            raise KdistillError(str(error).strip("'\"")) from None
-        return describe_layers(model, input_shape)
+    def build(spec: str, kwargs_text: str | None, option: str):
+        kwargs = _yaml_mapping(kwargs_text, option)
+        torch.manual_seed(0)
+        model = model_from_spec(spec, kwargs, data_sizes=sizes)
+        return describe_layers(model, input_shape, batch_size=args.batch, dtype=dtype)
 
     if args.model:
-        print(layers_table(build(args.model), f"## {args.model} (input {args.input})"))
+        layers = build(args.model, args.kwargs, "--kwargs")
+        print(layers_table(layers, f"## {args.model} ({shown})"))
     if args.teacher:
-        teacher, student = build(args.teacher), build(args.student)
-        print(layers_table(teacher, f"## teacher {args.teacher} (input {args.input})"), "\n")
-        print(layers_table(student, f"## student {args.student} (input {args.input})"), "\n")
+        teacher = build(args.teacher, args.teacher_kwargs, "--teacher-kwargs")
+        student = build(args.student, args.student_kwargs, "--student-kwargs")
+        print(layers_table(teacher, f"## teacher {args.teacher} ({shown})"), "\n")
+        print(layers_table(student, f"## student {args.student} ({shown})"), "\n")
         print("## proposed pairs\n")
         print(pairs_table(propose_pairs(teacher, student)))
     return 0
@@ -301,12 +343,33 @@ def build_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser(
         "layers", help="each module's name, output shape and parameters; proposed stage pairs"
     )
-    layers.add_argument("model", nargs="?", help="a model name (see `kdistill layers --list`)")
-    layers.add_argument("--teacher", help="a teacher model name: show both and propose pairs")
-    layers.add_argument("--student", help="a student model name: show both and propose pairs")
-    layers.add_argument("--input", default="1,28,28", help="input shape C,H,W (default 1,28,28)")
-    layers.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
-    layers.add_argument("--list", action="store_true", help="list the model names")
+    specs_help = (
+        "a model spec as in a recipe: a registry name (see --list), package.module:callable, "
+        "torchvision:<name>, timm:<name>, hf:<model_type> or hf:<folder>"
+    )
+    layers.add_argument("model", nargs="?", help=specs_help)
+    layers.add_argument("--kwargs", help="the model's kwargs as YAML, e.g. '{width: 8}'")
+    layers.add_argument("--teacher", help="a teacher model spec: show both and propose pairs")
+    layers.add_argument("--teacher-kwargs", help="the teacher's kwargs as YAML")
+    layers.add_argument("--student", help="a student model spec: show both and propose pairs")
+    layers.add_argument("--student-kwargs", help="the student's kwargs as YAML")
+    layers.add_argument(
+        "--input",
+        default="1,28,28",
+        help="shape of ONE sample, no batch dimension: C,H,W for images (default 1,28,28), "
+        "L for a sequence of L token ids (with --dtype long)",
+    )
+    layers.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="dtype of the zero input (default float32; long for token ids)",
+    )
+    layers.add_argument("--batch", type=int, default=2, help="batch size of the input (default 2)")
+    layers.add_argument(
+        "--classes", type=int, default=10, help="num_classes of registry models (default 10)"
+    )
+    layers.add_argument("--list", action="store_true", help="list the registry's model names")
     layers.set_defaults(handler=layers_command)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")

@@ -1,21 +1,24 @@
 """Layer discovery: what each named module of a model outputs, and which stages to match.
 
-`describe_layers(model, input_shape)` runs one forward pass on zeros with a hook on every
-module and returns, in the order the modules finished, each module's `named_modules()` name,
+`describe_layers(model, input_shape, dtype=…)` runs one forward pass on zeros (float images, or
+`torch.long` token ids for language models) with a hook on every module and returns, in the
+order the modules finished, each module's `named_modules()` name,
 type, output shape and parameter count (its own and its children's). A module called more than
 once reports its last call, as a tap would (`kdistill.taps`).
 
 `propose_pairs(teacher_layers, student_layers)` suggests which layers feature distillation
 should match, by spatial size and depth:
 
-1. **stages**: each model's *frontier* — the direct children of the model, or of its single
-   container child when the model wraps everything in one — is grouped by output size `H×W`;
-   the last module to finish in each group ends that stage. Teacher and student stage ends with
-   the same `H×W` are paired, deepest first (feature losses such as FitNet and AT compare maps
-   of one resolution; a connector handles the channel counts).
-2. **embedding**: the last `N×D` output (dropout aside) before the final layer on each side
-   (e.g. after global pooling and flattening), the usual input of relation losses (RKD, SP,
-   PKT, CC, CRD).
+1. **stages**: every module with an `N×C×H×W` output (at any depth, `H×W` ≠ 1×1) is grouped by
+   its size `H×W`; the last module to finish in each group ends that stage — an enclosing
+   block finishes after its children, so a block that ends at that size is chosen over its
+   inner layers. Every `H×W` the teacher and the student share gives one pair, deepest first
+   (feature losses such as FitNet and AT compare maps of one resolution; a connector handles
+   the channel counts).
+2. **embedding**: the last `N×D` output (dropout aside) before the final layer on each side,
+   among the model's *frontier* (its direct children, or those of its single container child),
+   e.g. after global pooling and flattening: the usual input of relation losses (RKD, SP, PKT,
+   CC, CRD).
 
 The proposal is a starting point that names real modules, not a verdict: a stage whose sizes
 differ between the two models is left out rather than guessed.
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kdistill.errors import ConfigError
 from kdistill.models import count_parameters
 
 
@@ -56,10 +60,16 @@ class LayerPair:
 
 
 def describe_layers(
-    model: nn.Module, input_shape: Sequence[int], batch_size: int = 2
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 2,
+    dtype: torch.dtype = torch.float32,
 ) -> list[LayerInfo]:
     """Every named module's output shape (batch dimension included) and parameter count,
-    from one forward pass in eval mode on a batch of zeros of shape `(batch_size, *input_shape)`."""
+    from one forward pass in eval mode on a batch of zeros of shape `(batch_size, *input_shape)`
+    and `dtype` (`torch.long` for token ids: zeros are valid ids).
+
+    Raises ConfigError naming the input when the model's forward rejects it."""
     finished: dict[str, tuple[int, nn.Module, object]] = {}
     counter = iter(range(10**9))
 
@@ -80,8 +90,16 @@ def describe_layers(
         model.eval()
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
+        inputs = torch.zeros(batch_size, *input_shape, dtype=dtype, device=device)
         with torch.inference_mode():
-            model(torch.zeros(batch_size, *input_shape, device=device))
+            try:
+                model(inputs)
+            except Exception as error:  # noqa: BLE001 - any failure of the user's forward
+                raise ConfigError(
+                    f"{type(model).__name__} cannot run on zeros of shape {tuple(inputs.shape)} "
+                    f"and dtype {dtype} ({type(error).__name__}: {error}); give the input it "
+                    "takes with --input (one sample, no batch dimension) and --dtype"
+                ) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -111,9 +129,10 @@ def _frontier(layers: list[LayerInfo]) -> list[LayerInfo]:
 
 
 def stage_ends(layers: list[LayerInfo]) -> dict[tuple[int, int], LayerInfo]:
-    """{(H, W): the last frontier module with a 4-D output of that size}, in forward order."""
+    """{(H, W): the last module, at any depth, with a 4-D output of that size}, ordered by when
+    each stage ended."""
     ends: dict[tuple[int, int], LayerInfo] = {}
-    for layer in _frontier(layers):
+    for layer in layers:
         shape = layer.output_shape
         if shape is not None and len(shape) == 4 and shape[2:] != (1, 1):
             ends.pop(shape[2:], None)

@@ -4,6 +4,10 @@
 The dense-prediction scenes (`make_scenes`, `fashion_mnist_scenes`, `SceneDataset`) are built
 directly, not through the registry: the registry's datasets are classification `ArrayDataset`s
 (one int64 label per sample) that the recipe runner subsamples and splits by label.
+
+Your own data (`load_train_test`, `kdistill.data.sources`): an image folder per class
+(`imagefolder`), `.npz` arrays (`arrays`) or a factory of torch Datasets (an import path);
+`channel_stats` / `standardize` normalise them per channel.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from kdistill.data.fashion_mnist import (
     resolve_fashion_mnist_root,
 )
 from kdistill.data.idx import read_idx
+from kdistill.data.imagefolder import load_image_folder, write_image_folder
+from kdistill.data.normalize import ChannelStats, channel_stats, standardize
 from kdistill.data.scenes import SceneDataset, fashion_mnist_scenes, make_scenes
+from kdistill.data.sources import dataset_kind, load_train_test
 from kdistill.registry import Registry
 
 __all__ = [
@@ -37,16 +44,23 @@ __all__ = [
     "ArrayDataset",
     "Batch",
     "BatchLoader",
+    "ChannelStats",
     "SceneDataset",
+    "channel_stats",
+    "dataset_kind",
     "fashion_mnist_scenes",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
+    "load_image_folder",
+    "load_train_test",
     "make_scenes",
     "read_idx",
     "resolve_fashion_mnist_root",
     "split_train_val",
+    "standardize",
     "take",
+    "write_image_folder",
 ]
 
 #: dataset name → constructor ``(split, root=None, **kwargs) -> ArrayDataset``.

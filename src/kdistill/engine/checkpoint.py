@@ -182,8 +182,13 @@ def strip_prefix(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor
     return {key[start:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], label: str, source: str) -> None:
-    """`load_state_dict(strict=True)` with a message naming the model, the file and the keys."""
+def load_weights(
+    model: nn.Module, state: Mapping[str, Tensor], label: str, source: str, field: str = ""
+) -> None:
+    """`load_state_dict(strict=True)` with a message naming the model, the file and the keys.
+
+    When every name in `state` carries one extra prefix (`module.` from DataParallel / DDP,
+    `_orig_mod.` from torch.compile, …) the message says to set `<field>strip_prefix`."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -202,10 +207,32 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], label: str, sour
             )
         if wrong_shape:
             problems.append("shape mismatches: " + "; ".join(wrong_shape[:5]))
+        prefix = _extra_prefix(state, own)
+        hint = (
+            f"; every name in the file starts with {prefix!r}: set {field}strip_prefix: {prefix!r}"
+            if prefix
+            else ""
+        )
         raise CheckpointError(
-            f"{source}: does not fit the {label} ({type(model).__name__}): " + ", ".join(problems)
+            f"{source}: does not fit the {label} ({type(model).__name__}): "
+            + ", ".join(problems)
+            + hint
         )
     model.load_state_dict(state, strict=True)
+
+
+def _extra_prefix(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str | None:
+    """The dotted prefix whose removal turns the names of `state` into those of `own`."""
+    if not state:
+        return None
+    parts = next(iter(state)).split(".")
+    for count in range(1, len(parts)):
+        prefix = ".".join(parts[:count]) + "."
+        if all(key.startswith(prefix) for key in state) and {
+            key[len(prefix) :] for key in state
+        } == set(own):
+            return prefix
+    return None
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
@@ -235,36 +262,67 @@ def optimizer_from_flat(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def load_state_dict_file(path: str | Path, trust: bool = False) -> dict[str, Tensor]:
+def load_state_dict_file(
+    path: str | Path,
+    trust: bool = False,
+    *,
+    key: str | None = None,
+    strip_prefix: str | None = None,
+    field: str = "",
+) -> dict[str, Tensor]:
     """Weights from a file, loaded safely: a kdistill checkpoint (verified), a plain safetensors
     file, or a PyTorch state dict (`.pt`/`.pth`) read with `torch.load(weights_only=True)`.
+
+    `key`: the state dict sits inside a dict under this key (`{"model": state_dict,
+    "optimizer": …, "epoch": 3}` → `key="model"`). `strip_prefix`: remove this prefix from every
+    weight name (`"module."` for DataParallel / DDP); every name must carry it. `field` prefixes
+    the option names in messages (`"teacher."` → "set teacher.checkpoint_key: model").
 
     A file that needs full unpickling (e.g. a whole model saved with `torch.save(model)`) is
     refused, because unpickling can run arbitrary code — unless `trust` is set (the user's
     `--trust-checkpoint`): it is then read with `torch.load(weights_only=False)` and a module
-    gives its `state_dict()`.
-    A kdistill checkpoint may prefix its keys (`student.`); pass the stripped dict to the model.
+    gives its `state_dict()` (without `key`, a dict's "state_dict" or "model" entry is used).
+    A kdistill checkpoint may prefix its keys (`student.`); pass `strip_prefix="student."`.
+    Every failure is a CheckpointError naming the file, what it holds and the fix.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                is_kdistill = META_KEY in (handle.metadata() or {})
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
-        if is_kdistill:
-            return read_checkpoint_file(path)[0]
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
-    if trust:
-        return _load_trusted_pickle(path)
+        if key is not None:
+            raise CheckpointError(
+                f"{path}: a safetensors file is one flat map of tensors, with no dict to pick "
+                f"{key!r} from; remove {field}checkpoint_key (to drop a name prefix such as "
+                f"'{key}.', set {field}strip_prefix: '{key}.')"
+            )
+        tensors = _read_safetensors_weights(path)
+    elif trust:
+        tensors = _state_dict_in(_load_trusted_pickle(path), path, key, field, trusted=True)
+    else:
+        tensors = _state_dict_in(_load_weights_only(path), path, key, field, trusted=False)
+    if strip_prefix:
+        tensors = _remove_prefix(tensors, strip_prefix, path, field)
+    return tensors
+
+
+def _read_safetensors_weights(path: Path) -> dict[str, Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as handle:
+            is_kdistill = META_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
+    if is_kdistill:
+        return read_checkpoint_file(path)[0]
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def _load_weights_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: refused: this file holds pickled Python objects, not just tensors "
@@ -279,35 +337,96 @@ def load_state_dict_file(path: str | Path, trust: bool = False) -> dict[str, Ten
             f"{path}: cannot be loaded as a state dict with weights_only=True ({error}). "
             "kdistill never unpickles arbitrary objects; save model.state_dict() or safetensors"
         ) from None
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CheckpointError(
-            f"{path}: expected a state dict of tensors, got {type(loaded).__name__}"
-        )
-    return dict(loaded)
 
 
-def _load_trusted_pickle(path: Path) -> dict[str, Tensor]:
-    """`torch.load(weights_only=False)` (the user vouched for the file): a module (e.g. a whole
-    model from `save_whole_model`) gives its `state_dict()`; a mapping of tensors, possibly under
-    a "state_dict" / "model" key, is returned as it is."""
-    loaded = _torch_load_unsafe(path)
-    if isinstance(loaded, nn.Module):
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values())
+
+
+def _state_dict_in(
+    loaded: Any, path: Path, key: str | None, field: str, trusted: bool
+) -> dict[str, Tensor]:
+    """The state dict a loaded object holds (under `key` when given), or a CheckpointError
+    that names what the file holds and the option that picks the weights out."""
+    if key is not None:
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(
+                f"{path}: {field}checkpoint_key is {key!r}, but the file holds a "
+                f"{type(loaded).__name__}, not a dict; remove {field}checkpoint_key"
+            )
+        if key not in loaded:
+            raise CheckpointError(
+                f"{path}: no key {key!r}; the file holds a dict with keys "
+                f"{_shown_keys(loaded)}" + _key_hint(loaded, field)
+            )
+        loaded = loaded[key]
+    if isinstance(loaded, nn.Module) and trusted:
         loaded = loaded.state_dict()
-    elif isinstance(loaded, Mapping):
-        for key in ("state_dict", "model"):
-            inner = loaded.get(key)
+    if trusted and key is None and isinstance(loaded, Mapping) and not _is_state_dict(loaded):
+        for name in ("state_dict", "model"):  # the usual places, for files the user vouched for
+            inner = loaded.get(name)
             if isinstance(inner, nn.Module):
-                loaded = inner.state_dict()
-                break
-            if isinstance(inner, Mapping):
+                inner = inner.state_dict()
+            if _is_state_dict(inner):
                 loaded = inner
                 break
-    if isinstance(loaded, Mapping) and all(isinstance(v, Tensor) for v in loaded.values()):
+    where = f" under {key!r}" if key is not None else ""
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors{where}, got {type(loaded).__name__}"
+        )
+    if _is_state_dict(loaded):
         return dict(loaded)
+    tensors = [name for name, value in loaded.items() if isinstance(value, Tensor)]
+    others = [name for name, value in loaded.items() if not isinstance(value, Tensor)]
+    if not tensors:
+        raise CheckpointError(
+            f"{path}: the file holds a dict{where} with keys {_shown_keys(loaded)} and no tensors "
+            "at the top level" + _key_hint(loaded, field, nested=key)
+        )
     raise CheckpointError(
-        f"{path}: expected a model or a state dict of tensors, got {type(loaded).__name__}"
-        + (" holding non-tensor values" if isinstance(loaded, Mapping) else "")
+        f"{path}: the state dict{where} mixes tensors with other values (under "
+        f"{_shown_keys(others)}); a state dict maps weight names to tensors only"
     )
+
+
+def _shown_keys(keys: Any) -> str:
+    names = sorted(str(name) for name in keys)
+    return str(names[:10])[:-1] + (", …]" if len(names) > 10 else "]")
+
+
+def _key_hint(loaded: Mapping, field: str, nested: str | None = None) -> str:
+    """ "; set teacher.checkpoint_key: model" naming the entries that hold a state dict."""
+    holders = [
+        str(name)
+        for name, value in loaded.items()
+        if _is_state_dict(value) and value or isinstance(value, nn.Module)
+    ]
+    if not holders:
+        return "; none of its entries is a state dict of tensors"
+    if nested is not None:
+        return f"; the weights are one level deeper, under {holders}"
+    return f"; set {field}checkpoint_key: {holders[0]}" + (
+        f" (entries holding tensors: {holders})" if len(holders) > 1 else ""
+    )
+
+
+def _remove_prefix(
+    tensors: dict[str, Tensor], prefix: str, path: Path, field: str
+) -> dict[str, Tensor]:
+    lacking = [name for name in tensors if not name.startswith(prefix)]
+    if lacking:
+        raise CheckpointError(
+            f"{path}: {field}strip_prefix is {prefix!r}, but {len(lacking)} of {len(tensors)} "
+            f"weight names do not start with it (e.g. {lacking[:3]}); fix or remove "
+            f"{field}strip_prefix"
+        )
+    return {name[len(prefix) :]: value for name, value in tensors.items()}
+
+
+def _load_trusted_pickle(path: Path) -> Any:
+    """`torch.load(weights_only=False)` (the user vouched for the file)."""
+    return _torch_load_unsafe(path)
 
 
 def _torch_load_unsafe(path: Path) -> Any:

@@ -12,6 +12,11 @@ dict of both (`multitask_*`)::
     count_parameters(student)
 
 `list_models()` names them all; an unknown name raises KeyError with close names suggested.
+
+Models from anywhere else (your own classes by import path, `torchvision:`, `timm:`, Hugging
+Face `hf:`) are built from a *spec* by `model_from_spec` (`kdistill.models.specs`)::
+
+    model_from_spec("mypkg.models:MyStudent", {"width": 16})
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from kdistill.models.resnet import (
     resnet20,
     resnet32,
 )
+from kdistill.models.specs import ModelSpecError, check_model_spec, model_from_spec
 from kdistill.registry import Registry
 
 __all__ = [
@@ -53,10 +59,12 @@ __all__ = [
     "Detector",
     "MiddleStudent",
     "MiniStudent",
+    "ModelSpecError",
     "MultiTaskNet",
     "ResNet",
     "SegNet",
     "blocks_per_stage",
+    "check_model_spec",
     "count_parameters",
     "create_model",
     "decode",
@@ -64,6 +72,7 @@ __all__ = [
     "det_teacher",
     "encode_targets",
     "list_models",
+    "model_from_spec",
     "multitask_student",
     "multitask_teacher",
     "nms",

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import shutil
@@ -29,10 +28,14 @@ from kdistill.cache import TeacherCache, build_teacher_cache, offline_teacher_ou
 from kdistill.data import (
     ArrayDataset,
     BatchLoader,
+    ChannelStats,
     SceneDataset,
+    channel_stats,
+    dataset_kind,
     fashion_mnist_scenes,
-    load_dataset,
+    load_train_test,
     split_train_val,
+    standardize,
     take,
 )
 from kdistill.distiller import Distiller, Term
@@ -49,10 +52,17 @@ from kdistill.engine.checkpoint import (
 )
 from kdistill.engine.distributed import barrier, is_main_process
 from kdistill.errors import CacheError, CheckpointError
-from kdistill.models import MODELS, count_parameters
+from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
 from kdistill.recipes.objective import build_objective, task_options
-from kdistill.recipes.schema import SCENES_DATASET, DistillSpec, ModelSpec, Recipe, TeacherSpec
+from kdistill.recipes.schema import (
+    SCENES_DATASET,
+    DistillSpec,
+    ModelSpec,
+    NormalizeSpec,
+    Recipe,
+    TeacherSpec,
+)
 from kdistill.tasks import Task, evaluate, get_task, primary_metric
 
 EVAL_BATCH = 1000
@@ -66,6 +76,7 @@ class Splits:
     train: Data
     val: Data
     test: Data
+    normalization: dict = field(default_factory=dict)  # how inputs were standardised (data.json)
 
 
 @dataclass
@@ -105,6 +116,7 @@ def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:
     """Train / validation / test data carrying the targets of the recipe's task."""
     task = task or recipe_task(recipe)
     spec = recipe.data
+    builtin = dataset_kind(spec.dataset) == "registry"
     if spec.dataset == SCENES_DATASET:
         scenes = spec.scenes
         full_train, test = fashion_mnist_scenes(
@@ -116,25 +128,43 @@ def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:
             max_items=scenes.max_items,
         )
     else:
-        full_train = load_dataset(spec.dataset, "train", root=spec.root)
-        test = load_dataset(spec.dataset, "test", root=spec.root)
+        full_train, test = load_train_test(
+            spec.dataset,
+            root=spec.root,
+            train=spec.train,
+            test=spec.test,
+            kwargs=spec.kwargs,
+            builtin_normalize=spec.normalize == "auto",
+        )
     full_train, test = task.prepare(full_train), task.prepare(test)
     stratify = isinstance(full_train, ArrayDataset)  # class labels (a scene holds several)
     full_train = take(full_train, spec.train_limit, seed=recipe.seed, stratify=stratify)
     test = take(test, spec.test_limit, seed=recipe.seed, stratify=stratify)
     train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed, stratify=stratify)
-    return Splits(train, val, test)
+    if spec.normalize == "auto" and (builtin or spec.dataset == SCENES_DATASET):
+        return Splits(train, val, test, {"mode": "auto", "applied": "the dataset's own"})
+    if spec.normalize == "none":
+        return Splits(train, val, test, {"mode": "none"})
+    if isinstance(spec.normalize, NormalizeSpec):
+        stats, mode = ChannelStats(tuple(spec.normalize.mean), tuple(spec.normalize.std)), "given"
+    else:  # "train", or "auto" for data without a normalisation of its own
+        stats, mode = channel_stats(train), "train"
+    record = {"mode": mode, **stats.as_dict()}
+    if mode == "train":
+        record["computed_on"] = f"the training split ({len(train)} samples)"
+    return Splits(*(standardize(data, stats) for data in (train, val, test)), record)
 
 
 def build_model(spec: ModelSpec, data: Data, seed: int, task: Task | None = None) -> nn.Module:
-    """Seeded construction: the same seed gives the same initial weights."""
-    constructor = MODELS.get(spec.model)
-    kwargs = (task or get_task("classification")).model_kwargs(data)
-    if "image_size" in inspect.signature(constructor).parameters:
-        kwargs["image_size"] = data.input_shape[-1]
-    kwargs.update(spec.kwargs)
+    """Seeded construction: the same seed gives the same initial weights.
+
+    A registry model also gets the data's sizes its constructor accepts (`in_channels`,
+    `num_classes`, `image_size`; `Task.model_kwargs`); any other model (import path,
+    torchvision:, hf:, …) gets exactly the recipe's kwargs (`kdistill.models.specs`)."""
+    task = task or get_task("classification")
+    sizes = {**task.model_kwargs(data), "image_size": data.input_shape[-1]}
     torch.manual_seed(seed)
-    return constructor(**kwargs)
+    return model_from_spec(spec.model, spec.kwargs, data_sizes=sizes)
 
 
 def method_terms(
@@ -247,6 +277,17 @@ class Experiment:
             updates["epochs"] = epochs
         return base.model_copy(update=updates)
 
+    def data_description(self) -> dict:
+        """What the models were trained on: classes, shapes, sizes and the normalisation."""
+        train = self.splits.train
+        return {
+            "dataset": self.recipe.data.dataset,
+            "classes": list(getattr(train, "classes", [])),
+            "input_shape": list(train.input_shape),
+            "sizes": {name: len(getattr(self.splits, name)) for name in ("train", "val", "test")},
+            "normalization": self.splits.normalization,
+        }
+
     # -- teacher ----------------------------------------------------------------------------
     def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
         spec: TeacherSpec = self.recipe.teacher
@@ -257,6 +298,8 @@ class Experiment:
                 mode="json",
                 exclude={
                     "checkpoint": True,
+                    "checkpoint_key": True,
+                    "strip_prefix": True,
                     "trust_checkpoint": True,
                     # fp32 is the default: leave it out so teachers saved before the field existed
                     # are still recognised; another precision is part of the identity
@@ -264,13 +307,19 @@ class Experiment:
                     | ({"precision"} if spec.train.precision == "fp32" else set()),
                 },
             ),
-            "data": self.recipe.data.model_dump(mode="json"),
+            "data": self.recipe.data.identity(),
             "seed": self.recipe.seed,
         }
         started = time.perf_counter()
         if spec.checkpoint is not None:
-            weights = load_state_dict_file(spec.checkpoint, trust=spec.trust_checkpoint)
-            load_weights(teacher, weights, "teacher", spec.checkpoint)
+            weights = load_state_dict_file(
+                spec.checkpoint,
+                trust=spec.trust_checkpoint,
+                key=spec.checkpoint_key,
+                strip_prefix=spec.strip_prefix,
+                field="teacher.",
+            )
+            load_weights(teacher, weights, "teacher", spec.checkpoint, field="teacher.")
             self.say(f"teacher: loaded {spec.checkpoint}")
         elif self._saved_teacher_matches(models_dir, identity):
             tensors, _ = load_checkpoint(models_dir, "teacher")
@@ -483,6 +532,10 @@ class Experiment:
             atomic_write_text(
                 self.out_dir / "recipe.yaml",
                 yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+            )
+            atomic_write_text(
+                self.out_dir / "data.json",
+                json.dumps(self.data_description(), indent=1),
             )
         for spec in recipe.students:  # a refused or broken whole_model fails before training
             if spec.whole_model is not None:

@@ -17,12 +17,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from kdistill.data.sources import ARRAYS, IMAGE_FOLDER, dataset_kind
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError
+from kdistill.importpath import import_callable
 from kdistill.losses import LOSSES, create_loss
-from kdistill.models import MODELS
+from kdistill.models.specs import (
+    ModelSpecError,
+    callable_source,
+    check_model_spec,
+    resolve_model,
+)
 from kdistill.registry import unknown_name_message
 from kdistill.tasks import get_task
 
@@ -54,10 +69,44 @@ class ScenesSpec(Strict):
         return size
 
 
+class NormalizeSpec(Strict):
+    """Explicit per-channel statistics: inputs become `(x − mean[c]) / std[c]`."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def one_std_per_mean(self) -> NormalizeSpec:
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"normalize: {len(self.mean)} mean value(s) but {len(self.std)} std value(s); "
+                "give one of each per channel"
+            )
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"normalize.std: every value must be > 0, got {self.std}")
+        return self
+
+
 class DataSpec(Strict):
+    """The data: a registry dataset (`fashion_mnist`, `digits`), `fashion_mnist_scenes`,
+    `imagefolder` (`root` holding train/ and test/, one folder per class), `arrays` (`.npz`
+    files `train` and `test` holding `x` and `y`) or `package.module:factory` (called with
+    `kwargs`, returning `(train, test)` torch Datasets); see `kdistill.data.sources`."""
+
     dataset: str = "fashion_mnist"
     scenes: ScenesSpec = Field(default_factory=ScenesSpec)
     root: str | None = Field(None, description="folder with the dataset files (default: search)")
+    train: str | None = Field(None, description="dataset arrays: the training .npz (x, y)")
+    test: str | None = Field(None, description="dataset arrays: the test .npz (x, y)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="dataset package.module:factory: its keyword arguments"
+    )
+    normalize: Literal["auto", "train", "none"] | NormalizeSpec = Field(
+        "auto",
+        description="auto: a built-in dataset's own normalisation, otherwise `train`; train: "
+        "per-channel mean/std of the training split (stored in the run's data.json); none: "
+        "inputs as read (x/255 for 8-bit images); or {mean: [...], std: [...]}",
+    )
     val_size: int | float = Field(5000, gt=0, description="held out of the training split")
     train_limit: int | None = Field(None, ge=1, description="use a random subset (quick runs)")
     test_limit: int | None = Field(None, ge=1)
@@ -67,28 +116,123 @@ class DataSpec(Strict):
     def known_dataset(cls, name: str) -> str:
         from kdistill.data import DATASETS
 
-        if name not in DATASETS and name != SCENES_DATASET:
+        kind = dataset_kind(name)
+        if kind == "factory":
+            try:
+                import_callable(name, what="datasets")
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        elif kind == "registry" and name not in DATASETS and name != SCENES_DATASET:
+            known = [*DATASETS.names(), SCENES_DATASET, IMAGE_FOLDER, ARRAYS]
             raise ValueError(
-                unknown_name_message("dataset", name, [*DATASETS.names(), SCENES_DATASET])
+                unknown_name_message("dataset", name, known)
+                + "; or package.module:factory returning (train, test) datasets"
             )
         return name
 
+    @field_validator("kwargs")
+    @classmethod
+    def factory_kwargs_fit(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("dataset")
+        if name is None:
+            return kwargs
+        if ":" not in name:
+            if kwargs:
+                raise ValueError(
+                    f"kwargs are passed to a dataset factory (package.module:factory); dataset "
+                    f"{name!r} takes none"
+                )
+            return kwargs
+        try:
+            callable_source(name, import_callable(name, what="datasets")).check_kwargs(kwargs)
+        except ModelSpecError as error:
+            raise ValueError(str(error)) from None
+        return kwargs
+
+    @model_validator(mode="after")
+    def fields_fit_the_dataset(self) -> DataSpec:
+        kind = "scenes" if self.dataset == SCENES_DATASET else dataset_kind(self.dataset)
+        if kind == ARRAYS:
+            missing = [name for name in ("train", "test") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(
+                    f"dataset arrays needs {' and '.join(missing)}: .npz file(s) holding x and y"
+                )
+        else:
+            given = [name for name in ("train", "test") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)}: .npz files are read only by dataset: arrays "
+                    f"(dataset is {self.dataset!r})"
+                )
+        if kind == IMAGE_FOLDER and self.root is None:
+            raise ValueError(
+                "dataset imagefolder needs root: a folder holding train/ and test/, each with one "
+                "sub-folder of images per class"
+            )
+        if kind == "scenes" and self.normalize != "auto":
+            raise ValueError(f"normalize: {SCENES_DATASET} has its own normalisation; use auto")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the data, for matching a saved teacher: fields added after
+        the first recipes are left out while at their defaults (older runs stay recognised)."""
+        data = self.model_dump(mode="json")
+        for name, default in (("train", None), ("test", None), ("kwargs", {})):
+            if data[name] == default:
+                del data[name]
+        if data["normalize"] == "auto":
+            del data["normalize"]
+        return data
+
 
 class ModelSpec(Strict):
-    model: str
+    """A model from anywhere (`kdistill.models.specs`): a registry name, `package.module:callable`,
+    `torchvision:<name>`, `timm:<name>`, `hf:<model_type>` or `hf:<folder>`. `kwargs` go to the
+    constructor; a registry model also gets the data's sizes it accepts, any other model exactly
+    `kwargs`. Both are checked when the recipe is read."""
+
+    model: str = Field(description="registry name, package.module:callable, torchvision:…, hf:…")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
     def known_model(cls, name: str) -> str:
-        if name not in MODELS:
-            raise ValueError(unknown_name_message("model", name, MODELS.names()))
+        try:
+            resolve_model(name)
+        except ModelSpecError as error:
+            raise ValueError(str(error)) from None
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def kwargs_fit_the_model(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("model")
+        if name is None:  # the model itself failed; its error is reported
+            return kwargs
+        try:
+            check_model_spec(name, kwargs)
+        except ModelSpecError as error:
+            raise ValueError(str(error)) from None
+        return kwargs
 
 
 class TeacherSpec(ModelSpec):
     checkpoint: str | None = Field(
-        None, description="safetensors weights to load instead of training the teacher"
+        None,
+        description="weights to load instead of training the teacher: safetensors, a state dict "
+        "(.pt/.pth), or a dict holding one (checkpoint_key)",
+    )
+    checkpoint_key: str | None = Field(
+        None,
+        description="the key of the state dict inside a checkpoint dict, e.g. `model` for "
+        '{"model": state_dict, "optimizer": …}',
+    )
+    strip_prefix: str | None = Field(
+        None,
+        min_length=1,
+        description='remove this prefix from every weight name, e.g. "module." (DataParallel / '
+        'DDP) or "_orig_mod." (torch.compile)',
     )
     trust_checkpoint: bool = Field(
         False,
@@ -96,6 +240,13 @@ class TeacherSpec(ModelSpec):
         "files you trust (CLI: --trust-checkpoint)",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2))
+
+    @model_validator(mode="after")
+    def checkpoint_options_need_a_checkpoint(self) -> TeacherSpec:
+        for name in ("checkpoint_key", "strip_prefix"):
+            if getattr(self, name) is not None and self.checkpoint is None:
+                raise ValueError(f"{name} applies to teacher.checkpoint, which is not set")
+        return self
 
 
 class StudentSpec(ModelSpec):
