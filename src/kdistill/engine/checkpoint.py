@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -37,12 +38,31 @@ FORMAT_VERSION = 2
 META_KEY = "kdistill"
 
 
+def _create_temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new, empty temporary file next to `path`, open for writing.
+
+    It is created like a plain ``open(path, "w")`` creates a file — mode 0o666 filtered by the
+    process umask (and the folder's default ACL, if any) — so that the file renamed into place
+    gets the permissions any other file the user writes gets. (``tempfile.mkstemp`` would make
+    it 0o600, owner-only, whatever the umask.)
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call `write(handle)` on a temporary file in the same folder, fsync, then rename it over
-    `path`; on any error the temporary file is removed and `path` is left as it was."""
+    `path`; on any error the temporary file is removed and `path` is left as it was. The file
+    gets the permissions a plain ``open()`` would give it (0o666 & ~umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -96,10 +116,12 @@ def save_checkpoint(
     path = checkpoint_path(directory, name)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT_VERSION, "sha256": tensors_digest(contiguous), "state": state}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp_beside(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what a plain open() gives: 0o666 & ~umask
     os.close(fd)
     try:
         save_file(contiguous, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        os.chmod(tmp, mode)  # safetensors writes its files owner-only (0o600)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         if keep_previous and path.exists():
