@@ -10,7 +10,6 @@ folder::
     output.topk_indices.npy  N×k their class indices,
     output.topk_fill.npy     N   one logit shared by the K − k other classes
     feature.<layer>.npy      N×… each tapped teacher layer
-
     inputs.signature.npy     N×2 float64: each input sample's signature (see below)
 
 and `TeacherCache.open` checks it against the teacher and the data before anything is read:
@@ -23,14 +22,15 @@ or mismatched cache raises `CacheError` naming every difference; a build that di
 Every lookup is checked against the data it is used with: `lookup(index, inputs)` needs the
 batch's inputs, and each sample's signature — its dot product, in float64, with a fixed
 pseudo-random vector r (splitmix64, values in [-1, 1), the same on every machine and version) —
-must equal the one stored at build time to within 1e-6 · Σ|x_i·r_i| (float64 rounding of the
-same inputs is < 1e-10 of that; any other sample, order, subset or normalisation differs by far
-more). A mismatch raises `CacheError`: the stored outputs belong to other inputs — the cache
-was built on the full set and used with a `split_train_val` part, on data in another order, on
-another dataset of the same size, or with other transforms. In-memory teacher outputs
-(`MemoryTeacherOutputs`) carry the same signatures and the same check, so no stored teacher
-output reaches training for a sample it was not computed on. Cost: one float64 dot product per
-sample (≈ 1 % of a cached step, `bench/bench_speed.py`).
+must equal the one stored at build time to within 1e-6 · Σ|x_i·r_i|. Float64 rounding of the
+same D inputs, summed in any order, stays below D · 2^-53 of that (< 1e-10 for D ≤ 10^6); any
+other sample, order, subset or normalisation differs by far more. A mismatch raises
+`CacheError`: the stored outputs belong to other inputs — the cache was built on the full set
+and used with a `split_train_val` part, on data in another order, on another dataset of the
+same size, or with other transforms. In-memory teacher outputs (`MemoryTeacherOutputs`) carry
+the same signatures and the same check, so no stored teacher output reaches training for a
+sample it was not computed on. Cost: one float64 dot product per sample (≈ 1 % of a cached
+step, `bench/bench_speed.py`).
 
 Storage dtypes: float32 (exact), float16 and bfloat16 (numpy has no bfloat16: its 16-bit
 patterns are stored as int16). `lookup` always returns float32 tensors. The rounding error of
@@ -99,7 +99,7 @@ FORMAT_VERSION = 2  # 2: input signatures (format 1 caches cannot be checked aga
 MANIFEST = "manifest.json"
 SIGNATURE_FILE = "inputs.signature.npy"
 SIGNATURE_METHOD = "float64 dot with splitmix64 uniform[-1,1) vector, v1"
-SIGNATURE_RTOL = 1e-6  # of Σ|x_i·r_i|: identical inputs agree to < 1e-10 of it
+SIGNATURE_RTOL = 1e-6  # of Σ|x_i·r_i|: identical inputs agree to < D·2^-53 of it
 _SPLITMIX_SEED = 0x6B64697374696C6C  # "kdistill"
 # storage dtype name → (numpy dtype on disk, torch dtype it holds)
 CACHE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -256,12 +256,21 @@ def _signature_dots(inputs: Tensor) -> np.ndarray:
 def input_signatures(inputs: Tensor) -> np.ndarray:
     """N×2 float64: per sample (x·r, Σ|x_i·r_i|) of the flattened sample x (see module doc).
 
-    The second column scales the tolerance of the check: float64 rounding of the same inputs,
-    summed in any order, stays below 1e-10 of it.
+    The second column scales the tolerance of the check: float64 rounding of the same D values,
+    summed in any order, stays below D · 2^-53 of it.
     """
     flat = _flat_samples(inputs).astype(np.float64, copy=False)
     r = _projection(flat.shape[1])
     return np.stack([flat @ r, np.abs(flat) @ np.abs(r)], axis=1)
+
+
+_OTHER_DATA = (
+    "the stored teacher outputs belong to other inputs: built on other data — a subset "
+    "or re-split of it (e.g. split_train_val), the data in another order, another "
+    "dataset of the same size — or with other transforms/normalisation; rebuild them on "
+    "the data you train on (`kdistill cache`, build_teacher_cache(teacher, train_data, "
+    "…) or MemoryTeacherOutputs.predict), or train on the data they were built on"
+)
 
 
 class InputSignatures:
@@ -279,6 +288,8 @@ class InputSignatures:
         self.values = values
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.source = source
+        self._dots = np.ascontiguousarray(values[:, 0])  # what each sample's x·r must be …
+        self._tolerance = SIGNATURE_RTOL * values[:, 1]  # … to within this
 
     def __len__(self) -> int:
         return len(self.values)
@@ -292,13 +303,7 @@ class InputSignatures:
 
     def check(self, rows: np.ndarray, inputs: Tensor | None) -> None:
         """Raise CacheError unless `inputs[j]` is the sample stored at dataset index `rows[j]`."""
-        fix = (
-            "the stored teacher outputs belong to other inputs: built on other data — a subset "
-            "or re-split of it (e.g. split_train_val), the data in another order, another "
-            "dataset of the same size — or with other transforms/normalisation; rebuild them on "
-            "the data you train on (`kdistill cache`, build_teacher_cache(teacher, train_data, "
-            "…) or MemoryTeacherOutputs.predict), or train on the data they were built on"
-        )
+        fix = _OTHER_DATA
         if inputs is None:
             raise CacheError(
                 f"{self.source}: a lookup needs the batch's inputs, lookup(index, inputs), so "
@@ -317,16 +322,16 @@ class InputSignatures:
                 f"{len(rows)} indices, but the stored outputs were computed on samples of shape "
                 f"{self.sample_shape}; {fix}"
             )
-        stored = self.values[rows]
         dots = _signature_dots(inputs)
-        bad = ~(np.abs(dots - stored[:, 0]) <= SIGNATURE_RTOL * stored[:, 1])
+        stored = self._dots.take(rows)
+        bad = ~(np.abs(dots - stored) <= self._tolerance.take(rows))
         if bad.any():
             first = int(np.argmax(bad))
             raise CacheError(
                 f"{self.source}: {int(bad.sum())} of {len(rows)} samples of this batch are not "
                 f"the inputs the teacher outputs were computed on (first: dataset index "
                 f"{int(rows[first])}, signature {dots[first]:.9g}, stored "
-                f"{stored[first, 0]:.9g}); {fix}"
+                f"{stored[first]:.9g}); {fix}"
             )
 
 
