@@ -521,7 +521,7 @@ def run(args: argparse.Namespace) -> dict:
                     )
                     new = run_worker(mode, pair, args, Path(tmp) / pair)
                     measured[mode] = best_of(measured.get(mode), new)
-            measured["ratios"] = {k: round(v, 4) for k, v in ratios(measured).items()}
+            measured["ratios"] = {k: float(f"{v:.5g}") for k, v in ratios(measured).items()}
             results["pairs"][pair] = measured
     return results
 
