@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from kdistill.cache import MemoryTeacherOutputs
 from kdistill.cli import main
 from kdistill.data.arrays import ArrayDataset, BatchLoader
 from kdistill.distiller import Distiller, Term
@@ -143,7 +144,7 @@ def test_teacher_and_student_class_counts_must_match():
 def test_class_count_mismatch_is_found_with_stored_teacher_outputs():
     data = dataset(classes=3)
     distiller = Distiller(Linear(classes=3), Linear(classes=3), [Term(KD(), name="kd")])
-    stored = torch.zeros(len(data), 4)
+    stored = MemoryTeacherOutputs.of(torch.zeros(len(data), 4), data)
     with pytest.raises(ConfigError, match="teacher outputs 4 classes and the student 3"):
         fit(distiller, BatchLoader(data, batch_size=16), quick(), teacher_outputs=stored)
 

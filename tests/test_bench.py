@@ -34,6 +34,9 @@ def test_quick_bench_writes_json_and_a_table(tmp_path, capsys):
         "teacher forward + tap `conv2`",
         "cache build",
         "cached vs student",
+        "cached step, data check off",
+        "cached check on vs off",
+        "data check vs cached",
     ):
         assert row in printed
     results = json.loads(out.read_text())
@@ -48,7 +51,14 @@ def test_quick_bench_writes_json_and_a_table(tmp_path, capsys):
         assert r[mode]["samples_per_s"] == pytest.approx(32 / (r[mode]["step_ms"] / 1e3), rel=1e-2)
     assert r["build"]["samples"] == 256
     paired = r["paired"]["steps"]  # the speed ratios come from the side-by-side run
-    assert set(paired) == {"student", "teacher", "online", "cached"}
+    assert set(paired) == {
+        "student",
+        "teacher",
+        "online",
+        "cached",
+        "cached_nocheck",
+        "data_check",
+    }
     for step in paired.values():
         assert step["steps"] == 2 and step["step_ms"] > 0
     # the ratios, recomputed here from the raw figures
@@ -59,6 +69,8 @@ def test_quick_bench_writes_json_and_a_table(tmp_path, capsys):
         "taps_vs_no_taps": r["teacher"]["tapped"]["step_ms"] / r["teacher"]["step_ms"],
         "build_vs_inference": r["build"]["seconds"] / r["build"]["inference"]["seconds"],
         "cached_memory_vs_student": r["cached"]["peak_rss_mib"] / r["student"]["peak_rss_mib"],
+        "cached_check_on_vs_off": paired["cached"]["step_ms"] / paired["cached_nocheck"]["step_ms"],
+        "data_check_vs_cached": paired["data_check"]["step_ms"] / paired["cached"]["step_ms"],
     }
     for key, value in expected.items():
         assert r["ratios"][key] == pytest.approx(value, rel=1e-3), key

@@ -78,7 +78,7 @@ def test_float32_round_trip_is_exact_for_outputs_and_features(tmp_path, teacher,
     assert not teacher.body._forward_hooks  # the build's tap was removed
     expected_output, expected_body = reference(teacher, data, "body")
     index = torch.tensor([5, 0, 95, 5, 17])
-    output, features = cache.lookup(index)
+    output, features = cache.lookup(index, data.inputs[index])
     assert output.dtype == torch.float32
     assert torch.equal(output, expected_output[index])
     assert list(features) == ["body"] and torch.equal(features["body"], expected_body[index])
@@ -100,7 +100,7 @@ def test_half_precision_storage_stays_within_the_rounding_bound(
     # for float16, 2^-8 for bfloat16) in the normal range; 2^-24 absolute covers fp16 subnormals.
     cache = build_teacher_cache(teacher, data, tmp_path, layers=["body"], dtype=dtype)
     expected_output, expected_body = reference(teacher, data, "body")
-    output, features = cache.lookup(torch.arange(len(data)))
+    output, features = cache.lookup(torch.arange(len(data)), data.inputs)
     for got, want in ((output, expected_output), (features["body"], expected_body)):
         error = (got - want).abs()
         assert bool((error <= unit_roundoff * want.abs() + 2**-24).all())
@@ -147,7 +147,7 @@ def test_topk_cache_matches_an_independent_numpy_rebuild(tmp_path):
         rest = np.setdiff1d(np.arange(40), top)
         expected[n] = np.log(np.exp(row[rest]).mean())
         expected[n, top] = row[top]
-    got = cache.lookup(torch.arange(64))[0].double().numpy()
+    got = cache.lookup(torch.arange(64), data.inputs)[0].double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
     def mean_kl(t):
@@ -249,7 +249,7 @@ def test_missing_manifest_truncated_and_altered_files_are_refused(tmp_path, teac
 def test_lookup_rejects_indices_outside_the_dataset(tmp_path, teacher, data):
     cache = build_teacher_cache(teacher, data, tmp_path)
     with pytest.raises(IndexError, match=r"\[0, 96\).*\[3, 96\]"):
-        cache.lookup(torch.tensor([3, 96]))
+        cache.lookup(torch.tensor([3, 96]), data.inputs[:2])
 
 
 # -- training from the cache ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import kdistill.engine.checkpoint as checkpoint_module
+from kdistill.cache import MemoryTeacherOutputs
 from kdistill.data.arrays import ArrayDataset, BatchLoader
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import (
@@ -835,6 +836,7 @@ def test_offline_teacher_outputs_replace_the_teacher(data):
     teacher.register_forward_hook(lambda *_: calls.append(1))
     cached = predict(teacher, BatchLoader(train, batch_size=64))
     assert cached.shape == (256, 3)
+    cached = MemoryTeacherOutputs.of(cached, train)  # a bare tensor is refused (unchecked)
     calls.clear()
     distiller = Distiller(teacher, student, [Term(KD()), Term(CE())])
     result = fit(

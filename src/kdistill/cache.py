@@ -10,6 +10,7 @@ folder::
     output.topk_indices.npy  N×k their class indices,
     output.topk_fill.npy     N   one logit shared by the K − k other classes
     feature.<layer>.npy      N×… each tapped teacher layer
+    inputs.signature.npy     N×2 float64: each input sample's signature (see below)
 
 and `TeacherCache.open` checks it against the teacher and the data before anything is read:
 the teacher weights digest (`tensors_digest` of its state dict, buffers included), the dataset
@@ -17,6 +18,20 @@ fingerprint (`ArrayDataset.fingerprint()`), the storage dtype, top-k and the lay
 or mismatched cache raises `CacheError` naming every difference; a build that did not finish
 (its manifest still says ``"complete": false``), a missing or truncated array file, or (with
 ``verify=True``) an array whose bytes changed is refused too.
+
+Every lookup is checked against the data it is used with: `lookup(index, inputs)` needs the
+batch's inputs, and each sample's signature — its dot product, in float64, with a fixed
+pseudo-random vector r (splitmix64, values in [-1, 1), the same on every machine and version) —
+must equal the one stored at build time to within 1e-6 · Σ|x_i·r_i|. Float64 rounding of the
+same D inputs, summed in any order, stays below D · 2^-53 of that (< 1e-10 for D ≤ 10^6); any
+other sample, order, subset or normalisation differs by far more. A mismatch raises
+`CacheError`: the stored outputs belong to other inputs — the cache was built on the full set
+and used with a `split_train_val` part, on data in another order, on another dataset of the
+same size, or with other transforms. In-memory teacher outputs (`MemoryTeacherOutputs`) carry
+the same signatures and the same check, so no stored teacher output reaches training for a
+sample it was not computed on. Cost: one float64 dot product per sample — 0.1–0.3 ms a batch
+of 128 Fashion-MNIST images on 2 CPU threads, 1–2.5 % of a cached step (`bench/bench_speed.py`
+prints it).
 
 Storage dtypes: float32 (exact), float16 and bfloat16 (numpy has no bfloat16: its 16-bit
 patterns are stored as int16). `lookup` always returns float32 tensors. The rounding error of
@@ -42,6 +57,7 @@ see other pixels than the student — so `build_teacher_cache` refuses it, and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -59,16 +75,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.data import BatchLoader
-from kdistill.engine.checkpoint import atomic_write_text, tensors_digest
 from kdistill.errors import CacheError
+from kdistill.io import atomic_write_text, tensors_digest
 from kdistill.taps import Taps
 
 __all__ = [
     "CACHE_DTYPES",
     "CachedTeacher",
+    "InputSignatures",
+    "MemoryTeacherOutputs",
     "TeacherCache",
     "build_teacher_cache",
     "encode_topk",
+    "input_signatures",
     "is_randomly_augmented",
     "offline_teacher_outputs",
     "rebuild_topk_logits",
@@ -77,8 +96,12 @@ __all__ = [
 
 log = logging.getLogger("kdistill")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input signatures (format 1 caches cannot be checked against the data)
 MANIFEST = "manifest.json"
+SIGNATURE_FILE = "inputs.signature.npy"
+SIGNATURE_METHOD = "float64 dot with splitmix64 uniform[-1,1) vector, v1"
+SIGNATURE_RTOL = 1e-6  # of Σ|x_i·r_i|: identical inputs agree to < D·2^-53 of it
+_SPLITMIX_SEED = 0x6B64697374696C6C  # "kdistill"
 # storage dtype name → (numpy dtype on disk, torch dtype it holds)
 CACHE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float32": (np.dtype(np.float32), torch.float32),
@@ -191,6 +214,148 @@ def _check_name(name: str, what: str) -> str:
             f"{what} {name!r} cannot name a cache file: use letters, digits, '_', '.', '-'"
         )
     return name
+
+
+# -- which inputs stored outputs belong to ---------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _projection(width: int) -> np.ndarray:
+    """The fixed vector r (length `width`, float64, values in [-1, 1)) of the input signatures.
+
+    r_i = (splitmix64(seed + i) >> 11) · 2^-52 − 1: integer arithmetic, so the same on every
+    machine and numpy version (a stored cache must stay checkable). Read-only.
+    """
+    mask = (1 << 64) - 1
+    with np.errstate(over="ignore"):
+        z = np.arange(width, dtype=np.uint64) + np.uint64(_SPLITMIX_SEED)
+        z = z + np.uint64(0x9E3779B97F4A7C15 & mask)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    r = (z >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
+    r.flags.writeable = False
+    return r
+
+
+def _flat_samples(inputs: Tensor | Mapping[str, Tensor]) -> np.ndarray:
+    """`inputs` (N×…) as an N×D numpy array of a dtype numpy can widen to float64; keyword
+    inputs (a dict of N×… tensors: token ids, attention masks) are flattened per sample and
+    concatenated in key order."""
+    if (
+        isinstance(inputs, Mapping)
+        and inputs
+        and all(isinstance(v, Tensor) for v in inputs.values())
+    ):
+        parts = [
+            _flat_samples(inputs[key]).astype(np.float64, copy=False) for key in sorted(inputs)
+        ]
+        return np.concatenate(parts, axis=1)
+    if not isinstance(inputs, Tensor):
+        raise CacheError(
+            f"input signatures need the batch's inputs as a tensor, got {type(inputs).__name__}"
+        )
+    flat = inputs.detach().reshape(len(inputs), -1) if inputs.dim() else inputs.reshape(1, 1)
+    if flat.device.type != "cpu" or flat.dtype in (torch.bfloat16, torch.bool) or flat.is_complex():
+        flat = flat.to("cpu", torch.float64)
+    return flat.numpy()
+
+
+def _signature_dots(inputs: Tensor) -> np.ndarray:
+    """x·r per sample, float64 (N): the part of the signature computed at every lookup."""
+    flat = _flat_samples(inputs)
+    return flat.astype(np.float64, copy=False) @ _projection(flat.shape[1])
+
+
+def input_signatures(inputs: Tensor) -> np.ndarray:
+    """N×2 float64: per sample (x·r, Σ|x_i·r_i|) of the flattened sample x (see module doc).
+
+    The second column scales the tolerance of the check: float64 rounding of the same D values,
+    summed in any order, stays below D · 2^-53 of it.
+    """
+    flat = _flat_samples(inputs).astype(np.float64, copy=False)
+    r = _projection(flat.shape[1])
+    return np.stack([flat @ r, np.abs(flat) @ np.abs(r)], axis=1)
+
+
+_OTHER_DATA = (
+    "the stored teacher outputs belong to other inputs: built on other data — a subset "
+    "or re-split of it (e.g. split_train_val), the data in another order, another "
+    "dataset of the same size — or with other transforms/normalisation; rebuild them on "
+    "the data you train on (`kdistill cache`, build_teacher_cache(teacher, train_data, "
+    "…) or MemoryTeacherOutputs.predict), or train on the data they were built on"
+)
+
+
+class InputSignatures:
+    """The signatures of the input samples stored teacher outputs were computed on, by dataset
+    index; `check(index, inputs)` raises CacheError when a batch's samples are not those inputs.
+
+    `values`: N×2 float64 from `input_signatures`; `sample_shape`: one sample's shape;
+    `source`: how messages name the stored outputs (e.g. "teacher cache runs/x/teacher_cache").
+    """
+
+    def __init__(self, values: np.ndarray, sample_shape: Sequence[int], source: str):
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != 2:
+            raise CacheError(f"{source}: input signatures must be N×2, got {values.shape}")
+        self.values = values
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.source = source
+        self._dots = np.ascontiguousarray(values[:, 0])  # what each sample's x·r must be …
+        self._tolerance = SIGNATURE_RTOL * values[:, 1]  # … to within this
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def of_inputs(cls, inputs: Tensor, source: str, chunk: int = 4096) -> InputSignatures:
+        """Signatures of every sample of `inputs` (N×…), in chunks of `chunk` samples."""
+        parts = [input_signatures(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
+        values = np.concatenate(parts) if parts else np.zeros((0, 2))
+        return cls(values, tuple(inputs.shape[1:]), source)
+
+    def check(self, rows: np.ndarray, inputs: Tensor | None) -> None:
+        """Raise CacheError unless `inputs[j]` is the sample stored at dataset index `rows[j]`."""
+        fix = _OTHER_DATA
+        if inputs is None:
+            raise CacheError(
+                f"{self.source}: a lookup needs the batch's inputs, lookup(index, inputs), so "
+                "that the stored teacher outputs are checked against the samples they are used "
+                "for (fit passes them)"
+            )
+        if not isinstance(inputs, Tensor):
+            raise CacheError(
+                f"{self.source}: lookup(index, inputs) needs the inputs as a tensor, got "
+                f"{type(inputs).__name__}"
+            )
+        shape = tuple(inputs.shape[1:])
+        if len(inputs) != len(rows) or shape != self.sample_shape:
+            raise CacheError(
+                f"{self.source}: the batch holds {len(inputs)} samples of shape {shape} for "
+                f"{len(rows)} indices, but the stored outputs were computed on samples of shape "
+                f"{self.sample_shape}; {fix}"
+            )
+        dots = _signature_dots(inputs)
+        stored = self._dots.take(rows)
+        bad = ~(np.abs(dots - stored) <= self._tolerance.take(rows))
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise CacheError(
+                f"{self.source}: {int(bad.sum())} of {len(rows)} samples of this batch are not "
+                f"the inputs the teacher outputs were computed on (first: dataset index "
+                f"{int(rows[first])}, signature {dots[first]:.9g}, stored "
+                f"{stored[first]:.9g}); {fix}"
+            )
+
+
+def _as_rows(index: Tensor, size: int, source: str) -> np.ndarray:
+    """Dataset positions as int64 numpy rows, checked against [0, size)."""
+    rows = torch.as_tensor(index).detach().cpu().reshape(-1).numpy().astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= size):
+        raise IndexError(
+            f"{source}: sample indices must lie in [0, {size}), got values in "
+            f"[{rows.min()}, {rows.max()}]"
+        )
+    return rows
 
 
 # -- the entries of a cache -----------------------------------------------------------------------
@@ -465,10 +630,12 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
     # Mark the folder unfinished before any array is (re)written: a crash from here on leaves
     # "complete": false, never an old complete manifest next to half-new arrays.
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
-    for pattern in ("output*.npy", "feature.*.npy"):  # the previous build's arrays
+    for pattern in ("output*.npy", "feature.*.npy", "inputs.*.npy"):  # the previous build's
         for old in directory.glob(pattern):
             old.unlink()
     writer = _Writer(directory, size, dtype, topk)
+    signatures = np.zeros((size, 2))
+    sample_shape = None
     device = next(iter(teacher.parameters()), torch.empty(0)).device
     was_training = teacher.training
     teacher.eval()
@@ -483,6 +650,8 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
                 features = taps.collect() if taps is not None else {}
             output_kind = "dict" if isinstance(output, Mapping) else "tensor"
             start = int(batch.index[0])
+            signatures[start : start + len(batch)] = input_signatures(batch.inputs)
+            sample_shape = list(batch.inputs.shape[1:])
             for entry, value in _entries_of(output, features):
                 if len(value) != len(batch):
                     raise CacheError(
@@ -493,8 +662,16 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
     finally:
         teacher.train(was_training)
     entries, errors = writer.finish()
+    np.save(directory / SIGNATURE_FILE, signatures)
     manifest.update(
         complete=True,
+        inputs={
+            "shape": sample_shape,
+            "signature": SIGNATURE_METHOD,
+            "rtol": SIGNATURE_RTOL,
+            "file": SIGNATURE_FILE,
+            "sha256": _file_digest(directory / SIGNATURE_FILE),
+        },
         output_kind=output_kind,
         entries=entries,
         errors=errors,
@@ -540,7 +717,8 @@ def _short(digest: str) -> str:
 
 
 class TeacherCache:
-    """A finished, validated teacher cache; `lookup(index)` gives (output, {layer: features}).
+    """A finished, validated teacher cache; `lookup(index, inputs)` gives (output, {layer:
+    features}) after checking that `inputs` are the samples the outputs were computed on.
 
     Open it with `TeacherCache.open`; it satisfies the engine's `TeacherLookup` protocol, so it
     is passed to `fit(..., teacher_outputs=cache)` as it is.
@@ -552,6 +730,11 @@ class TeacherCache:
         self._arrays = arrays
         self.size = int(manifest["dataset"]["size"])
         self.dtype = manifest["dtype"]
+        self.signatures = InputSignatures(
+            arrays[manifest["inputs"]["file"]],
+            manifest["inputs"]["shape"],
+            f"teacher cache {directory}",
+        )
 
     # -- properties -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -619,9 +802,15 @@ class TeacherCache:
             raise CacheError(f"{manifest_path}: unreadable manifest ({error}); {rebuild}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
             found = manifest.get("format") if isinstance(manifest, dict) else None
+            why = (
+                " (format 1 caches hold no input signatures, so they cannot be checked against "
+                "the data they are used with)"
+                if found == 1
+                else ""
+            )
             raise CacheError(
-                f"{manifest_path}: cache format {found!r}, this kdistill reads {FORMAT_VERSION}; "
-                f"{rebuild}"
+                f"{manifest_path}: cache format {found!r}, this kdistill reads "
+                f"{FORMAT_VERSION}{why}; {rebuild}"
             )
         if manifest.get("complete") is not True:
             raise CacheError(
@@ -680,27 +869,33 @@ class TeacherCache:
 
     @staticmethod
     def _open_arrays(directory: Path, manifest: dict, verify: bool) -> dict[str, np.ndarray]:
+        """Every array file (outputs, features, input signatures) by file name, memory-mapped."""
         size = int(manifest["dataset"]["size"])
+        files = [
+            (file, spec["sha256"][file])
+            for spec in manifest["entries"].values()
+            for file in spec["files"]
+        ]
+        files.append((manifest["inputs"]["file"], manifest["inputs"]["sha256"]))
         arrays = {}
-        for spec in manifest["entries"].values():
-            for file in spec["files"]:
-                path = directory / file
-                if not path.exists():
-                    raise CacheError(f"{path}: missing array file of the teacher cache")
-                try:
-                    array = np.load(path, mmap_mode="r")
-                except (ValueError, OSError, EOFError) as error:
-                    raise CacheError(f"{path}: truncated or corrupt array file ({error})") from None
-                if array.shape[:1] != (size,):
-                    raise CacheError(
-                        f"{path}: holds {array.shape[0] if array.ndim else 0} rows, the manifest "
-                        f"says {size}"
-                    )
-                if verify and _file_digest(path) != spec["sha256"][file]:
-                    raise CacheError(
-                        f"{path}: checksum mismatch (the file changed after the cache was built)"
-                    )
-                arrays[file] = np.asarray(array)  # a plain view of the map: cheaper indexing
+        for file, sha256 in files:
+            path = directory / file
+            if not path.exists():
+                raise CacheError(f"{path}: missing array file of the teacher cache")
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as error:
+                raise CacheError(f"{path}: truncated or corrupt array file ({error})") from None
+            if array.shape[:1] != (size,):
+                raise CacheError(
+                    f"{path}: holds {array.shape[0] if array.ndim else 0} rows, the manifest "
+                    f"says {size}"
+                )
+            if verify and _file_digest(path) != sha256:
+                raise CacheError(
+                    f"{path}: checksum mismatch (the file changed after the cache was built)"
+                )
+            arrays[file] = np.asarray(array)  # a plain view of the map: cheaper indexing
         return arrays
 
     # -- reading --------------------------------------------------------------------------------
@@ -715,14 +910,21 @@ class TeacherCache:
             spec["shape"][0],
         )
 
-    def lookup(self, index: Tensor) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
-        """(output, {layer: features}) of the samples at dataset positions `index`, as float32."""
-        rows = torch.as_tensor(index).detach().cpu().reshape(-1).numpy().astype(np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.size):
-            raise IndexError(
-                f"teacher cache {self.directory}: sample indices must lie in [0, {self.size}), "
-                f"got values in [{rows.min()}, {rows.max()}]"
-            )
+    def lookup(
+        self, index: Tensor, inputs: Tensor | None = None
+    ) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
+        """(output, {layer: features}) of the samples at dataset positions `index`, as float32.
+
+        `inputs`: the batch's input samples (N×…, in `index` order). They are required: each
+        must have the signature stored for its index, else CacheError says how many differ and
+        why (see the module docstring); IndexError for an index outside [0, size).
+        """
+        rows = _as_rows(index, self.size, f"teacher cache {self.directory}")
+        self.signatures.check(rows, inputs)
+        return self._read_rows(rows)
+
+    def _read_rows(self, rows: np.ndarray) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
+        """The stored rows, unchecked (`lookup` checks the inputs first)."""
         outputs: dict[str, Tensor] = {}
         features: dict[str, Tensor] = {}
         for spec in self.manifest["entries"].values():
@@ -736,8 +938,9 @@ class TeacherCache:
         return outputs, features
 
     def outputs(self) -> Tensor | dict[str, Tensor]:
-        """Every sample's output, in dataset order (the in-memory form, e.g. for `predict`)."""
-        return self.lookup(torch.arange(self.size))[0]
+        """Every sample's output, in dataset order (to inspect them; training reads them through
+        `lookup`, which checks the inputs)."""
+        return self._read_rows(np.arange(self.size))[0]
 
     def describe(self) -> str:
         """A few lines for people: what is stored, how big, and the storage error."""
@@ -760,3 +963,101 @@ class TeacherCache:
                 )
             lines.append(text)
         return "\n".join(lines)
+
+
+class MemoryTeacherOutputs:
+    """Teacher outputs held in memory — a tensor, or a dict of tensors (a multi-task teacher),
+    row i for dataset sample i — with the signatures of the inputs they were computed on.
+
+    `lookup(index, inputs)` checks the batch exactly like `TeacherCache.lookup` (CacheError when
+    the inputs are not the samples the rows were computed on) and returns (rows, None): no
+    tapped features, so a term that taps a teacher layer still runs the teacher.
+    Make one with `predict(teacher, loader)` (one pass of the teacher) or `of(outputs,
+    dataset)` for outputs computed elsewhere; pass it to `fit(..., teacher_outputs=…)`.
+    """
+
+    source = "in-memory teacher outputs"
+
+    def __init__(self, outputs: Tensor | Mapping[str, Tensor], signatures: InputSignatures):
+        values = outputs if isinstance(outputs, Mapping) else {None: outputs}
+        for key, value in values.items():
+            name = "outputs" if key is None else f"outputs[{key!r}]"
+            if not isinstance(value, Tensor) or value.dim() < 1:
+                raise CacheError(
+                    f"{self.source}: {name} must be a tensor with one row per sample, got "
+                    f"{type(value).__name__}"
+                )
+            if len(value) != len(signatures):
+                raise CacheError(
+                    f"{self.source}: {name} has {len(value)} rows for {len(signatures)} input "
+                    "samples; stored outputs need one row per sample of the data they were "
+                    "computed on"
+                )
+        self.outputs = dict(outputs) if isinstance(outputs, Mapping) else outputs
+        self.signatures = signatures
+
+    def __len__(self) -> int:
+        return len(self.signatures)
+
+    def __repr__(self) -> str:
+        kind = f"dict {sorted(self.outputs)}" if isinstance(self.outputs, dict) else "tensor"
+        return f"MemoryTeacherOutputs(size={len(self)}, {kind})"
+
+    @classmethod
+    def of(cls, outputs: Tensor | Mapping[str, Tensor], dataset: Any) -> MemoryTeacherOutputs:
+        """`outputs` computed on `dataset` (row i on sample i; `dataset.inputs` is read)."""
+        inputs = getattr(dataset, "inputs", None)
+        if not isinstance(inputs, Tensor):
+            raise CacheError(
+                f"{cls.source}: {type(dataset).__name__} has no `inputs` tensor to sign; use "
+                "MemoryTeacherOutputs.predict(teacher, loader) instead"
+            )
+        return cls(outputs, InputSignatures.of_inputs(inputs, cls.source))
+
+    @classmethod
+    @torch.no_grad()
+    def predict(
+        cls, teacher: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+    ) -> MemoryTeacherOutputs:
+        """Run `teacher` (eval mode) over `loader`'s batches and keep its outputs (float32, on
+        the CPU) with the signatures of each batch's inputs, placed by `batch.index`; every
+        sample of the dataset must be seen exactly once (an unshuffled, unsharded loader)."""
+        size = len(loader.dataset)
+        signatures = np.zeros((size, 2))
+        seen = torch.zeros(size, dtype=torch.int64)
+        outputs: dict[Any, Tensor] = {}
+        sample_shape = None
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            for batch in loader:
+                output = teacher(batch.inputs.to(device))
+                values = output if isinstance(output, Mapping) else {None: output}
+                index = batch.index.cpu()
+                for key, value in values.items():
+                    value = value.float().cpu()
+                    if key not in outputs:
+                        outputs[key] = torch.zeros(size, *value.shape[1:])
+                    outputs[key][index] = value
+                signatures[index.numpy()] = input_signatures(batch.inputs)
+                seen.index_add_(0, index, torch.ones_like(index))
+                sample_shape = tuple(batch.inputs.shape[1:])
+        finally:
+            teacher.train(was_training)
+        if not bool((seen == 1).all()):
+            raise CacheError(
+                f"{cls.source}: the loader gave {int((seen == 0).sum())} samples no time and "
+                f"{int((seen > 1).sum())} more than once; predict needs every sample once "
+                "(an unshuffled loader over the whole dataset, without drop_last or sharding)"
+            )
+        stored = outputs[None] if None in outputs else outputs
+        return cls(stored, InputSignatures(signatures, sample_shape, cls.source))
+
+    def lookup(self, index: Tensor, inputs: Tensor | None = None) -> tuple[Any, None]:
+        """(rows at dataset positions `index`, None) after the input check (see the class)."""
+        rows = _as_rows(index, len(self), self.source)
+        self.signatures.check(rows, inputs)
+        picked = torch.from_numpy(rows)
+        if isinstance(self.outputs, dict):
+            return {key: value[picked] for key, value in self.outputs.items()}, None
+        return self.outputs[picked], None

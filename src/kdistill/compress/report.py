@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kdistill.compress.pipeline import CompressSummary, Stage
-from kdistill.engine.checkpoint import atomic_write_text
-from kdistill.engine.loop import MetricsLog
+from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE, format_bytes, format_count
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff

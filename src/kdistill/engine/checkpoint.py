@@ -17,14 +17,13 @@ file, so `load_whole_model` and `load_state_dict_file` do it only when the calle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Mapping
+import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,47 +31,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from kdistill.errors import CheckpointError
+from kdistill.io import (  # noqa: F401  (re-exported: the engine's file writers)
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    create_temp_beside,
+    tensors_digest,
+)
 
 FORMAT_VERSION = 2
 META_KEY = "kdistill"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call `write(handle)` on a temporary file in the same folder, fsync, then rename it over
-    `path`; on any error the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        value = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(
-            value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
-        )
-    return digest.hexdigest()
 
 
 def checkpoint_path(directory: Path, name: str) -> Path:
@@ -96,10 +64,12 @@ def save_checkpoint(
     path = checkpoint_path(directory, name)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT_VERSION, "sha256": tensors_digest(contiguous), "state": state}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp_beside(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what a plain open() gives: 0o666 & ~umask
     os.close(fd)
     try:
         save_file(contiguous, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        os.chmod(tmp, mode)  # safetensors writes its files owner-only (0o600)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         if keep_previous and path.exists():

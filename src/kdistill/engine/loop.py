@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -46,39 +45,12 @@ from kdistill.engine.optim import make_optimizer, make_scheduler
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.errors import ConfigError, NonFiniteLossError
+from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 
 log = logging.getLogger("kdistill")
 
 CHECKPOINT_NAME = "last"
 Evaluate = Callable[[nn.Module], dict[str, float]]
-
-
-class MetricsLog:
-    """Appends one JSON object per line (`metrics.jsonl`); each line is flushed at once.
-
-    A record whose (model, epoch) is already in the file is not written again: a run killed
-    after an epoch's line but before its checkpoint repeats that epoch on resume, identically.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._written: set[tuple] | None = None
-
-    def write(self, record: dict) -> None:
-        if self._written is None:
-            self._written = {(r.get("model"), r.get("epoch")) for r in self.read()}
-        key = (record.get("model"), record.get("epoch"))
-        if key in self._written:
-            return
-        self._written.add(key)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-
-    def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -108,25 +80,27 @@ def load_trained_state(distiller: Distiller, tensors: dict[str, Tensor], source:
 
 
 class TeacherLookup(Protocol):
-    """Stored teacher outputs: `lookup(index)` gives (output, {layer: features}) for a batch."""
+    """Stored teacher outputs: `lookup(index, inputs)` gives (output, {layer: features} or None)
+    for a batch, after checking that `inputs` are the samples the outputs were computed on."""
 
-    def lookup(self, index: Tensor) -> tuple[Any, dict[str, Tensor]]: ...
+    def lookup(self, index: Tensor, inputs: Tensor) -> tuple[Any, dict[str, Tensor] | None]: ...
 
 
-def lookup_teacher(source, index: Tensor, device: torch.device):
-    """(output, features) of the batch from stored teacher outputs, or (None, None)."""
+def lookup_teacher(source, index: Tensor, inputs: Tensor, device: torch.device):
+    """(output, features) of the batch from stored teacher outputs, or (None, None).
+
+    `inputs`: the batch's inputs (on the CPU, as the loader gives them): the source checks
+    them against the samples its outputs were computed on (`kdistill.cache`)."""
     if source is None:
         return None, None
-    if isinstance(source, Tensor):
-        return source[index].to(device), None
-    if isinstance(source, dict):  # stored dict outputs (a multi-task teacher)
-        return {key: value[index].to(device) for key, value in source.items()}, None
-    output, features = source.lookup(index)
+    output, features = source.lookup(index, inputs)
     if isinstance(output, dict):
         output = {key: value.to(device) for key, value in output.items()}
     elif isinstance(output, Tensor):
         output = output.to(device)
-    return output, {key: value.to(device) for key, value in features.items()}
+    if features is not None:
+        features = {key: value.to(device) for key, value in features.items()}
+    return output, features
 
 
 @dataclass
@@ -255,8 +229,10 @@ def fit(
     `set_epoch(epoch)`, or its sampler's (torch's ``DistributedSampler``).
 
     `teacher_outputs`: the teacher's outputs for every training sample (offline distillation):
-    a tensor (or a dict of tensors) indexed by `batch.index`, or an object whose `lookup(index)`
-    returns `(output, features)`; the teacher then does not run during training.
+    a `TeacherCache`, a `MemoryTeacherOutputs` (`kdistill.cache`), or an object whose
+    `lookup(index, inputs)` returns `(output, features)` after checking that the batch's inputs
+    are the samples the outputs were computed on (every batch is checked; a mismatch raises
+    CacheError). A bare tensor or dict is refused. The teacher then does not run in training.
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
     bit for bit on CPU, as an uninterrupted run. Mid-epoch checkpoints
@@ -328,7 +304,9 @@ def fit(
         for step, item in enumerate(bar, start=progress.step):
             batch = as_batch(item)
             distiller.set_progress(epoch + step / steps_per_epoch)
-            cached_output, cached_features = lookup_teacher(teacher_outputs, batch.index, device)
+            cached_output, cached_features = lookup_teacher(
+                teacher_outputs, batch.index, batch.inputs, device
+            )
             error: NonFiniteLossError | None = None
             try:
                 with autocast(config.precision, device):

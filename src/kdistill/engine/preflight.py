@@ -1,6 +1,8 @@
 """Checks run once before training, on the first batch, so that bad input fails at set-up with a
 message naming what was wrong — never after an epoch, and never as a silent wrong result.
 
+- stored teacher outputs must check each batch's inputs (`lookup(index, inputs)`): a bare
+  tensor or dict is refused;
 - the student (and the teacher, unless its outputs are stored) must accept the batch: a wrong
   number of input channels names the model, its first layer, the expected and the given channels;
 - a term comparing the two models' outputs needs the same number of classes on both sides;
@@ -14,6 +16,7 @@ message naming what was wrong — never after an epoch, and never as a silent wr
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -87,12 +90,33 @@ def run_checked(model: nn.Module, inputs: Tensor | Mapping[str, Any], side: str)
             handle.remove()
 
 
-def _stored_teacher_output(teacher_outputs, index: Tensor) -> Any:
-    if isinstance(teacher_outputs, Tensor):
-        return teacher_outputs[index]
-    if isinstance(teacher_outputs, dict):
-        return {key: value[index] for key, value in teacher_outputs.items()}
-    return teacher_outputs.lookup(index)[0]
+def check_teacher_outputs(teacher_outputs: Any) -> None:
+    """Stored teacher outputs must be an object with `lookup(index, inputs)` (a `TeacherCache`
+    or `MemoryTeacherOutputs`), which checks every batch's inputs against the samples the
+    outputs were computed on; a bare tensor or dict cannot be checked, so it is refused."""
+    if teacher_outputs is None:
+        return
+    if isinstance(teacher_outputs, Tensor | dict):
+        raise ConfigError(
+            f"teacher_outputs is a bare {type(teacher_outputs).__name__}: kdistill cannot check "
+            "which inputs its rows were computed on (a subset, another order or other data "
+            "would give silently wrong teacher outputs); pass "
+            "kdistill.cache.MemoryTeacherOutputs.of(outputs, dataset) — the dataset they were "
+            "computed on — or MemoryTeacherOutputs.predict(teacher, loader), or a TeacherCache"
+        )
+    lookup = getattr(teacher_outputs, "lookup", None)
+    try:
+        inspect.signature(lookup).bind(torch.zeros(1), torch.zeros(1))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"teacher_outputs ({type(teacher_outputs).__name__}) needs a method "
+            "lookup(index, inputs) -> (output, features) that checks the batch's inputs against "
+            "the samples its outputs were computed on (see kdistill.cache.TeacherCache)"
+        ) from None
+
+
+def _stored_teacher_output(teacher_outputs, batch) -> Any:
+    return teacher_outputs.lookup(batch.index, batch.inputs)[0]
 
 
 def _classes(value: Any) -> int | None:
@@ -104,13 +128,14 @@ def check_before_training(
     distiller: Distiller, batch, loader, device: torch.device, teacher_outputs=None
 ) -> None:
     """Run the checks listed in the module docstring; raise ConfigError / DataError on a defect."""
+    check_teacher_outputs(teacher_outputs)
     check_batch_carries(distiller, batch, teacher_outputs)
     inputs = move_to(batch.inputs, device)
     student_output = run_checked(distiller.student, inputs, "student")
     teacher_output = None
     if distiller.needs_teacher:
         if teacher_outputs is not None:
-            teacher_output = _stored_teacher_output(teacher_outputs, batch.index)
+            teacher_output = _stored_teacher_output(teacher_outputs, batch)
         else:
             assert distiller.teacher is not None
             teacher_output = run_checked(distiller.teacher, inputs, "teacher")

@@ -21,10 +21,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from kdistill.cache import TeacherCache, build_teacher_cache, offline_teacher_outputs
+from kdistill.cache import (
+    MemoryTeacherOutputs,
+    TeacherCache,
+    build_teacher_cache,
+    offline_teacher_outputs,
+)
 from kdistill.data import (
     ArrayDataset,
     BatchLoader,
@@ -39,7 +44,7 @@ from kdistill.data import (
     take,
 )
 from kdistill.distiller import Distiller, Term
-from kdistill.engine import MetricsLog, TrainConfig, fit, predict
+from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
     atomic_write_text,
     checkpoint_path,
@@ -232,7 +237,7 @@ class Experiment:
         self.task = recipe_task(recipe)
         self.splits = load_splits(recipe, self.task)
         self.teacher: nn.Module | None = None
-        self.teacher_train_outputs: Tensor | dict[str, Tensor] | TeacherCache | None = None
+        self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
 
     def say(self, message: str) -> None:
@@ -363,12 +368,15 @@ class Experiment:
         layers = [t.teacher for terms in self.recipe.distill.methods.values() for t in terms]
         return list(dict.fromkeys(layer for layer in layers if layer is not None))
 
-    def prepare_teacher_outputs(self, teacher: nn.Module) -> Tensor | dict | TeacherCache | None:
+    def prepare_teacher_outputs(
+        self, teacher: nn.Module
+    ) -> MemoryTeacherOutputs | TeacherCache | None:
         """The teacher's training-set outputs as `distill.teacher_cache` asks: in memory (logits),
-        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none."""
+        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none.
+        Both carry the training inputs' signatures: every batch is checked against them."""
         distill = self.recipe.distill
         if distill.teacher_cache == "memory":
-            return predict(
+            return MemoryTeacherOutputs.predict(
                 teacher,
                 self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
                 self.recipe.train.device,

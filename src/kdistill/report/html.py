@@ -13,7 +13,7 @@ import html
 import re
 from pathlib import Path
 
-from kdistill.engine.checkpoint import atomic_write_text
+from kdistill.io import atomic_write_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;

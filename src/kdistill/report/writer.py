@@ -9,8 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from kdistill.engine.checkpoint import atomic_write_text
-from kdistill.engine.loop import MetricsLog
+from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
