@@ -67,7 +67,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -90,6 +90,7 @@ __all__ = [
     "input_signatures",
     "is_randomly_augmented",
     "offline_teacher_outputs",
+    "TeacherSource",
     "rebuild_topk_logits",
     "teacher_digest",
 ]
@@ -133,12 +134,37 @@ def is_randomly_augmented(*sources: Any) -> bool:
     return False
 
 
-def offline_teacher_outputs(source: Any, loader: Any, label: str = "training") -> Any:
-    """`source` (stored teacher outputs for `fit`), or None — online — for an augmented loader.
+class TeacherSource(Protocol):
+    """Where `kd.fit` reads the teacher's outputs from — the one interface the engine consumes.
+
+    `None` is the live teacher (the distiller runs it every step); a `MemoryTeacherOutputs`
+    (outputs kept in RAM) or a `TeacherCache` (on disk) returns stored outputs. `layers`: the
+    tapped teacher layers it holds; `lookup(index, inputs)` → ``(output, {layer: features} or
+    None)`` for a batch, after checking that `inputs` are the samples the outputs were computed
+    on (CacheError otherwise).
+    """
+
+    @property
+    def layers(self) -> list[str]: ...
+
+    def lookup(self, index: Tensor, inputs: Any) -> tuple[Any, dict[str, Tensor] | None]: ...
+
+
+def offline_teacher_outputs(
+    source: TeacherSource | None,
+    loader: Any,
+    label: str = "training",
+    layers: Iterable[str] = (),
+) -> TeacherSource | None:
+    """`source` (stored teacher outputs for `fit`), or None — the live teacher — when it cannot
+    serve this training: the loader is randomly augmented, or the terms tap teacher `layers`
+    that `source` does not hold.
 
     Stored outputs are only exact when the student sees the very inputs the teacher saw; with
     random augmentation they are not, so distillation falls back to running the teacher online.
     """
+    if source is not None and not set(layers) <= set(source.layers):
+        return None  # e.g. logits kept in memory, but a term taps a teacher layer
     if source is not None and is_randomly_augmented(loader):
         log.warning(
             "%s: the loader applies random augmentation, so cached teacher outputs would not "
@@ -720,7 +746,7 @@ class TeacherCache:
     """A finished, validated teacher cache; `lookup(index, inputs)` gives (output, {layer:
     features}) after checking that `inputs` are the samples the outputs were computed on.
 
-    Open it with `TeacherCache.open`; it satisfies the engine's `TeacherLookup` protocol, so it
+    Open it with `TeacherCache.open`; it is a `TeacherSource`, so it
     is passed to `fit(..., teacher_outputs=cache)` as it is.
     """
 
@@ -977,6 +1003,7 @@ class MemoryTeacherOutputs:
     """
 
     source = "in-memory teacher outputs"
+    layers: list[str] = []  # no tapped teacher layers: outputs only
 
     def __init__(self, outputs: Tensor | Mapping[str, Tensor], signatures: InputSignatures):
         values = outputs if isinstance(outputs, Mapping) else {None: outputs}

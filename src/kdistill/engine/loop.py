@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kdistill.cache import TeacherSource
 from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import as_batch, can_restart, iter_batches, set_epoch
 from kdistill.distiller import Distiller
@@ -77,13 +77,6 @@ def load_trained_state(distiller: Distiller, tensors: dict[str, Tensor], source:
     load_weights(distiller.student, strip_prefix("student", tensors), "student", source)
     load_weights(distiller.connectors, strip_prefix("connectors", tensors), "connectors", source)
     load_weights(distiller.losses, strip_prefix("losses", tensors), "loss modules", source)
-
-
-class TeacherLookup(Protocol):
-    """Stored teacher outputs: `lookup(index, inputs)` gives (output, {layer: features} or None)
-    for a batch, after checking that `inputs` are the samples the outputs were computed on."""
-
-    def lookup(self, index: Tensor, inputs: Tensor) -> tuple[Any, dict[str, Tensor] | None]: ...
 
 
 def lookup_teacher(source, index: Tensor, inputs: Tensor, device: torch.device):
@@ -215,7 +208,7 @@ def fit(
     metrics_log: MetricsLog | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
-    teacher_outputs: Tensor | dict[str, Tensor] | TeacherLookup | None = None,
+    teacher_outputs: TeacherSource | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 

@@ -193,10 +193,6 @@ def describe_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "loss")
 
 
-def needs_teacher_layers(distill: DistillSpec, method: str) -> bool:
-    return any(spec.teacher is not None for spec in distill.methods[method])
-
-
 def grid_settings(recipe: Recipe, method: str | None = None) -> list[dict]:
     """Every point of `tune.grid` for `method`: the plain keys (`alpha`, `temperature`, …) and
     the keys scoped to it (`cwd.tau` → `tau`); keys scoped to other methods are left out."""
@@ -447,12 +443,7 @@ class Experiment:
             student = self.initial_student(spec, seed)
         uses_teacher = any(term.uses_teacher for term in terms)
         distiller = Distiller(self.teacher if uses_teacher else None, student, terms)
-        cached = None
-        if uses_teacher and (
-            isinstance(self.teacher_train_outputs, TeacherCache)  # holds every tapped layer
-            or not needs_teacher_layers(self.recipe.distill, method)
-        ):
-            cached = self.teacher_train_outputs
+        tapped = [t.teacher for t in terms if t.uses_teacher and t.teacher is not None]
         config = self.train_config(train or self.recipe.train, epochs)
         loader = self.loader(self.splits.train, seed, config.batch_size, shuffle=True)
         try:
@@ -465,7 +456,9 @@ class Experiment:
                 metrics_log=self.metrics,
                 checkpoint_dir=self.out_dir / "checkpoints" / label if keep_checkpoint else None,
                 resume=self.resume and keep_checkpoint,
-                teacher_outputs=offline_teacher_outputs(cached, loader, label),
+                teacher_outputs=offline_teacher_outputs(
+                    self.teacher_train_outputs if uses_teacher else None, loader, label, tapped
+                ),
             )
         finally:
             distiller.close()
