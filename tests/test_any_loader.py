@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 import kdistill as kd
+from kdistill.cache import MemoryTeacherOutputs
 from kdistill.connectors import align_spatial, build_connector
 from kdistill.data.arrays import ArrayDataset, Batch, BatchLoader
 from kdistill.data.batches import as_batch
@@ -430,7 +431,7 @@ def test_terms_and_caches_that_need_an_index_say_so_and_work_when_it_is_given():
             kd_distiller(),
             DataLoader(TensorDataset(x, y), batch_size=16),
             quick(epochs=1),
-            teacher_outputs=stored,
+            teacher_outputs=MemoryTeacherOutputs.of(stored, TensorDataset(x, y)),
         )
     result = kd.fit(distiller, DataLoader(WithIndex(x, y), batch_size=16), quick(epochs=1))
     assert set(result.final["train_parts"]) == {"crd", "ce"}

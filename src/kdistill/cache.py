@@ -1032,8 +1032,15 @@ class MemoryTeacherOutputs:
 
     @classmethod
     def of(cls, outputs: Tensor | Mapping[str, Tensor], dataset: Any) -> MemoryTeacherOutputs:
-        """`outputs` computed on `dataset` (row i on sample i; `dataset.inputs` is read)."""
-        inputs = getattr(dataset, "inputs", None)
+        """`outputs` computed on `dataset` (row i on sample i): a kdistill dataset
+        (`dataset.inputs` is read), a torch `TensorDataset` (its first tensor) or the inputs
+        tensor itself."""
+        if isinstance(dataset, Tensor):
+            inputs = dataset
+        elif isinstance(dataset, torch.utils.data.TensorDataset):
+            inputs = dataset.tensors[0]
+        else:
+            inputs = getattr(dataset, "inputs", None)
         if not isinstance(inputs, Tensor):
             raise CacheError(
                 f"{cls.source}: {type(dataset).__name__} has no `inputs` tensor to sign; use "
