@@ -163,7 +163,7 @@ def test_teacher_cache_stores_the_module_output(tmp_path):
     inputs = torch.randn(10, 1, 5, 5)
     data = ArrayDataset(inputs, torch.zeros(10, dtype=torch.int64), ["a", "b", "c"], "noise")
     cache = build_teacher_cache(teacher, data, tmp_path, layers=["block.bn2"], batch_size=4)
-    _, features = cache.lookup(torch.arange(10))
+    _, features = cache.lookup(torch.arange(10), inputs)
     with torch.no_grad():
         expected = bn2_by_hand(teacher.eval(), inputs, training=False)
     assert (np.asarray(expected) < 0).any()
