@@ -61,6 +61,27 @@ class Task(Protocol):
         """An empty metric for `model` evaluated on `data`."""
 
 
+class DenseTargets:
+    """Shared by tasks whose targets a dataset provides through `with_target(kind)` (masks,
+    boxes, or both for scenes): one output unless a subclass says otherwise."""
+
+    name: str
+    target_kind: str  # "seg", "det" or "both"
+
+    @property
+    def outputs(self) -> Mapping[str | None, Any]:
+        return {None: self}
+
+    def prepare(self, data: Any) -> Any:
+        if not callable(getattr(data, "with_target", None)):
+            raise ValueError(
+                f"task {self.name}: dataset {getattr(data, 'name', type(data).__name__)!r} has "
+                "no dense targets (masks / boxes); use data.dataset: fashion_mnist_scenes or a "
+                "dataset factory whose dataset has with_target('seg' | 'det' | 'both')"
+            )
+        return data.with_target(self.target_kind)
+
+
 def primary_metric(task: Task) -> str:
     """The metric that ranks models of `task`: the first of `task.metrics`."""
     return task.metrics[0]

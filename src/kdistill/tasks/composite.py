@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from kdistill.tasks.segmentation import _with_target
+from kdistill.tasks.base import DenseTargets
 
 
 class _CompositeMetric:
@@ -42,7 +42,7 @@ class _CompositeMetric:
         return results
 
 
-class CompositeTask:
+class CompositeTask(DenseTargets):
     """Sub-tasks keyed by the model's output names; `metrics` lists theirs in the order given
     by `metric_order` (default: the sub-tasks' order)."""
 
@@ -70,9 +70,6 @@ class CompositeTask:
     @property
     def outputs(self):
         return dict(self.parts)
-
-    def prepare(self, data: Any) -> Any:
-        return _with_target(data, self.target_kind, self.name)
 
     def model_kwargs(self, data: Any) -> dict[str, int]:
         return self.parts[self.sizes_from].model_kwargs(data)

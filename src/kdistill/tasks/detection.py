@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from kdistill.engine.dense_metrics import DetectionMAP
 from kdistill.models.dense import decode
-from kdistill.tasks.segmentation import _with_target
+from kdistill.tasks.base import DenseTargets
 
 SCORE_THRESHOLD = 0.01
 NMS_IOU = 0.5
@@ -40,7 +40,7 @@ class _DetMetric:
         return {"map50": self.inner.compute()["map50"]}
 
 
-class DetectionTask:
+class DetectionTask(DenseTargets):
     """Targets: boxes per image; models built with `in_channels` and `num_classes` (object
     classes, no background) and must expose their `anchors` (`A×2`, pixels)."""
 
@@ -49,13 +49,6 @@ class DetectionTask:
     labels = {"map50": "mAP@0.5"}
     default_hard_loss = "yolo"
     target_kind = "det"
-
-    @property
-    def outputs(self):
-        return {None: self}
-
-    def prepare(self, data: Any) -> Any:
-        return _with_target(data, self.target_kind, self.name)
 
     def model_kwargs(self, data: Any) -> dict[str, int]:
         return {"in_channels": data.input_shape[0], "num_classes": data.num_classes}

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdistill.engine.dense_metrics import SegmentationMetrics
+from kdistill.tasks.base import DenseTargets
 
 
 class _SegMetric:
@@ -26,7 +27,7 @@ class _SegMetric:
         return {"miou": computed["miou"], "pixel_accuracy": computed["pixel_accuracy"]}
 
 
-class SegmentationTask:
+class SegmentationTask(DenseTargets):
     """Targets: masks (0 = background, c + 1 = class c for scenes); models built with
     `in_channels` and `num_classes` = the number of mask classes (background included)."""
 
@@ -39,26 +40,8 @@ class SegmentationTask:
     def __init__(self, ignore_index: int | None = None) -> None:
         self.ignore_index = ignore_index
 
-    @property
-    def outputs(self):
-        return {None: self}
-
-    def prepare(self, data: Any) -> Any:
-        return _with_target(data, self.target_kind, self.name)
-
     def model_kwargs(self, data: Any) -> dict[str, int]:
         return {"in_channels": data.input_shape[0], "num_classes": data.num_seg_classes}
 
     def new_metric(self, model: nn.Module, data: Any) -> _SegMetric:
         return _SegMetric(data.num_seg_classes, self.ignore_index)
-
-
-def _with_target(data: Any, kind: str, task: str) -> Any:
-    """`data` carrying the `kind` target ("seg", "det" or "both")."""
-    if not callable(getattr(data, "with_target", None)):
-        raise ValueError(
-            f"task {task}: dataset {getattr(data, 'name', type(data).__name__)!r} has no dense "
-            "targets (masks / boxes); use data.dataset: fashion_mnist_scenes or a dataset "
-            "factory whose dataset has with_target('seg' | 'det' | 'both')"
-        )
-    return data.with_target(kind)
