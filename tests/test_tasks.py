@@ -118,3 +118,63 @@ def test_recipe_task_errors_name_the_field():
         load_recipe(RECIPES / "scenes_detection.yaml", ["task=classification"])
     recipe = load_recipe(RECIPES / "fashion_mnist.yaml", ["task=test_tasks:RegressionTask"])
     assert recipe.task == "test_tasks:RegressionTask"
+
+
+class TupleNet(nn.Module):
+    """Returns (logits, features): logits = x @ W, features = 2·x (a feature width ≠ classes)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return x @ self.weight, 2 * x
+
+
+def test_evaluate_takes_a_task_name_and_picks_a_tuple_output():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    model = TupleNet(torch.eye(2))  # logits = x: argmax right on rows 0 and 1
+    loader = BatchLoader(ArrayDataset(x, y, ["a", "b"]), batch_size=2)
+    got = evaluate(model, loader, "classification", output=0)
+    assert got["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_a_feature_term_on_a_tuple_output_is_not_a_class_count_mismatch():
+    """FitNet on the (N×D) feature output of tuple models whose widths differ (4 vs 2) goes
+    through a linear connector; the class-count check is for logit losses only."""
+    import kdistill as kd
+    from kdistill.losses import CE, FitNet
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
+    teacher = nn.Sequential(nn.Linear(2, 4))
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = teacher
+
+        def forward(self, inputs):
+            features = self.body(inputs)
+            return features[:, :2], features
+
+    student = TupleNet(torch.randn(2, 2))
+    distiller = kd.Distiller(
+        Teacher(),
+        student,
+        [kd.Term(FitNet(), output=1), kd.Term(CE(), output=0)],
+    )
+    loader = BatchLoader(ArrayDataset(x, y, ["a", "b"]), batch_size=8)
+    result = kd.fit(distiller, loader, kd.TrainConfig(epochs=1, progress=False))
+    assert set(result.final["train_parts"]) == {"fitnet", "ce"}
+    assert isinstance(distiller.connectors["fitnet"], nn.Linear)
+
+
+def test_position_zero_picks_a_plain_tensor_and_other_positions_are_errors():
+    from kdistill.distiller import select_output
+
+    logits = torch.randn(3, 2)
+    assert select_output(logits, 0, "teacher") is logits
+    with pytest.raises(ValueError, match="only output, position 0"):
+        select_output(logits, 1, "teacher")

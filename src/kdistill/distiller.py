@@ -110,7 +110,8 @@ def select_output(output: Any, key: str | int | None, side: str) -> Tensor:
 
     A tensor is used as it is (`key` must be None); a dict or Hugging Face ``ModelOutput`` (any
     mapping) gives ``output[key]`` for a str `key`; a tuple or list gives ``output[key]`` for an
-    int `key`. A model with several outputs and no `key` is an error naming the fix.
+    int `key`; a plain tensor is the model's only output, so position 0 picks it too. A model
+    with several outputs and no `key` is an error naming the fix.
     """
     if isinstance(output, Mapping):
         kind = "a dict" if type(output) is dict else f"a {type(output).__name__} (dict-like)"
@@ -144,10 +145,12 @@ def select_output(output: Any, key: str | int | None, side: str) -> Tensor:
             )
         value = output[key]
     else:
-        if key is not None:
+        # a plain tensor is a model's only output: position 0 (so output=0 fits a tuple student
+        # and a plain-tensor teacher alike); any other key is an error
+        if key is not None and not (isinstance(key, int) and key in (0, -1)):
             raise ValueError(
                 f"Term(output={key!r}) was given but the {side} returns a plain "
-                f"{type(output).__name__}; leave output=None"
+                f"{type(output).__name__} (its only output, position 0); use output=None or 0"
             )
         value = output
     if not isinstance(value, Tensor):

@@ -144,7 +144,12 @@ def check_before_training(
             continue
         student_classes = _classes(select_output(student_output, term.output, "student"))
         key = f" (output {term.output!r})" if term.output is not None else ""
-        if term.uses_teacher and term.teacher is None and teacher_output is not None:
+        if (
+            term.uses_teacher
+            and term.teacher is None
+            and teacher_output is not None
+            and getattr(term.loss, "compares_classes", False)
+        ):
             teacher_classes = _classes(select_output(teacher_output, term.output, "teacher"))
             if None not in (student_classes, teacher_classes) and (
                 student_classes != teacher_classes

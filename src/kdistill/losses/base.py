@@ -37,6 +37,10 @@ class DistillLoss(nn.Module):
     # True when `target` holds class indices of the student output's dimension 1 (checked before
     # training); False for targets of another kind (e.g. a detector's boxes).
     target_is_class_index: ClassVar[bool] = True
+    # True when student and teacher tensors are class scores (logits) that must have the same
+    # number of classes on dimension 1 (checked before training: KD, DKD, DIST, PixelKD, …);
+    # False for features and embeddings, whose widths may differ.
+    compares_classes: ClassVar[bool] = False
 
 
 def register_loss(name: str):

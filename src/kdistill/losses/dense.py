@@ -58,6 +58,8 @@ class PixelKD(_PixelMasked):
     ``T² · Σ_{counted} KL / #counted``; no counted pixel gives 0 with a zero gradient.
     """
 
+    compares_classes = True
+
     needs = (STUDENT, TEACHER)
 
     def __init__(self, temperature: float = 1.0, ignore_index: int | None = None):
@@ -164,6 +166,8 @@ class DetLogitMSE(DistillLoss):
     each mean over its own elements, so each part weighs the same whatever K is. Logit matching
     as in Ba & Caruana 2014, applied per part of the detection head.
     """
+
+    compares_classes = True
 
     needs = (STUDENT, TEACHER)
 

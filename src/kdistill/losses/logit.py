@@ -70,6 +70,8 @@ class KD(DistillLoss):
     across temperatures. Both sides go through `log_softmax` (never a plain softmax into KLDivLoss).
     """
 
+    compares_classes = True
+
     needs = (STUDENT, TEACHER)
 
     def __init__(self, temperature: float = 4.0):
@@ -144,6 +146,8 @@ class DKD(DistillLoss):
     ``Term(DKD(), warmup_epochs=20)``.
     """
 
+    compares_classes = True
+
     needs = (STUDENT, TEACHER, TARGET)
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
@@ -213,6 +217,8 @@ class DIST(DistillLoss):
     inter-class relations per sample (β) and intra-class relations across the batch (γ).
     """
 
+    compares_classes = True
+
     needs = (STUDENT, TEACHER)
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
@@ -238,6 +244,8 @@ class DIST(DistillLoss):
 @register_loss("logit_mse")
 class LogitMSE(DistillLoss):
     """Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?": ``mean((z_s − z_t)²)``."""
+
+    compares_classes = True
 
     needs = (STUDENT, TEACHER)
 

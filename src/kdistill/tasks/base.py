@@ -24,6 +24,7 @@ from torch import nn
 
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import as_batch, call_model
+from kdistill.distiller import select_output
 
 
 class Metric(Protocol):
@@ -93,9 +94,17 @@ def metric_label(task: Task, metric: str) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, task: Task, device: str | torch.device = "cpu"
+    model: nn.Module,
+    loader,
+    task: Task | str,
+    device: str | torch.device = "cpu",
+    output: str | int | None = None,
 ) -> dict[str, float]:
     """`task`'s metrics of `model` over `loader` (the model's train/eval mode is restored).
+
+    `task`: a `Task` or a name / import path (`kdistill.tasks.get_task`). `output`: for a model
+    returning a tuple or a dict-like output (e.g. ``(logits, features)``), the position or key
+    of the output the task scores, as `Term(output=…)` picks it.
 
     Under torchrun a `shardable` metric is fed every W-th batch on each of W ranks and summed, so
     every rank returns the figures of the whole loader; other metrics see every batch on every
@@ -103,6 +112,10 @@ def evaluate(
     """
     from kdistill.engine.distributed import info
 
+    if isinstance(task, str):
+        from kdistill.tasks import get_task
+
+        task = get_task(task)
     world = info()
     metric = task.new_metric(model, getattr(loader, "dataset", None))
     step = world.world_size if metric.shardable else 1
@@ -113,8 +126,10 @@ def evaluate(
         for number, raw in enumerate(loader):
             if number % step == offset:
                 batch = as_batch(raw)
-                output = call_model(model, move_to(batch.inputs, device))
-                metric.update(output, move_to(batch.target, device))
+                result = call_model(model, move_to(batch.inputs, device))
+                if output is not None:
+                    result = select_output(result, output, "model")
+                metric.update(result, move_to(batch.target, device))
     finally:
         model.train(was_training)
     if metric.shardable:
