@@ -139,3 +139,15 @@ def test_table_aggregates_seeds():
     assert kd.gap_closed == pytest.approx((0.81 - 0.71) / (0.90 - 0.71))
     table = markdown_table(list(rows.values()))
     assert "81.00 ± 1.41" in table and "+53 %" in table
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only machine")
+@pytest.mark.parametrize("field", ["train.device", "teacher.train.device"])
+def test_a_missing_cuda_device_fails_before_anything_trains(tmp_path, field):
+    from kdistill.recipes.runner import Experiment
+
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist.yaml"
+    recipe = load_recipe(recipe_path, [f"{field}=cuda"])
+    with pytest.raises(ConfigError, match="torch finds no CUDA device"):
+        Experiment(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "models").exists()

@@ -55,7 +55,7 @@ from kdistill.engine.checkpoint import (
     read_checkpoint_file,
     save_checkpoint,
 )
-from kdistill.engine.distributed import barrier, is_main_process
+from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
@@ -230,6 +230,8 @@ class Experiment:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        for config in (recipe.train, recipe.teacher.train):  # a missing CUDA fails here, first
+            resolve_device(config.device)
         self.task = recipe_task(recipe)
         self.splits = load_splits(recipe, self.task)
         self.teacher: nn.Module | None = None
