@@ -184,3 +184,33 @@ def test_token_ids_of_the_given_dtype_reach_the_model():
 
     describe_layers(nn.Sequential(Probe()), (5,), batch_size=3, dtype=torch.long)
     assert seen["x"].dtype == torch.long and seen["x"].shape == (3, 5)
+
+
+def test_layers_that_return_tuples_or_dicts_show_what_they_hold():
+    from torch import nn
+
+    from kdistill.layers import describe_layers, layers_table
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.flatten(1), x.mean(dim=(2, 3))
+
+    class Keyed(nn.Module):
+        def forward(self, x):
+            return {"logits": x.flatten(1)[:, :3]}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.keyed = Pair(), Keyed()
+
+        def forward(self, x):
+            flat, _ = self.pair(x)
+            return self.keyed(x)["logits"] + flat[:, :3]
+
+    layers = {layer.name: layer for layer in describe_layers(Net(), (2, 3, 4))}
+    # x is 2×3×4 per sample: flatten → 24, mean over H, W → 2; the dict holds 3 logits
+    assert layers["pair"].output_shape is None and layers["pair"].structure == "(24, 2)"
+    assert layers["keyed"].structure == "{logits: 3}"
+    table = layers_table(list(layers.values()), "net")
+    assert "| (24, 2) |" in table and "{logits: 3}" in table

@@ -26,7 +26,7 @@ differ between the two models is left out rather than guessed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,9 @@ class LayerInfo:
     params: int  # its own and its children's parameters
     depth: int  # dots in the name: 0 for a direct child of the model
     order: int  # position in the order the modules finished their forward
+    structure: str = (
+        ""  # for a non-tensor output: what it holds, e.g. "(16×8, 4)" or "{logits: 10}"
+    )
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,32 @@ def describe_layers(
         shape = tuple(output.shape) if isinstance(output, Tensor) else None
         layers.append(
             LayerInfo(
-                name, type(module).__name__, shape, count_parameters(module), name.count("."), order
+                name,
+                type(module).__name__,
+                shape,
+                count_parameters(module),
+                name.count("."),
+                order,
+                "" if shape is not None else _structure(output),
             )
         )
     return layers
+
+
+def _structure(output: object) -> str:
+    """What a non-tensor output holds, shapes without the batch dimension: a tuple / list by
+    position (a term picks one with `output=<position>`), a dict / ModelOutput by key."""
+
+    def one(value: object) -> str:
+        if isinstance(value, Tensor):
+            return "×".join(str(size) for size in value.shape[1:]) or "scalar"
+        return type(value).__name__
+
+    if isinstance(output, Mapping):
+        return "{" + ", ".join(f"{key}: {one(value)}" for key, value in output.items()) + "}"
+    if isinstance(output, tuple | list):
+        return "(" + ", ".join(one(value) for value in output) + ")"
+    return ""
 
 
 def _frontier(layers: list[LayerInfo]) -> list[LayerInfo]:
@@ -184,8 +209,10 @@ def propose_pairs(teacher: list[LayerInfo], student: list[LayerInfo]) -> list[La
     return pairs
 
 
-def _shape_text(shape: tuple[int, ...] | None) -> str:
-    return "×".join(str(size) for size in shape[1:]) if shape else "(not a tensor)"
+def _shape_text(shape: tuple[int, ...] | None, structure: str = "") -> str:
+    if shape:
+        return "×".join(str(size) for size in shape[1:])
+    return structure or "(not a tensor)"
 
 
 def layers_table(layers: list[LayerInfo], title: str) -> str:
@@ -198,10 +225,8 @@ def layers_table(layers: list[LayerInfo], title: str) -> str:
     ]
     for layer in layers:
         indent = "· " * layer.depth
-        lines.append(
-            f"| {indent}`{layer.name}` | {layer.kind} | {_shape_text(layer.output_shape)} | "
-            f"{layer.params:,} |"
-        )
+        shape = _shape_text(layer.output_shape, layer.structure)
+        lines.append(f"| {indent}`{layer.name}` | {layer.kind} | {shape} | {layer.params:,} |")
     return "\n".join(lines)
 
 
