@@ -51,8 +51,7 @@ from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint, save_
 from kdistill.errors import ConfigError
 from kdistill.export import ExportResult, export_student, onnx_available
 from kdistill.models import count_parameters
-from kdistill.recipes.objective import build_objective
-from kdistill.recipes.runner import Experiment, alone_terms
+from kdistill.recipes.runner import Experiment
 from kdistill.recipes.schema import CompressSpec, Recipe
 
 
@@ -106,12 +105,6 @@ class CompressionRun:
     def say(self, message: str) -> None:
         self.experiment.say(message)
 
-    def _method_terms(self, method: str) -> list:
-        experiment = self.experiment
-        return build_objective(
-            experiment.task, self.recipe.distill, method, {}, len(experiment.splits.train)
-        )
-
     def evaluate(self, model: nn.Module) -> float:
         return self.experiment.evaluator(self.experiment.splits.test)(model)[self.experiment.metric]
 
@@ -150,8 +143,8 @@ class CompressionRun:
         recipe, seed = self.recipe, self.recipe.seed
         for spec in recipe.students:
             plans = [
-                ("alone", alone_terms(recipe)),
-                (self.method, self._method_terms(self.method)),
+                ("alone", self.experiment.objective(None)),
+                (self.method, self.experiment.objective(self.method)),
             ]
             for method, terms in plans:
                 started = time.perf_counter()
@@ -194,10 +187,10 @@ class CompressionRun:
         if masks is not None:
             apply_masks(student, masks, permanent=False)
         if method == "alone":
-            terms = alone_terms(self.recipe)
+            terms = self.experiment.objective(None)
             name, description = "pruned + fine-tuned", "the pruned teacher retrained (hard loss)"
         else:
-            terms = self._method_terms(method)
+            terms = self.experiment.objective(method)
             name = "pruned + distilled"
             description = f"the pruned teacher distilled ({method}) from the teacher"
         seed = self.recipe.seed

@@ -274,6 +274,13 @@ class Experiment:
         """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
         return primary_metric(self.task)
 
+    def objective(self, method: str | None, settings: dict | None = None) -> list[Term]:
+        """The terms of `method` (None: the student alone) with grid `settings`, for this
+        recipe's task and training split (`recipes.objective.build_objective`)."""
+        return build_objective(
+            self.task, self.recipe.distill, method, settings, len(self.splits.train)
+        )
+
     def train_config(self, base: TrainConfig, epochs: int | None = None) -> TrainConfig:
         updates: dict = {"progress": self.progress and base.progress}
         if epochs is not None:
@@ -332,7 +339,7 @@ class Experiment:
             self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
             config = self.train_config(spec.train)
             fit(
-                Distiller(None, teacher, alone_terms(self.recipe)),
+                Distiller(None, teacher, self.objective(None)),
                 self.loader(self.splits.train, self.recipe.seed, config.batch_size, shuffle=True),
                 config,
                 evaluate=self.evaluator(self.splits.val),
@@ -489,9 +496,7 @@ class Experiment:
             if label in done:
                 trials.append(done[label])
                 continue
-            terms = build_objective(
-                self.task, self.recipe.distill, method, settings, len(self.splits.train)
-            )
+            terms = self.objective(method, settings)
             _, val_metrics = self.train_student(
                 label,
                 spec,
@@ -560,19 +565,13 @@ class Experiment:
         for index in range(recipe.seeds):
             seed = recipe.seed + index
             for spec in recipe.students:
-                plan = [("alone", alone_terms(recipe), {})]
+                plan = [("alone", self.objective(None), {})]
                 for method in methods:
                     settings = chosen[spec.name][method]
                     plan.append(
                         (
                             method,
-                            build_objective(
-                                self.task,
-                                recipe.distill,
-                                method,
-                                settings,
-                                len(self.splits.train),
-                            ),
+                            self.objective(method, settings),
                             settings,
                         )
                     )

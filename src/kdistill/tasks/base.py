@@ -25,6 +25,7 @@ from torch import nn
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import as_batch, call_model
 from kdistill.distiller import select_output
+from kdistill.ops.collectives import info
 
 
 class Metric(Protocol):
@@ -110,8 +111,6 @@ def evaluate(
     every rank returns the figures of the whole loader; other metrics see every batch on every
     rank.
     """
-    from kdistill.engine.distributed import info
-
     if isinstance(task, str):
         from kdistill.tasks import get_task
 
