@@ -205,17 +205,7 @@ def test_ranks_skip_a_non_finite_batch_together_and_reduce_evaluation(tmp_path):
     the ranks end with identical students and connectors (a FitNet term taps both models), the
     teacher is untouched, and the evaluation counts summed over ranks give the single-process
     figures."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    single, double = tmp_path / "single", tmp_path / "double"
-    single.mkdir()
-    double.mkdir()
-    run([sys.executable, str(script), str(single)])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    run([*launcher, "--nproc_per_node=2", str(script), str(double)])
-
-    alone = json.loads((single / "rank0.json").read_text())
-    ranks = [json.loads((double / f"rank{r}.json").read_text()) for r in range(2)]
+    alone, ranks = run_worker_both_ways(tmp_path, WORKER)
     assert alone["world"] == 1 and alone["skipped"] == 2  # batch 0 of both epochs
     for record in ranks:
         assert record["world"] == 2
