@@ -151,3 +151,55 @@ def test_a_missing_cuda_device_fails_before_anything_trains(tmp_path, field):
     with pytest.raises(ConfigError, match="torch finds no CUDA device"):
         Experiment(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_gap_closed_when_lower_is_better():
+    # NLL: teacher 3.0, alone 4.0, distilled 3.75 → a quarter of the gap closed
+    assert gap_closed(3.75, 4.0, 3.0, lower_is_better=True) == pytest.approx(0.25)
+    assert gap_closed(4.25, 4.0, 3.0, lower_is_better=True) == pytest.approx(-0.25)
+    # read as higher-is-better, the same figures would say the teacher is worse: no gap
+    assert gap_closed(3.75, 4.0, 3.0) is None
+    assert gap_closed(3.9, 4.0, 4.2, lower_is_better=True) is None
+
+
+def _lm_records(teacher_val: float) -> list[RunRecord]:
+    def record(label, student, method, seed, test, val):
+        return RunRecord(
+            label, student, method, seed, 10, test, test_metrics={"nll": test},
+            val_metrics={"nll": val},
+        )  # fmt: skip
+
+    return [
+        record("teacher", None, "teacher", 0, 4.20, teacher_val),
+        record("s/alone/seed0", "s", "alone", 0, 4.07, 4.10),
+        record("s/alone/seed1", "s", "alone", 1, 4.08, 4.12),
+        record("s/kd/seed0", "s", "kd", 0, 4.10, 4.15),
+        record("s/kd/seed1", "s", "kd", 1, 4.14, 4.16),
+    ]
+
+
+def test_a_teacher_worse_than_the_student_alone_on_validation_gets_no_gap():
+    # the probe: a teacher at 4.20 nats against a student alone at 4.07–4.08; read as
+    # higher-is-better the blind formula reports a positive gap closed
+    rows = {(r.model, r.method): r for r in build_rows(_lm_records(4.25), ("nll",), "nll")}
+    kd = rows[("s", "kd")]
+    assert kd.gap_closed is None and kd.gaps == {}
+    assert "does not beat the student alone on validation" in kd.teacher_check
+    assert "teacher 4.25" in kd.teacher_check and "4.11" in kd.teacher_check
+    table = markdown_table(list(rows.values()), [("nll", "NLL")], percent=())
+    assert "n/a: teacher not better" in table and "%" not in table.split("\n")[2]
+    assert "4.12 ± 0.028" in table  # NLL shown as it is, not ×100
+
+
+def test_a_teacher_better_on_validation_gets_its_gap_in_the_metric_direction():
+    # teacher better on validation (3.9 < 4.11) and on test (3.90 < 4.075)
+    records = _lm_records(3.9)
+    records[0] = RunRecord(
+        "teacher", None, "teacher", 0, 10, 3.90, test_metrics={"nll": 3.90},
+        val_metrics={"nll": 3.9},
+    )  # fmt: skip
+    rows = {(r.model, r.method): r for r in build_rows(records, ("nll",), "nll")}
+    kd = rows[("s", "kd")]
+    assert kd.teacher_check is None
+    assert kd.gap_closed == pytest.approx((4.12 - 4.075) / (3.90 - 4.075))
+    assert kd.gaps["nll"] == pytest.approx(kd.gap_closed)

@@ -149,7 +149,7 @@ class CompressionRun:
             for method, terms in plans:
                 started = time.perf_counter()
                 label = f"{spec.name}/{method}/seed{seed}"
-                student, metrics = self.experiment.train_student(
+                student, metrics, _ = self.experiment.train_student(
                     label,
                     spec,
                     seed,
@@ -194,7 +194,7 @@ class CompressionRun:
             name = "pruned + distilled"
             description = f"the pruned teacher distilled ({method}) from the teacher"
         seed = self.recipe.seed
-        student, _ = self.experiment.train_student(
+        student, _, _ = self.experiment.train_student(
             f"pruned/{method}/seed{seed}",
             self.recipe.teacher,
             seed,

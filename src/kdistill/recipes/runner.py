@@ -68,7 +68,15 @@ from kdistill.recipes.schema import (
     Recipe,
     TeacherSpec,
 )
-from kdistill.tasks import Task, evaluate, get_task, primary_metric
+from kdistill.tasks import (
+    Task,
+    best,
+    evaluate,
+    get_task,
+    lower_is_better,
+    percent_metrics,
+    primary_metric,
+)
 
 EVAL_BATCH = 1000
 
@@ -98,6 +106,8 @@ class RunRecord:
     seconds: float = 0.0
     cost: dict | None = None  # ModelCost.as_dict() of the architecture (models/cost.py)
     test_metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task
+    # every metric on the validation split after training (the teacher-beats-alone check)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +119,8 @@ class RunSummary:
     seconds: float
     metrics: tuple[str, ...] = ("accuracy",)  # the task's metrics; the first ranks
     labels: dict[str, str] = field(default_factory=lambda: {"accuracy": "accuracy"})
+    lower_is_better: tuple[str, ...] = ()  # metrics where lower is better (NLL, perplexity)
+    percent: tuple[str, ...] | None = None  # metrics that are fractions shown in % (None: all)
 
 
 def recipe_task(recipe: Recipe) -> Task:
@@ -352,6 +364,7 @@ class Experiment:
                 save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
         teacher.eval()
         metrics = self.evaluator(self.splits.test)(teacher)
+        val_metrics = self.evaluator(self.splits.val)(teacher)
         record = RunRecord(
             "teacher",
             None,
@@ -362,6 +375,7 @@ class Experiment:
             seconds=time.perf_counter() - started,
             cost=self.cost_of("teacher", teacher),
             test_metrics=metrics,
+            val_metrics=val_metrics,
         )
         self.say(f"teacher: test {describe_metrics(metrics)}")
         self.teacher = teacher
@@ -442,8 +456,9 @@ class Experiment:
         keep_checkpoint: bool = True,
         student: nn.Module | None = None,
         train: TrainConfig | None = None,
-    ) -> tuple[nn.Module, dict[str, float]]:
-        """Train one student; returns it and its metrics on `evaluate_on` after the last epoch.
+    ) -> tuple[nn.Module, dict[str, float], dict[str, float]]:
+        """Train one student; returns it, its metrics on `evaluate_on` after the last epoch and
+        its metrics on the validation split after the last epoch.
 
         `student`: train this model instead of building `spec`'s (e.g. a pruned teacher);
         `train`: its budget instead of the recipe's `train`.
@@ -456,7 +471,7 @@ class Experiment:
         config = self.train_config(train or self.recipe.train, epochs)
         loader = self.loader(self.splits.train, seed, config.batch_size, shuffle=True)
         try:
-            fit(
+            result = fit(
                 distiller,
                 loader,
                 config,
@@ -471,7 +486,14 @@ class Experiment:
             )
         finally:
             distiller.close()
-        return student, self.evaluator(evaluate_on)(student)
+        val_metrics = {
+            key[len("val_") :]: value
+            for key, value in result.final.items()
+            if key.startswith("val_") and key != "val_loss"
+        }
+        if evaluate_on is self.splits.val and val_metrics:
+            return student, val_metrics, val_metrics
+        return student, self.evaluator(evaluate_on)(student), val_metrics
 
     def initial_student(self, spec: ModelSpec, seed: int) -> nn.Module:
         """`spec`'s model built with `seed`, or its `whole_model` file (the same weights for
@@ -497,7 +519,7 @@ class Experiment:
                 trials.append(done[label])
                 continue
             terms = self.objective(method, settings)
-            _, val_metrics = self.train_student(
+            _, val_metrics, _ = self.train_student(
                 label,
                 spec,
                 self.recipe.tune.seed,
@@ -518,8 +540,8 @@ class Experiment:
             trials.append(trial)
             self._record_tuning(trial)
             self.say(f"  {label}: validation {describe_metrics(val_metrics)}")
-        best = max(trials, key=lambda trial: trial["val_score"])
-        return best["settings"], trials
+        chosen = best(self.task, self.metric, trials, key=lambda trial: trial["val_score"])
+        return chosen["settings"], trials
 
     def _read_tuning(self) -> list[dict]:
         path = self.out_dir / "tuning.json"
@@ -578,7 +600,7 @@ class Experiment:
                 for method, terms, settings in plan:
                     label = f"{spec.name}/{method}/seed{seed}"
                     run_started = time.perf_counter()
-                    student, metrics = self.train_student(
+                    student, metrics, val_metrics = self.train_student(
                         label, spec, seed, terms, method, self.splits.test
                     )
                     if self.is_main:
@@ -600,6 +622,7 @@ class Experiment:
                             time.perf_counter() - run_started,
                             self.cost_of(spec.name, student),
                             metrics,
+                            val_metrics,
                         )
                     )
                     self.say(f"{label}: test {describe_metrics(metrics)}")
@@ -611,5 +634,7 @@ class Experiment:
             time.perf_counter() - started,
             self.task.metrics,
             dict(self.task.labels),
+            lower_is_better(self.task),
+            percent_metrics(self.task),
         )
         return summary

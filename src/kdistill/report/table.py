@@ -1,8 +1,15 @@
 """The results table: one row per model and method, mean ± std over seeds, and the gap closed.
 
 gap closed = (distilled − student alone) / (teacher − student alone), on the mean test score
-(accuracy, or the first metric of a dense task: mIoU, mAP@0.5): 1 means the distilled student
-reached the teacher, 0 means distillation bought nothing, negative means it hurt.
+(accuracy, or the first metric of the task: mIoU, mAP@0.5, NLL): 1 means the distilled student
+reached the teacher, 0 means distillation bought nothing, negative means it hurt. The formula
+holds for metrics where lower is better (NLL, perplexity) as written.
+
+The gap is only defined when the teacher is better than the student alone. Before any gap is
+reported the teacher's **validation** score is compared with the student alone's (mean over seeds,
+on the ranking metric): when the teacher does not beat it, every gap of that student is left out
+and `Row.teacher_check` says so plainly with both figures — a percentage computed from a teacher
+no better than the student would be meaningless, whatever its sign.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ class Row:
     cost: dict | None = None  # ModelCost.as_dict() (models/cost.py), None when not measured
     metrics: dict[str, list[float]] = field(default_factory=dict)  # every test metric, per seed
     gaps: dict[str, float | None] = field(default_factory=dict)  # gap closed on each metric
+    val_scores: list[float] = field(default_factory=list)  # validation score of each seed
+    # why no gap is reported for this row's student (teacher not better on validation), or None
+    teacher_check: str | None = None
 
     @property
     def mean(self) -> float:
@@ -35,16 +45,53 @@ class Row:
         return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
 
 
-def gap_closed(distilled: float, alone: float, teacher: float) -> float | None:
-    """(distilled − alone) / (teacher − alone); None when the teacher is not better than alone."""
-    if teacher - alone <= 0:
+def beats(a: float, b: float, lower_is_better: bool = False) -> bool:
+    """Whether score `a` is strictly better than `b`."""
+    return a < b if lower_is_better else a > b
+
+
+def gap_closed(
+    distilled: float, alone: float, teacher: float, lower_is_better: bool = False
+) -> float | None:
+    """(distilled − alone) / (teacher − alone); None when the teacher is not better than alone
+    (for a metric where lower is better, such as NLL, better means lower)."""
+    if not beats(teacher, alone, lower_is_better):
         return None
     return (distilled - alone) / (teacher - alone)
 
 
-def build_rows(records: Sequence) -> list[Row]:
+def teacher_check(
+    teacher_val: float | None,
+    alone_val: Sequence[float],
+    metric: str,
+    lower_is_better: bool = False,
+) -> str | None:
+    """None when the teacher beats the student alone on validation (or when either figure is
+    missing), else the sentence the report prints instead of a gap."""
+    if teacher_val is None or not alone_val:
+        return None
+    alone = statistics.fmean(alone_val)
+    if beats(teacher_val, alone, lower_is_better):
+        return None
+    return (
+        f"the teacher does not beat the student alone on validation ({metric}: teacher "
+        f"{teacher_val:.4g}, student alone {alone:.4g} mean over {len(alone_val)} seed(s)), so no "
+        "gap closed is reported: improve the teacher (learning rate, warm-up, data, size) or pick "
+        "a smaller student"
+    )
+
+
+def build_rows(
+    records: Sequence, lower_is_better: Sequence[str] = (), metric: str | None = None
+) -> list[Row]:
     """Group run records (label, student, method, seed, params, test_score, settings,
-    test_metrics)."""
+    test_metrics, val_metrics) into rows, with the gap closed of each distilled row.
+
+    `metric`: the ranking metric (`test_score`'s); `lower_is_better`: the metrics where a lower
+    value is better. The gaps of a student are only computed when the teacher beats that
+    student alone on validation (`teacher_check`); records without validation figures skip the
+    check (the gap then still needs the teacher better on test)."""
+    lower = set(lower_is_better)
     rows: dict[tuple[str, str], Row] = {}
     for record in records:
         model = record.student or "teacher"
@@ -61,20 +108,33 @@ def build_rows(records: Sequence) -> list[Row]:
         rows[key].scores.append(record.test_score)
         for name, value in getattr(record, "test_metrics", {}).items():
             rows[key].metrics.setdefault(name, []).append(value)
+        val = getattr(record, "val_metrics", {}) or {}
+        if metric is not None and metric in val:
+            rows[key].val_scores.append(val[metric])
     teacher = rows.get(("teacher", "teacher"))
     for row in rows.values():
         alone = rows.get((row.model, "alone"))
-        if teacher is not None and alone is not None and row.method not in ("alone", "teacher"):
-            row.gap_closed = gap_closed(row.mean, alone.mean, teacher.mean)
-            row.gaps = {
-                name: gap_closed(
-                    statistics.fmean(values),
-                    statistics.fmean(alone.metrics[name]),
-                    statistics.fmean(teacher.metrics[name]),
-                )
-                for name, values in row.metrics.items()
-                if name in alone.metrics and name in teacher.metrics
-            }
+        if teacher is None or alone is None or row.method == "teacher":
+            continue
+        row.teacher_check = teacher_check(
+            teacher.val_scores[0] if teacher.val_scores else None,
+            alone.val_scores,
+            metric or "score",
+            metric in lower,
+        )
+        if row.method == "alone" or row.teacher_check is not None:
+            continue
+        row.gap_closed = gap_closed(row.mean, alone.mean, teacher.mean, metric in lower)
+        row.gaps = {
+            name: gap_closed(
+                statistics.fmean(values),
+                statistics.fmean(alone.metrics[name]),
+                statistics.fmean(teacher.metrics[name]),
+                name in lower,
+            )
+            for name, values in row.metrics.items()
+            if name in alone.metrics and name in teacher.metrics
+        }
     return list(rows.values())
 
 
@@ -84,6 +144,17 @@ def format_percent(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{100 * mean:.2f}"
     return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def format_value(values: Sequence[float], percent: bool = True) -> str:
+    """`format_percent` for fractions (accuracy, mIoU); for other metrics (NLL in nats,
+    perplexity, bits per byte) the value itself, "4.071 ± 0.012"."""
+    if percent:
+        return format_percent(values)
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {statistics.stdev(values):.2g}"
 
 
 def format_accuracy(row: Row) -> str:
@@ -118,6 +189,9 @@ def cost_cells(cost: dict | None, batches: Sequence[str]) -> str:
     )
 
 
+NO_GAP = "n/a: teacher not better"
+
+
 def format_gap(gap: float | None) -> str:
     return "—" if gap is None else f"{100 * gap:+.0f} %"
 
@@ -129,11 +203,18 @@ def gap_header(metrics: Sequence[tuple[str, str]]) -> str:
     return " | gap closed"
 
 
-def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ()) -> str:
+def markdown_table(
+    rows: Sequence[Row],
+    metrics: Sequence[tuple[str, str]] = (),
+    percent: Sequence[str] | None = None,
+) -> str:
     """The results table; with model costs (models/cost.py) when the rows carry them.
 
     `metrics`: (key, label) of the test metric columns, e.g. ``[("miou", "mIoU"),
-    ("map50", "mAP@0.5")]``; by default one column of the rows' scores, "accuracy"."""
+    ("map50", "mAP@0.5")]``; by default one column of the rows' scores, "accuracy".
+    `percent`: the metrics that are fractions shown in % (default: all); the others (NLL,
+    perplexity, bits per byte) are shown as they are."""
+    shown_in_percent = {key for key, _ in metrics} if percent is None else set(percent)
     seeds = max(len(row.scores) for row in rows)
     costs = [row.cost for row in rows if row.cost is not None]
     cost_head, cost_align = cost_header(costs) if costs else ("", "")
@@ -142,8 +223,10 @@ def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ())
         "| model | method | params"
         + cost_head
         + "".join(
-            f" | test {label} %" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
-            for _, label in metrics or [("", "accuracy")]
+            f" | test {label}"
+            + (" %" if not metrics or key in shown_in_percent else "")
+            + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else "")
+            for key, label in metrics or [("", "accuracy")]
         )
         + gap_header(metrics)
         + " | settings (chosen on validation) |",
@@ -151,13 +234,17 @@ def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ())
     ]
     lines = []
     for row in rows:
-        if len(metrics) > 1:
+        if row.teacher_check is not None and row.method != "alone":
+            gap = NO_GAP
+        elif len(metrics) > 1:
             gap = " / ".join(format_gap(row.gaps.get(key)) for key, _ in metrics)
         else:
             gap = format_gap(row.gap_closed)
         cells = cost_cells(row.cost, batches) if costs else ""
         if metrics:
-            values = " | ".join(format_percent(row.metrics[key]) for key, _ in metrics)
+            values = " | ".join(
+                format_value(row.metrics[key], key in shown_in_percent) for key, _ in metrics
+            )
         else:
             values = format_accuracy(row)
         lines.append(

@@ -13,18 +13,24 @@ from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
-from kdistill.report.table import build_rows, format_settings, markdown_table
+from kdistill.report.table import build_rows, format_settings, format_value, markdown_table
 
 
 def write_report(summary, recipe, command: str) -> str:
     """Write the files and return the Markdown table (what the CLI prints)."""
     out_dir = Path(summary.out_dir)
-    rows = build_rows(summary.records)
     metric = summary.metrics[0]
+    lower = tuple(getattr(summary, "lower_is_better", ()))
+    percent = getattr(summary, "percent", None)
+    percent = tuple(summary.metrics) if percent is None else tuple(percent)
+    rows = build_rows(summary.records, lower, metric)
     name = summary.labels.get(metric, metric)
     columns = [(key, summary.labels.get(key, key)) for key in summary.metrics]
     # a single accuracy column keeps the classic layout (mean ± std of the scores)
-    table = markdown_table(rows, columns if columns != [("accuracy", "accuracy")] else ())
+    table = markdown_table(
+        rows, columns if columns != [("accuracy", "accuracy")] else (), percent=percent
+    )
+    checks = sorted({row.teacher_check for row in rows if row.teacher_check is not None})
     results = {
         "recipe": recipe.name,
         "seconds": round(summary.seconds, 1),
@@ -54,8 +60,11 @@ def write_report(summary, recipe, command: str) -> str:
         "",
         table,
         "",
-        f"Gap closed = (distilled − student alone) / (teacher − student alone), on mean {name}.",
+        f"Gap closed = (distilled − student alone) / (teacher − student alone), on mean {name}"
+        + (" (lower is better)." if metric in lower else "."),
     ]
+    for check in checks:
+        lines += ["", f"**No gap closed reported:** {check}."]
     if summary.tuning:
         lines += [
             "",
@@ -65,13 +74,15 @@ def write_report(summary, recipe, command: str) -> str:
             f"{recipe.data.val_size} validation samples held out of the training set; "
             "the test set was not used for the choice.",
             "",
-            f"| student | method | settings | validation {name} % |",
+            f"| student | method | settings | validation {name}"
+            + (" %" if metric in percent else "")
+            + " |",
             "|---|---|---|---:|",
         ]
         for trial in summary.tuning:
             lines.append(
                 f"| {trial['student']} | {trial['method']} | {format_settings(trial['settings'])} "
-                f"| {100 * trial['val_score']:.2f} |"
+                f"| {format_value([trial['val_score']], metric in percent)} |"
             )
     if curves is not None:
         lines += ["", f"![validation {name} per epoch](curves.png)"]

@@ -17,7 +17,16 @@ import importlib
 from typing import Any
 
 from kdistill.registry import unknown_name_message
-from kdistill.tasks.base import Metric, Task, evaluate, metric_label, primary_metric
+from kdistill.tasks.base import (
+    Metric,
+    Task,
+    best,
+    evaluate,
+    lower_is_better,
+    metric_label,
+    percent_metrics,
+    primary_metric,
+)
 from kdistill.tasks.classification import ClassificationTask
 from kdistill.tasks.composite import CompositeTask
 from kdistill.tasks.detection import DetectionTask
@@ -112,5 +121,8 @@ __all__ = [
     "metric_label",
     "multitask",
     "primary_metric",
+    "best",
+    "lower_is_better",
+    "percent_metrics",
     "task_names",
 ]

@@ -134,3 +134,22 @@ def evaluate(
     if metric.shardable:
         metric.reduce()
     return metric.compute()
+
+
+def lower_is_better(task: Task) -> tuple[str, ...]:
+    """The metrics of `task` where a lower value is better (NLL, perplexity, bits per byte);
+    a task says so with a `lower_is_better` attribute (default: none)."""
+    return tuple(getattr(task, "lower_is_better", ()))
+
+
+def percent_metrics(task: Task) -> tuple[str, ...]:
+    """The metrics of `task` that are fractions, shown in % by reports (accuracy, mIoU, mAP);
+    a task lists them in a `percent_metrics` attribute (default: all of its metrics)."""
+    return tuple(getattr(task, "percent_metrics", task.metrics))
+
+
+def best(task: Task, metric: str, items, key):
+    """The item of `items` with the best `key(item)` on `metric` (ties: the first listed)."""
+    if metric in lower_is_better(task):
+        return min(items, key=key)
+    return max(items, key=key)
