@@ -8,10 +8,10 @@ correlation), and be zero when the student side equals the teacher side.
 Inputs are built from each loss's `needs`: student / teacher tensors of the first layout the loss
 accepts (N×K logits, then N×C×H×W maps, then N×D×L), the labels in [0, K), dataset indices
 0…N−1, an attention mask of ones. A loss whose classes are the last dimension (`class_dim = -1`,
-token losses on N×L×V) gets labels N×L in [0, V). A loss that accepts none of these layouts fails `test_every_loss_has_a_known_input_layout`
-until it gets an entry in LAYOUTS. A loss whose target is not class indices
-(`target_is_class_index = False`, e.g. "yolo") gets padded ground-truth boxes instead
-(`random_boxes`, `boxes`).
+token losses on N×L×V) gets labels N×L in [0, V). A loss that accepts none of these layouts
+fails `test_every_loss_has_a_known_input_layout` until it gets an entry in LAYOUTS. A loss whose
+target is not class indices (`target_is_class_index = False`, e.g. "yolo") gets padded
+ground-truth boxes instead (`random_boxes`, `boxes`).
 """
 
 from __future__ import annotations

@@ -444,7 +444,9 @@ class Distiller(nn.Module):
 
         A term needing the attention mask (``"attention_mask"``: hidden-state losses) gets
         ``inputs["attention_mask"]`` for dict inputs that have one, else all ones ``N×L`` (every
-        position of the student's tensor counts)."""
+        position of the student's tensor counts). A token loss counting labelled positions gets
+        the batch's ``attention_mask`` (when there is one) as a keyword, to refuse a counted
+        position that is padding (left padding, see `kdistill.losses.token`)."""
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int):
             raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
         if micro_batches < 1:
@@ -476,6 +478,12 @@ class Distiller(nn.Module):
                     f"{type(term.loss).__name__} does not count tokens"
                 )
             keywords = {"num_counted": counts[name]} if counted else {}
+            if (
+                getattr(term.loss, "counts_tokens", False)
+                and getattr(term.loss, "count_from", TARGET) == TARGET
+                and _has_mask(inputs)
+            ):
+                keywords["attention_mask"] = inputs["attention_mask"]
             missing = [need for need in term.needs if values.get(need) is None]
             if missing:
                 raise ValueError(

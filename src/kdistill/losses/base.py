@@ -12,7 +12,9 @@ the distiller must pass, in order:
 A loss with ``counts_tokens = True`` (token divergences, hidden-state losses) averages over counted
 positions and offers ``count(labels_or_mask)`` and a ``num_counted`` keyword of `forward`: the
 engine passes the count of the whole accumulation window / all ranks, so micro-batches and DDP
-ranks give the value and gradient of one big batch (`kdistill.losses.token`).
+ranks give the value and gradient of one big batch (`kdistill.losses.token`). One that counts
+labelled positions (``count_from = TARGET``) also takes an ``attention_mask`` keyword, which the
+distiller passes when the batch has one, to refuse a counted position that is padding.
 
 Weights, warm-up and layer selection live in `kdistill.Term`, never inside a loss.
 """

@@ -27,6 +27,10 @@ Conventions, identical for every class here and on every code path:
   (e.g. 2056 rows for 2048 tokens) are compared on the real vocabulary with
   ``vocab_size=<tokenizer size>`` (≤ both V): ``logits[..., :vocab_size]``; labels must then be
   below `vocab_size`. Different V without it is an error naming both sizes.
+- **Padding.** Given the batch's ``attention_mask`` (the distiller passes it), a counted position
+  that is padding is an error: with left padding and ``shift=True`` the pad position before a
+  sequence would be scored on its first token (Hugging Face's loss counts it silently); label
+  each sequence's first token ``ignore_index`` or pad on the right.
 
 The hidden-state losses (`HiddenMSE`, `HiddenCosine`) follow the same normalisation over the real
 positions given by the attention mask (the distiller passes the batch's ``attention_mask``).
@@ -118,6 +122,29 @@ def next_token_labels(labels: Tensor, shift: bool, ignore_index: int) -> Tensor:
     return torch.cat([labels[:, 1:], last], dim=1)
 
 
+def check_real_positions(counted: Tensor, attention_mask: Tensor | None, shift: bool) -> None:
+    """No counted position is padding: a position whose input is padding (attention mask 0)
+    has meaningless logits. With ``shift=True`` this is the left-padding pitfall (as in Hugging
+    Face's own loss): the pad position just before a sequence is scored on its first token."""
+    if attention_mask is None:
+        return
+    real = attention_mask != 0 if attention_mask.dtype != torch.bool else attention_mask
+    if real.shape != counted.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the labels "
+            f"{tuple(counted.shape)}"
+        )
+    padding = counted & ~real.to(counted.device)
+    if bool(padding.any()):
+        n, i = (int(v) for v in padding.nonzero()[0])
+        nxt = "labels[:, i+1]" if shift else "labels[:, i]"
+        raise ValueError(
+            f"{int(padding.sum())} counted positions are padding (attention_mask 0), e.g. sample "
+            f"{n} position {i}, whose logits would be scored on {nxt}; with left padding set the "
+            "label of each sequence's first token to ignore_index (or pad on the right)"
+        )
+
+
 def check_token_range(
     labels: Tensor, vocab: int, ignore_index: int, vocab_size: int | None
 ) -> None:
@@ -167,18 +194,27 @@ def counted_rows(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     what: str = "logits",
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(logits, labels) → (``M×V'`` logits of the M counted positions, their ``M`` labels).
 
     `logits` ``N×L×V`` (or ``N×V`` with `labels` ``N`` and ``shift=False``); V' = `vocab_size`
     (≤ V) or V. Rows keep the logits' dtype and stay differentiable; positions are taken in
-    (sample, position) order. Raises for bad shapes or labels outside ``[0, V')``.
+    (sample, position) order. Raises for bad shapes, labels outside ``[0, V')`` and, given an
+    `attention_mask`, for a counted position that is padding.
     """
     sequences, rows = as_sequences(logits, labels, shift, what)
-    vocab = compared_vocab(sequences.shape[-1], sequences.shape[-1], vocab_size)
+    if vocab_size is not None and vocab_size > sequences.shape[-1]:
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the {what}' vocabulary ({sequences.shape[-1]}, "
+            f"shape {tuple(logits.shape)}); set it to the tokenizer's size"
+        )
+    vocab = sequences.shape[-1] if vocab_size is None else vocab_size
     aligned = next_token_labels(rows, shift, ignore_index)
     check_token_range(rows, vocab, ignore_index, vocab_size)
     counted = aligned != ignore_index
+    if labels.dim() == 2:  # token sequences (N×V logits have no padding positions)
+        check_real_positions(counted, attention_mask, shift)
     return sequences[..., :vocab][counted], aligned[counted]
 
 
@@ -287,17 +323,18 @@ class TokenDivergence(DistillLoss):
         teacher_logits: Tensor,
         labels: Tensor,
         num_counted: Count = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
+        """`num_counted`: the count to divide by (default: this batch's). `attention_mask`
+        (N×L, optional; the distiller passes the batch's): a counted position that is padding
+        is an error (`check_real_positions`)."""
         student, rows = as_sequences(student_logits, labels, self.shift, "student logits")
         teacher, _ = as_sequences(teacher_logits, labels, self.shift, "teacher logits")
-        if student.shape[:-1] != teacher.shape[:-1]:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits "
-                f"{tuple(teacher_logits.shape)} must agree in every dimension but the vocabulary"
-            )
         vocab = compared_vocab(student.shape[-1], teacher.shape[-1], self.vocab_size)
         check_token_range(rows, vocab, self.ignore_index, self.vocab_size)
         counted = next_token_labels(rows, self.shift, self.ignore_index) != self.ignore_index
+        if labels.dim() == 2:  # token sequences (N×V logits have no padding positions)
+            check_real_positions(counted, attention_mask, self.shift)
         dtype = compute_dtype(student, teacher)
         student = student[..., :vocab][counted].to(dtype)  # M×V
         teacher = teacher[..., :vocab][counted].to(dtype)
@@ -495,20 +532,22 @@ class TokenCE(DistillLoss):
         rows = _label_rows(labels, self.shift)
         return (next_token_labels(rows, self.shift, self.ignore_index) != self.ignore_index).sum()
 
-    def forward(self, student_logits: Tensor, labels: Tensor, num_counted: Count = None) -> Tensor:
-        vocab = student_logits.shape[-1] if self.vocab_size is None else self.vocab_size
-        if vocab > student_logits.shape[-1]:
-            raise ValueError(
-                f"vocab_size={vocab} exceeds the student logits' vocabulary "
-                f"({student_logits.shape[-1]}, shape {tuple(student_logits.shape)})"
-            )
+    def forward(
+        self,
+        student_logits: Tensor,
+        labels: Tensor,
+        num_counted: Count = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """`num_counted` and `attention_mask` as for the token divergences."""
         rows, targets = counted_rows(
             student_logits,
             labels,
             shift=self.shift,
             ignore_index=self.ignore_index,
-            vocab_size=vocab,
+            vocab_size=self.vocab_size,
             what="student logits",
+            attention_mask=attention_mask,
         )
         rows = rows.to(compute_dtype(rows))
         total = F.cross_entropy(rows, targets, reduction="sum")
