@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from kdistill.connectors import align_spatial, build_connector, widths_match
 from kdistill.data.batches import call_model
 from kdistill.errors import LateParameterError, NonFiniteLossError
-from kdistill.losses.base import INDEX, STUDENT, TARGET, TEACHER
+from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
 from kdistill.taps import Taps
 
 ModelOutput = Tensor | Mapping[str, Tensor] | Sequence[Tensor]
@@ -241,6 +241,27 @@ def _dtype_error(model: nn.Module, side: str, inputs: Any, error: Exception) -> 
     )
 
 
+def attention_mask(inputs: Any, shape: tuple[int, ...], device: Any = None) -> Tensor:
+    """The attention mask a term reads: ``inputs["attention_mask"]`` for dict inputs that have
+    one, else all ones of `shape` (``N×L``: every position is real) on `device`."""
+    if _has_mask(inputs):
+        return inputs["attention_mask"]
+    return torch.ones(shape, dtype=torch.long, device=device)
+
+
+def _has_mask(inputs: Any) -> bool:
+    return isinstance(inputs, Mapping) and inputs.get("attention_mask") is not None
+
+
+def token_shape(inputs: Any) -> tuple[int, ...] | None:
+    """``N×L`` of token inputs: an integer ``N×L`` tensor of token ids, or a dict's
+    ``input_ids``; None for other inputs."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    if isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+        return tuple(ids.shape)
+    return None
+
+
 def _unique_names(terms: Sequence[Term]) -> list[str]:
     names: list[str] = []
     for term in terms:
@@ -406,10 +427,37 @@ class Distiller(nn.Module):
         index: Tensor | None = None,
         teacher_output: ModelOutput | None = None,
         teacher_features: Mapping[str, Tensor] | None = None,
+        micro_batches: int = 1,
+        token_counts: Mapping[str, float] | None = None,
     ) -> DistillOutput:
         """`inputs`: a tensor, or a dict of keyword arguments (the models run ``model(**inputs)``).
         `index`: each sample's position in the dataset, for terms that need it (CRD).
-        `teacher_output` / `teacher_features` may come from a cache (the teacher then skips)."""
+        `teacher_output` / `teacher_features` may come from a cache (the teacher then skips).
+
+        One-big-batch normalisation (gradient accumulation, DDP): this batch is one of
+        `micro_batches` whose losses are summed before an optimiser step. A term whose loss
+        counts tokens (``counts_tokens``, e.g. `ForwardKL`, `TokenCE`, `HiddenMSE`) and has an
+        entry in `token_counts` (keyed by term name, see `count_tokens`) is divided by that count
+        (``num_counted``) instead of its own; every other term's value is divided by
+        `micro_batches`. Summed over the micro-batches, the values (and `parts`) are those of
+        the window as one batch. Defaults: a batch on its own.
+
+        A term needing the attention mask (``"attention_mask"``: hidden-state losses) gets
+        ``inputs["attention_mask"]`` for dict inputs that have one, else all ones ``N×L`` (every
+        position of the student's tensor counts). A token loss counting labelled positions gets
+        the batch's ``attention_mask`` (when there is one) as a keyword, to refuse a counted
+        position that is padding (left padding, see `kdistill.losses.token`)."""
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int):
+            raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        counts = dict(token_counts or {})
+        unknown = sorted(set(counts) - set(self.term_names))
+        if unknown:
+            raise ValueError(
+                f"token_counts names {unknown}, which are not terms of this distiller "
+                f"({self.term_names})"
+            )
         sides = self._run_models(inputs, teacher_output, teacher_features)
         extras = {TARGET: target, INDEX: index}
         total: Tensor | None = None
@@ -420,6 +468,22 @@ class Distiller(nn.Module):
             values = {STUDENT: student_value, TEACHER: teacher_value, **extras}
             if TARGET in term.needs and target is not None:
                 values[TARGET] = select_target(target, term.output)
+            if MASK in term.needs:
+                shape = token_shape(inputs) or tuple(student_value.shape[:2])
+                values[MASK] = attention_mask(inputs, shape, student_value.device)
+            counted = name in counts and getattr(term.loss, "counts_tokens", False)
+            if name in counts and not counted:
+                raise ValueError(
+                    f"token_counts gives a count for term {name!r}, but its loss "
+                    f"{type(term.loss).__name__} does not count tokens"
+                )
+            keywords = {"num_counted": counts[name]} if counted else {}
+            if (
+                getattr(term.loss, "counts_tokens", False)
+                and getattr(term.loss, "count_from", TARGET) == TARGET
+                and _has_mask(inputs)
+            ):
+                keywords["attention_mask"] = inputs["attention_mask"]
             missing = [need for need in term.needs if values.get(need) is None]
             if missing:
                 raise ValueError(
@@ -430,7 +494,9 @@ class Distiller(nn.Module):
             try:
                 # losses run in float32 even under autocast (mixed precision): see _float32
                 with torch.autocast(student_value.device.type, enabled=False):
-                    value = term.loss(*(_float32(values[need]) for need in term.needs))
+                    value = term.loss(*(_float32(values[need]) for need in term.needs), **keywords)
+                if not counted and micro_batches > 1:
+                    value = value / micro_batches
             except (ValueError, RuntimeError) as error:
                 raise type(error)(f"term {self._describe(name, term)}: {error}") from error
             if guard and _count_parameters(term.loss) != before:
@@ -455,6 +521,37 @@ class Distiller(nn.Module):
             total = value * weight if total is None else total + value * weight
         assert total is not None
         return DistillOutput(total, parts, sides[0], sides[2], raw_parts)
+
+    @torch.no_grad()
+    def count_tokens(self, target: Any, inputs: Inputs) -> dict[str, int]:
+        """The counted positions of one batch for each term whose loss counts tokens, keyed by
+        term name: ``loss.count(labels)`` (the term's labels) or ``loss.count(mask)`` (the
+        attention mask, for hidden-state losses; all ones ``N×L`` of the inputs' first two
+        dimensions when the batch has none). No model runs. Summed over the micro-batches of an
+        accumulation window (and over ranks), these are the `token_counts` of `forward`."""
+        counts: dict[str, int] = {}
+        for name, term in zip(self.term_names, self.terms):
+            if not getattr(term.loss, "counts_tokens", False):
+                continue
+            source = getattr(term.loss, "count_from", TARGET)
+            if source == MASK:
+                shape = token_shape(inputs)
+                if shape is None and not _has_mask(inputs):
+                    raise ValueError(
+                        f"term {name!r} counts the real positions of its sequences, but the "
+                        "batch has neither an attention_mask nor N×L integer input_ids to take "
+                        "them from; put attention_mask in the batch"
+                    )
+                counted = term.loss.count(attention_mask(inputs, shape or ()))
+            else:
+                if target is None:
+                    raise ValueError(
+                        f"term {name!r} counts labelled tokens, but the batch has no labels"
+                        f"{_fix([TARGET])}"
+                    )
+                counted = term.loss.count(select_target(target, term.output))
+            counts[name] = int(counted)
+        return counts
 
     def _run_models(self, inputs, teacher_output, teacher_features):
         """(student output, student features, teacher output, teacher features).

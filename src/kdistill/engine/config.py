@@ -22,10 +22,18 @@ class TrainConfig(BaseModel):
     step_epochs: int = Field(1, ge=1, description="step schedule: decay every this many epochs")
     step_gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    accumulate_steps: int = Field(
+        1,
+        ge=1,
+        description="gradient accumulation: sum the gradients of this many consecutive loader "
+        "batches (micro-batches) per optimiser step, normalised as one big batch",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss stops the run (naming the term) or skips the batch"
     )
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="every this many optimiser steps (0: at epoch ends only)"
+    )
     device: str = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"

@@ -6,9 +6,11 @@ reports `out.parts`. Features are plain flags on `TrainConfig`, not callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +185,84 @@ def _first_batch(loader) -> Batch:
     raise ConfigError(f"the training loader ({type(loader).__name__}) yields no batches")
 
 
+def _windows(items, size: int):
+    """Consecutive lists of `size` items (the last one may be shorter): the micro-batches of
+    each optimiser step."""
+    window = []
+    for item in items:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _window_token_counts(distiller: Distiller, batches: list[Batch]) -> dict[str, float]:
+    """Each token-counting term's normaliser for the window: its counted positions summed over
+    the window's micro-batches and over all ranks, divided by the number of ranks (DDP averages
+    the ranks' gradients, so each rank's loss is its own sum × W / global count)."""
+    totals: dict[str, int] = {}
+    for batch in batches:
+        for name, count in distiller.count_tokens(batch.target, batch.inputs).items():
+            totals[name] = totals.get(name, 0) + count
+    world = info().world_size
+    if world > 1:  # every rank has the same terms, in the same order
+        local = torch.tensor(list(totals.values()), dtype=torch.float64)
+        totals = dict(zip(totals, all_reduce_sum(local).tolist()))
+    return {name: total / world for name, total in totals.items()}
+
+
+def _accumulate_window(
+    model, batches: list[Batch], device, config: TrainConfig, scaler, teacher_outputs, token_counts
+) -> tuple[dict[str, float], NonFiniteLossError | None, int]:
+    """Forward and backward every micro-batch of one optimiser step, summing the gradients
+    (DDP reduces them once, on the last micro-batch). Returns the parts summed over the window,
+    and the error and position of the first micro-batch that gave a non-finite loss on any rank
+    (the rest of the window is then not run; the caller skips the step)."""
+    parts: dict[str, float] = {}
+    world = info().world_size
+    for position, batch in enumerate(batches):
+        last = position == len(batches) - 1
+        cached_output, cached_features = lookup_teacher(
+            teacher_outputs, batch.index, batch.inputs, device
+        )
+        error: NonFiniteLossError | None = None
+        with _gradient_sync(model, last):
+            try:
+                with autocast(config.precision, device):
+                    out = model(
+                        move_to(batch.inputs, device),
+                        target=move_to(batch.target, device),
+                        index=move_to(batch.index, device),
+                        teacher_output=cached_output,
+                        teacher_features=cached_features,
+                        micro_batches=len(batches),
+                        token_counts=token_counts,
+                    )
+            except NonFiniteLossError as caught:
+                error = caught
+            # under DDP every rank must take the same decision, or the others hang in backward
+            if world > 1 and any_rank(error is not None) and error is None:
+                error = NonFiniteLossError(
+                    "another rank's share of the batch gave a non-finite loss"
+                )
+            if error is not None:
+                return parts, error, position
+            scaler.scale(out.loss).backward()
+        for name, value in out.parts.items():
+            parts[name] = parts.get(name, 0.0) + value
+    return parts, None, 0
+
+
+def _gradient_sync(model, sync: bool):
+    """DDP's `no_sync()` for a micro-batch that is not the window's last (its gradients are
+    summed locally and reduced with the last one's); nothing for a single process."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def _detach_on_return(function):
     """`fit` leaves no kdistill hook on the models, whether it returns or raises: the trained
     student pickles and scripts; the distiller puts its taps back on its next forward."""
@@ -233,6 +313,16 @@ def fit(
     as kdistill's `BatchLoader` has); with any other loader they are skipped, with one warning,
     and a resume restarts at the last epoch boundary.
 
+    `config.accumulate_steps` = k > 1: the gradients of k consecutive loader batches
+    (micro-batches) are summed into one optimiser step; the last window of an epoch may be
+    shorter. The schedule counts optimiser steps (ceil(batches / k) per epoch), mid-epoch
+    checkpoints fall on window boundaries (every `checkpoint_every_steps` optimiser steps), a
+    non-finite micro-batch skips its whole window, and the logged parts of a step are the sums
+    over its window. Normalisation is that of one big batch: a term whose loss counts tokens
+    (`kdistill.losses.token`) is divided by the counted positions of the whole window and of all
+    ranks (`Distiller.count_tokens`, summed before the window's first forward); every other
+    term is divided by the number of micro-batches (exact for equal-sized micro-batches).
+
     Before the first step the models run once on the first batch (`engine.preflight`): wrong
     input channels, teacher/student class-count mismatches and out-of-range labels fail here.
     `config.precision` bf16/fp16 runs the forward under autocast (`engine.precision`).
@@ -254,7 +344,8 @@ def fit(
     distiller.build(move_to(first_batch.inputs, device), optimiser_follows=True)
     model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
-    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    accumulate = config.accumulate_steps
+    scheduler = make_scheduler(optimizer, config, math.ceil(len(train_loader) / accumulate))
     scaler = grad_scaler(config.precision, device)
     progress = Progress()
     restartable = can_restart(train_loader)
@@ -281,6 +372,10 @@ def fit(
 
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
+    # one-big-batch normalisation of token losses needs each window's global count up front
+    exact_counts = (accumulate > 1 or world.world_size > 1) and any(
+        getattr(term.loss, "counts_tokens", False) for term in distiller.terms
+    )
     while progress.epoch < config.epochs:
         epoch = progress.epoch
         set_epoch(train_loader, epoch)
@@ -294,39 +389,26 @@ def fit(
             leave=False,
             dynamic_ncols=True,
         )
-        for step, item in enumerate(bar, start=progress.step):
-            batch = as_batch(item)
+        for window in _windows(enumerate(bar, start=progress.step), accumulate):
+            step = window[0][0]  # the window's first batch
             distiller.set_progress(epoch + step / steps_per_epoch)
-            cached_output, cached_features = lookup_teacher(
-                teacher_outputs, batch.index, batch.inputs, device
+            batches = [as_batch(item) for _, item in window]
+            token_counts = _window_token_counts(distiller, batches) if exact_counts else None
+            optimizer.zero_grad(set_to_none=True)
+            parts, error, failed = _accumulate_window(
+                model, batches, device, config, scaler, teacher_outputs, token_counts
             )
-            error: NonFiniteLossError | None = None
-            try:
-                with autocast(config.precision, device):
-                    out = model(
-                        move_to(batch.inputs, device),
-                        target=move_to(batch.target, device),
-                        index=move_to(batch.index, device),
-                        teacher_output=cached_output,
-                        teacher_features=cached_features,
-                    )
-            except NonFiniteLossError as caught:
-                error = caught
-            # under DDP every rank must take the same decision, or the others hang in backward
-            if world.world_size > 1 and any_rank(error is not None) and error is None:
-                error = NonFiniteLossError(
-                    "another rank's share of the batch gave a non-finite loss"
-                )
             if error is not None:
                 if config.on_nonfinite == "stop":
                     raise NonFiniteLossError(
-                        f"{label}, epoch {epoch + 1}, step {step}: {error}", term=error.term
+                        f"{label}, epoch {epoch + 1}, step {step + failed}: {error}",
+                        term=error.term,
                     ) from error
-                progress.skipped_batches += 1
-                log.warning("%s epoch %d step %d: skipped batch: %s", label, epoch + 1, step, error)
+                optimizer.zero_grad(set_to_none=True)  # the window's partial gradients
+                progress.skipped_batches += len(batches)
+                skipped = f"step {step}" if len(batches) == 1 else f"steps {step}-{window[-1][0]}"
+                log.warning("%s epoch %d %s: skipped: %s", label, epoch + 1, skipped, error)
             else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
                 if config.grad_clip is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
@@ -335,11 +417,12 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 progress.steps_seen += 1
-                for name, value in out.parts.items():
+                for name, value in parts.items():
                     progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
             scheduler.step()
-            progress.step = step + 1
-            if step % 20 == 0 and progress.steps_seen:
+            progress.step = window[-1][0] + 1
+            windows_done = math.ceil(progress.step / accumulate)
+            if (windows_done - 1) % 20 == 0 and progress.steps_seen:
                 bar.set_postfix(
                     {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
                     refresh=False,
@@ -348,7 +431,7 @@ def fit(
                 checkpoint_dir is not None
                 and config.checkpoint_every_steps
                 and restartable
-                and progress.step % config.checkpoint_every_steps == 0
+                and windows_done % config.checkpoint_every_steps == 0
                 and progress.step < steps_per_epoch
             ):
                 _collapse_sums(progress, distiller.term_names)

@@ -5,7 +5,9 @@ message naming what was wrong — never after an epoch, and never as a silent wr
   tensor or dict is refused;
 - the student (and the teacher, unless its outputs are stored) must accept the batch: a wrong
   number of input channels names the model, its first layer, the expected and the given channels;
-- a term comparing the two models' outputs needs the same number of classes on both sides;
+- a term comparing the two models' outputs needs the same number of classes on both sides
+  (dimension 1 of N×K[×H×W] scores; the vocabulary, the last dimension, of token logits N×L×V,
+  up to a loss's `vocab_size`);
 - every training label must be a valid class index of the student's output (checked over the
   whole dataset when the loader exposes `dataset.targets`, else on the first batch);
 - the batches must carry what the terms need: labels for a term reading the target, the dataset
@@ -119,9 +121,22 @@ def _stored_teacher_output(teacher_outputs, batch) -> Any:
     return teacher_outputs.lookup(batch.index, batch.inputs)[0]
 
 
-def _classes(value: Any) -> int | None:
-    """The class count (dimension 1) of an `N×K[×…]` tensor, None for anything else."""
-    return int(value.shape[1]) if isinstance(value, Tensor) and value.dim() >= 2 else None
+def _classes(value: Any, loss: Any = None) -> int | None:
+    """The class count of an `N×K[×…]` tensor (dimension 1), or of token logits `N×L×V` (the
+    last dimension) for a loss with ``class_dim = -1``; None for anything else."""
+    if not (isinstance(value, Tensor) and value.dim() >= 2):
+        return None
+    return int(value.shape[getattr(loss, "class_dim", 1)])
+
+
+def _compared_classes(value: Any, loss: Any) -> int | None:
+    """The classes a loss compares: its `vocab_size` (token losses comparing a head padded past
+    the tokenizer on the real vocabulary) when that is below the tensor's count, else them all."""
+    classes = _classes(value, loss)
+    vocab_size = getattr(loss, "vocab_size", None)
+    if classes is None or not isinstance(vocab_size, int) or vocab_size > classes:
+        return classes
+    return vocab_size
 
 
 def check_before_training(
@@ -142,7 +157,8 @@ def check_before_training(
     for name, term in zip(distiller.term_names, distiller.terms):
         if term.student is not None:
             continue
-        student_classes = _classes(select_output(student_output, term.output, "student"))
+        student_value = select_output(student_output, term.output, "student")
+        student_classes = _classes(student_value, term.loss)
         key = f" (output {term.output!r})" if term.output is not None else ""
         if (
             term.uses_teacher
@@ -150,14 +166,24 @@ def check_before_training(
             and teacher_output is not None
             and getattr(term.loss, "compares_classes", False)
         ):
-            teacher_classes = _classes(select_output(teacher_output, term.output, "teacher"))
-            if None not in (student_classes, teacher_classes) and (
-                student_classes != teacher_classes
-            ):
+            teacher_value = select_output(teacher_output, term.output, "teacher")
+            compared = (
+                _compared_classes(student_value, term.loss),
+                _compared_classes(teacher_value, term.loss),
+            )
+            teacher_classes = _classes(teacher_value, term.loss)
+            if None not in compared and compared[0] != compared[1]:
+                fix = (
+                    "if the extra rows of one head are padding, set the loss's "
+                    "vocab_size=<tokenizer size>; different vocabularies cannot be compared "
+                    "token by token"
+                    if getattr(term.loss, "class_dim", 1) == -1
+                    else "build both models with the dataset's number of classes"
+                )
                 raise ConfigError(
                     f"class-count mismatch: the teacher outputs {teacher_classes} classes and "
                     f"the student {student_classes}{key}, but term {name!r} compares the two "
-                    "outputs; build both models with the dataset's number of classes"
+                    f"outputs; {fix}"
                 )
         if (
             TARGET in term.needs
@@ -165,7 +191,8 @@ def check_before_training(
             and getattr(term.loss, "target_is_class_index", True)
         ):
             ignore_index = getattr(term.loss, "ignore_index", None)
-            check_labels(loader, batch, student_classes, name, term.output, ignore_index)
+            classes = _compared_classes(student_value, term.loss)
+            check_labels(loader, batch, classes, name, term.output, ignore_index)
 
 
 def check_batch_carries(distiller: Distiller, batch: Batch, teacher_outputs=None) -> None:

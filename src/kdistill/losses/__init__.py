@@ -6,6 +6,17 @@ from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
 from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
 from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
+from kdistill.losses.token import (
+    TVD,
+    ForwardKL,
+    GeneralizedJSD,
+    HiddenCosine,
+    HiddenMSE,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TokenCE,
+)
 
 __all__ = [
     "LOSSES",
@@ -20,13 +31,22 @@ __all__ = [
     "PKT",
     "RKD",
     "SP",
+    "TVD",
     "DetLogitMSE",
     "DistillLoss",
     "FeatureCosine",
     "FeatureL1",
     "FitNet",
+    "ForwardKL",
+    "GeneralizedJSD",
+    "HiddenCosine",
+    "HiddenMSE",
     "LogitMSE",
     "PixelKD",
+    "ReverseKL",
+    "SkewForwardKL",
+    "SkewReverseKL",
+    "TokenCE",
     "YOLOLoss",
     "create_loss",
     "encode_targets",

@@ -5,7 +5,16 @@ the distiller must pass, in order:
 
 - ``"student"`` / ``"teacher"``: the model output (or the tapped layer output) of each side;
 - ``"target"``: the labels of the batch;
-- ``"index"``: the dataset positions of the batch's samples (memory-bank losses).
+- ``"index"``: the dataset positions of the batch's samples (memory-bank losses);
+- ``"attention_mask"``: which positions of an ``N×L`` sequence are real tokens (1) or padding (0):
+  the batch's ``attention_mask`` (dict inputs), else all ones (hidden-state losses).
+
+A loss with ``counts_tokens = True`` (token divergences, hidden-state losses) averages over counted
+positions and offers ``count(labels_or_mask)`` and a ``num_counted`` keyword of `forward`: the
+engine passes the count of the whole accumulation window / all ranks, so micro-batches and DDP
+ranks give the value and gradient of one big batch (`kdistill.losses.token`). One that counts
+labelled positions (``count_from = TARGET``) also takes an ``attention_mask`` keyword, which the
+distiller passes when the batch has one, to refuse a counted position that is padding.
 
 Weights, warm-up and layer selection live in `kdistill.Term`, never inside a loss.
 """
@@ -24,6 +33,7 @@ STUDENT = "student"
 TEACHER = "teacher"
 TARGET = "target"
 INDEX = "index"
+MASK = "attention_mask"
 
 
 class DistillLoss(nn.Module):
@@ -41,6 +51,14 @@ class DistillLoss(nn.Module):
     # number of classes on dimension 1 (checked before training: KD, DKD, DIST, PixelKD, …);
     # False for features and embeddings, whose widths may differ.
     compares_classes: ClassVar[bool] = False
+    # The dimension of the student / teacher tensors that holds the classes: 1 for N×K[×H×W]
+    # scores, -1 (the last) for token logits N×L×V, whose classes are the vocabulary.
+    class_dim: ClassVar[int] = 1
+    # True when the loss averages over counted positions (tokens) and takes a `num_counted`
+    # keyword (the count the caller normalises by) and has `count(...)`; see kdistill.losses.token.
+    counts_tokens: ClassVar[bool] = False
+    # What `count(...)` reads when counts_tokens: the labels (TARGET) or the attention mask (MASK).
+    count_from: ClassVar[str] = TARGET
 
 
 def register_loss(name: str):
