@@ -4,7 +4,7 @@
 |---------------|-----------------------------------------|----------------------------------|
 | `gpt2_lm`     | `GPT2LMHeadModel` from a `GPT2Config`   | (as given)                       |
 | `llama_lm`    | `LlamaForCausalLM` from a `LlamaConfig` | (as given)                       |
-| `lm_teacher`  | 4 layers × 256, 4 heads                 | 3.75 M (`arch="llama"`: 3.69 M)  |
+| `lm_teacher`  | 4 layers × 192, 4 heads                 | 2.22 M (`arch="llama"`: 2.16 M)  |
 | `lm_student`  | 2 layers × 96, 2 heads                  | 0.45 M (`arch="llama"`: 0.42 M)  |
 
 Each takes `vocab_size` (the recipe's registry gives it from the data: `Task.model_kwargs`),
@@ -65,7 +65,7 @@ def _heads_divide(width_name: str, width: int, n_head: int) -> None:
 def gpt2_lm(
     vocab_size: int,
     n_layer: int = 4,
-    n_embd: int = 256,
+    n_embd: int = 192,
     n_head: int = 4,
     n_positions: int = 256,
     dropout: float = 0.0,
@@ -102,7 +102,7 @@ def gpt2_lm(
 def llama_lm(
     vocab_size: int,
     n_layer: int = 4,
-    hidden_size: int = 256,
+    hidden_size: int = 192,
     n_head: int = 4,
     n_kv_head: int | None = None,
     intermediate_size: int | None = None,
@@ -143,38 +143,42 @@ def llama_lm(
     return model
 
 
-_NAMED = {
-    # name: (gpt2 kwargs, llama kwargs)
-    "teacher": (
-        {"n_layer": 4, "n_embd": 256, "n_head": 4},
-        {"n_layer": 4, "hidden_size": 256, "n_head": 4},
-    ),
-    "student": (
-        {"n_layer": 2, "n_embd": 96, "n_head": 2},
-        {"n_layer": 2, "hidden_size": 96, "n_head": 2},
-    ),
-}
-
-
-def _named(size: str, vocab_size: int, arch: str, overrides: dict[str, Any]) -> nn.Module:
-    gpt2, llama = _NAMED[size]
+def _sized(
+    arch: str, vocab_size: int, n_layer: int, width: int, n_head: int, positions: int
+) -> nn.Module:
     if arch == "gpt2":
-        return gpt2_lm(vocab_size, **{**gpt2, **overrides})
+        return gpt2_lm(vocab_size, n_layer, width, n_head, positions)
     if arch == "llama":
-        return llama_lm(vocab_size, **{**llama, **overrides})
+        return llama_lm(vocab_size, n_layer, width, n_head, max_position_embeddings=positions)
     raise ValueError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
 
 
-def lm_teacher(vocab_size: int, arch: str = "gpt2", **overrides: Any) -> nn.Module:
-    """The teacher size: 4 layers × 256, 4 heads (3.75 M parameters at vocab 2,048, 1.05 M
-    of them the tied embedding). `overrides` replace `gpt2_lm` / `llama_lm` arguments."""
-    return _named("teacher", vocab_size, arch, overrides)
+def lm_teacher(
+    vocab_size: int,
+    arch: str = "gpt2",
+    n_layer: int = 4,
+    width: int = 192,
+    n_head: int = 4,
+    n_positions: int = 256,
+) -> nn.Module:
+    """The teacher size: 4 layers × 192, 4 heads (2.22 M parameters at vocab 2,048, 0.39 M
+    of them the tied embedding; 5× the student's, 8× without the embeddings); `arch` "gpt2"
+    (`gpt2_lm`) or "llama" (`llama_lm`, width = hidden_size). One training step of 32 × 128
+    tokens takes ~1.6 s on one busy core here, 4 × 256 (3.75 M) ~2.6 s."""
+    return _sized(arch, vocab_size, n_layer, width, n_head, n_positions)
 
 
-def lm_student(vocab_size: int, arch: str = "gpt2", **overrides: Any) -> nn.Module:
+def lm_student(
+    vocab_size: int,
+    arch: str = "gpt2",
+    n_layer: int = 2,
+    width: int = 96,
+    n_head: int = 2,
+    n_positions: int = 256,
+) -> nn.Module:
     """The student size: 2 layers × 96, 2 heads (0.45 M parameters at vocab 2,048, 0.2 M of
-    them the tied embedding). `overrides` replace `gpt2_lm` / `llama_lm` arguments."""
-    return _named("student", vocab_size, arch, overrides)
+    them the tied embedding); `arch` as `lm_teacher`."""
+    return _sized(arch, vocab_size, n_layer, width, n_head, n_positions)
 
 
 def embedding_rows(model: nn.Module) -> int | None:
