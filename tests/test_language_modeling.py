@@ -260,3 +260,18 @@ def test_sampling_stops_at_eos_and_returns_only_the_new_text(tokenizer):
     assert capped == [tokenizer.decode(words[:2])]
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sample_continuations(model, tokenizer, [prompt], temperature=0.0)
+
+
+def test_a_freshly_initialised_gpt2_is_near_uniform_over_its_vocabulary():
+    # GPT-2's init (std 0.02) gives logits near 0: NLL ≈ ln V and perplexity ≈ V, bits per byte
+    # = NLL / ln 2 / (bytes per counted token)
+    from kdistill.models.lm import gpt2_lm
+
+    torch.manual_seed(0)
+    model = gpt2_lm(V, n_layer=1, n_embd=16, n_head=2, n_positions=8)
+    blocks = blocks_of()
+    got = evaluate(model, BatchLoader(blocks, batch_size=2), "lm")
+    assert got["nll"] == pytest.approx(math.log(V), abs=0.05)
+    assert got["perplexity"] == pytest.approx(V, rel=0.06)
+    bytes_per_token = sum(max(t - 2, 0) for t in TOKENS[1:]) / (len(TOKENS) - 1)
+    assert got["bits_per_byte"] == pytest.approx(got["nll"] / math.log(2) / bytes_per_token)

@@ -83,6 +83,10 @@ def test_the_full_layout_parses_into_books_chapters_and_verses(kjv_lines):
         (lambda lines: [x for x in lines if not x.startswith("Ge50:")], "Genesis ends after 49"),
         (lambda lines: [x for x in lines if not x.startswith("Ge2:")], r"expected Ge1:28 or Ge2:1"),
         (lambda lines: [x for x in lines if not x.startswith("Exo")], "books out of order"),
+        (
+            lambda lines: [x for x in lines if not x.startswith("Exo1:")],
+            r"\(Exo2:1\): expected Exo1:1;",
+        ),
         (lambda lines: lines[:2] + [lines[3], lines[2]] + lines[4:], "out of order"),
         (lambda lines: lines[:5] + [lines[4]] + lines[5:], "repeated"),
         (lambda lines: ["Ge1:1 "] + lines[1:], "empty verse"),
@@ -95,6 +99,7 @@ def test_the_full_layout_parses_into_books_chapters_and_verses(kjv_lines):
         "missing-chapter-at-end",
         "missing-chapter",
         "missing-book",
+        "book-without-its-first-chapter",
         "swapped-verses",
         "repeated-verse",
         "empty-verse",

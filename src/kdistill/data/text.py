@@ -179,7 +179,7 @@ def parse_bible(
     index = -1  # position of the current book in `layout`
     chapter = verse = 0
     number = 0
-    for number, line in enumerate(lines, start=1):  # noqa: B007 - `number` read after the loop
+    for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r\n")
         match = _VERSE_LINE.match(line)
         if match is None:
@@ -209,10 +209,11 @@ def parse_bible(
             books[-1].chapters.append([])
             chapter, verse = c, 0
         if c != chapter or v != verse + 1:
+            abbr = layout[index].abbreviation
+            expected = f"{abbr}{chapter}:{verse + 1} or " if chapter else ""
             raise DataError(
-                f"{where}: expected {layout[index].abbreviation}{chapter}:{verse + 1} or "
-                f"{layout[index].abbreviation}{chapter + 1}:1; verses missing, repeated or out "
-                "of order"
+                f"{where}: expected {expected}{abbr}{chapter + 1}:1; verses missing, repeated or "
+                "out of order"
             )
         if not text:
             raise DataError(f"{where}: empty verse")
@@ -261,7 +262,7 @@ def read_kjv(program: str | Path = "bible", text_file: str | Path | None = None)
         )
     command = [found, "-f", KJV_RANGE]
     try:
-        result = subprocess.run(command, capture_output=True, timeout=120, check=False)  # noqa: S603
+        result = subprocess.run(command, capture_output=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise DataError(f"`{' '.join(command)}` failed to run: {error}") from None
     if result.returncode != 0:

@@ -147,6 +147,7 @@ class NormalizeSpec(Strict):
 
 class DataSpec(Strict):
     """The data: a registry dataset (`fashion_mnist`, `digits`), `fashion_mnist_scenes`,
+    `kjv` (text for causal LMs, settings under `text`; `kdistill.data.text`),
     `imagefolder` (`root` holding train/ and test/, one folder per class), `arrays` (`.npz`
     files `train` and `test` holding `x` and `y`) or `package.module:factory` (called with
     `kwargs`, returning `(train, test)` torch Datasets); see `kdistill.data.sources`."""
