@@ -1,11 +1,13 @@
 # One-command set-up: `make demo` and `make test` each create the virtual environment, install
 # torch (the local CPU wheel, never a multi-GB CUDA build), the project with its dev extras, and
-# the Fashion-MNIST files when they are absent.
+# the Fashion-MNIST files and the King James Bible (Debian's bible-kjv, for the language-model
+# recipe) when they are absent.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+KJV_PACKAGES := bible-kjv bible-kjv-text
 
 .PHONY: setup data demo test test-slow lint bench clean
 
@@ -31,6 +33,15 @@ data:
 		echo "Put the four official files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
 		echo "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and set KDISTILL_DATA to it."; \
 		exit 1; \
+	fi
+	@if bible -f Gen1:1 2>/dev/null | grep -q '^Ge1:1 '; then \
+		echo "King James Bible (bible-kjv): found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(KJV_PACKAGES); \
+	else \
+		echo "King James Bible not found and apt-get is not available: the language-model recipe"; \
+		echo "(data.dataset: kjv) needs Debian's $(KJV_PACKAGES), or data.text.text_file."; \
 	fi
 
 demo: setup

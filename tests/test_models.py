@@ -35,7 +35,9 @@ DENSE_NAMES = [
     "multitask_teacher",
     "multitask_student",
 ]
-ALL_NAMES = CLASSIFIER_NAMES + DENSE_NAMES
+# Causal language models: tests/test_lm_models.py.
+LM_NAMES = ["gpt2_lm", "llama_lm", "lm_teacher", "lm_student"]
+ALL_NAMES = CLASSIFIER_NAMES + DENSE_NAMES + LM_NAMES
 
 
 def conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:

@@ -183,11 +183,11 @@ def test_position_zero_picks_a_plain_tensor_and_other_positions_are_errors():
 def test_best_follows_the_metric_direction():
     from types import SimpleNamespace
 
-    from kdistill.tasks import best, lower_is_better, percent_metrics
+    from kdistill.tasks import best, lower_is_better_metrics, percent_metrics
 
     trials = [{"v": 4.1}, {"v": 3.9}, {"v": 3.9}, {"v": 4.3}]
     lm = SimpleNamespace(metrics=("nll", "accuracy"), lower_is_better=("nll",))
     assert best(lm, "nll", trials, key=lambda t: t["v"]) is trials[1]  # lowest, first of ties
     assert best(lm, "accuracy", trials, key=lambda t: t["v"]) is trials[3]
     plain = SimpleNamespace(metrics=("accuracy",))
-    assert lower_is_better(plain) == () and percent_metrics(plain) == ("accuracy",)
+    assert lower_is_better_metrics(plain) == () and percent_metrics(plain) == ("accuracy",)

@@ -75,6 +75,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill.data import BatchLoader
+from kdistill.data.arrays import batch_size_of, move_to
+from kdistill.data.batches import call_model
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_text, tensors_digest
 from kdistill.taps import Taps
@@ -285,6 +287,14 @@ def _flat_samples(inputs: Tensor | Mapping[str, Tensor]) -> np.ndarray:
     return flat.numpy()
 
 
+def sample_shape_of(inputs: Tensor | Mapping[str, Tensor]) -> tuple[int, ...]:
+    """One sample's shape as signatures see it: ``inputs.shape[1:]`` for a tensor, ``(D,)`` for
+    keyword inputs (D = the width of one sample's tensors flattened and concatenated)."""
+    if isinstance(inputs, Mapping):
+        return (int(_flat_samples(inputs).shape[1]),)
+    return tuple(inputs.shape[1:])
+
+
 def _signature_dots(inputs: Tensor) -> np.ndarray:
     """x·r per sample, float64 (N): the part of the signature computed at every lookup."""
     flat = _flat_samples(inputs)
@@ -348,15 +358,16 @@ class InputSignatures:
                 "that the stored teacher outputs are checked against the samples they are used "
                 "for (fit passes them)"
             )
-        if not isinstance(inputs, Tensor):
+        if not isinstance(inputs, Tensor | Mapping):
             raise CacheError(
-                f"{self.source}: lookup(index, inputs) needs the inputs as a tensor, got "
-                f"{type(inputs).__name__}"
+                f"{self.source}: lookup(index, inputs) needs the inputs as a tensor or a dict of "
+                f"tensors, got {type(inputs).__name__}"
             )
-        shape = tuple(inputs.shape[1:])
-        if len(inputs) != len(rows) or shape != self.sample_shape:
+        shape = sample_shape_of(inputs)
+        size = batch_size_of(inputs)
+        if size != len(rows) or shape != self.sample_shape:
             raise CacheError(
-                f"{self.source}: the batch holds {len(inputs)} samples of shape {shape} for "
+                f"{self.source}: the batch holds {size} samples of shape {shape} for "
                 f"{len(rows)} indices, but the stored outputs were computed on samples of shape "
                 f"{self.sample_shape}; {fix}"
             )
@@ -672,12 +683,12 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
             if taps is not None:
                 taps.clear()
             with torch.inference_mode():
-                output = teacher(batch.inputs.to(device))
+                output = call_model(teacher, move_to(batch.inputs, device))
                 features = taps.collect() if taps is not None else {}
             output_kind = "dict" if isinstance(output, Mapping) else "tensor"
             start = int(batch.index[0])
             signatures[start : start + len(batch)] = input_signatures(batch.inputs)
-            sample_shape = list(batch.inputs.shape[1:])
+            sample_shape = list(sample_shape_of(batch.inputs))
             for entry, value in _entries_of(output, features):
                 if len(value) != len(batch):
                     raise CacheError(
@@ -1065,7 +1076,7 @@ class MemoryTeacherOutputs:
         teacher.eval()
         try:
             for batch in loader:
-                output = teacher(batch.inputs.to(device))
+                output = call_model(teacher, move_to(batch.inputs, device))
                 values = output if isinstance(output, Mapping) else {None: output}
                 index = batch.index.cpu()
                 for key, value in values.items():
@@ -1075,7 +1086,7 @@ class MemoryTeacherOutputs:
                     outputs[key][index] = value
                 signatures[index.numpy()] = input_signatures(batch.inputs)
                 seen.index_add_(0, index, torch.ones_like(index))
-                sample_shape = tuple(batch.inputs.shape[1:])
+                sample_shape = sample_shape_of(batch.inputs)
         finally:
             teacher.train(was_training)
         if not bool((seen == 1).all()):

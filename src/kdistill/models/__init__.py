@@ -1,7 +1,9 @@
 """Ready-made teachers and students, reachable by name.
 
 Models are plain `nn.Module`s taking `in_channels` and `num_classes` (and `image_size` where
-the architecture needs it). Classifiers return `N×num_classes` logits; the dense models of
+the architecture needs it). Causal language models (`kdistill.models.lm`: `gpt2_lm`,
+`llama_lm`, `lm_teacher`, `lm_student`) take `vocab_size` and return Hugging Face
+`CausalLMOutput`s. Classifiers return `N×num_classes` logits; the dense models of
 `kdistill.models.dense` return segmentation maps (`seg_*`), YOLO-style grids (`det_*`) or a
 dict of both (`multitask_*`)::
 
@@ -39,6 +41,13 @@ from kdistill.models.dense import (
     seg_student,
     seg_teacher,
 )
+from kdistill.models.lm import (
+    check_vocabulary,
+    gpt2_lm,
+    llama_lm,
+    lm_student,
+    lm_teacher,
+)
 from kdistill.models.resnet import (
     BasicBlock,
     ResNet,
@@ -65,12 +74,17 @@ __all__ = [
     "SegNet",
     "blocks_per_stage",
     "check_model_spec",
+    "check_vocabulary",
     "count_parameters",
     "create_model",
     "decode",
     "det_student",
     "det_teacher",
     "encode_targets",
+    "gpt2_lm",
+    "llama_lm",
+    "lm_student",
+    "lm_teacher",
     "list_models",
     "model_from_spec",
     "multitask_student",
@@ -98,6 +112,10 @@ MODELS.register("det_teacher")(det_teacher)
 MODELS.register("det_student")(det_student)
 MODELS.register("multitask_teacher")(multitask_teacher)
 MODELS.register("multitask_student")(multitask_student)
+MODELS.register("gpt2_lm")(gpt2_lm)
+MODELS.register("llama_lm")(llama_lm)
+MODELS.register("lm_teacher")(lm_teacher)
+MODELS.register("lm_student")(lm_student)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -14,8 +14,9 @@
 What each model is given:
 
 - a **registry** model also receives the sizes that follow from the data (`data_sizes`:
-  `in_channels`, `num_classes`, `image_size`), but only those its constructor names as
-  parameters (`in_channels` / `num_classes` also through `**kwargs`); the spec's kwargs win;
+  `in_channels`, `num_classes`, `image_size`; `vocab_size` for text), but only those its
+  constructor names as parameters (`in_channels` / `num_classes` also through `**kwargs`);
+  the spec's kwargs win;
 - every **other** model receives exactly the spec's kwargs, nothing added.
 
 `check_model_spec(spec, kwargs)` checks, without building anything, that the spec resolves and
@@ -57,7 +58,7 @@ __all__ = [
     "resolve_model",
 ]
 
-DATA_SIZES = ("in_channels", "num_classes", "image_size")
+DATA_SIZES = ("in_channels", "num_classes", "image_size", "vocab_size")
 """Constructor arguments a registry model may receive from the data (see the module doc)."""
 
 _SIZES_THROUGH_VAR_KEYWORD = ("in_channels", "num_classes")

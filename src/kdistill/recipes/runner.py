@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -43,6 +44,7 @@ from kdistill.data import (
     standardize,
     take,
 )
+from kdistill.data.text import KJV_DATASET, TokenBlocks, kjv_splits
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
@@ -73,7 +75,7 @@ from kdistill.tasks import (
     best,
     evaluate,
     get_task,
-    lower_is_better,
+    lower_is_better_metrics,
     percent_metrics,
     primary_metric,
 )
@@ -81,7 +83,7 @@ from kdistill.tasks import (
 EVAL_BATCH = 1000
 
 
-Data = ArrayDataset | SceneDataset
+Data = ArrayDataset | SceneDataset | TokenBlocks
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Splits:
     val: Data
     test: Data
     normalization: dict = field(default_factory=dict)  # how inputs were standardised (data.json)
+    tokenizer: Any = None  # text: the tokenizer of the token ids (decodes samples for reports)
+    text: dict | None = None  # text: books, tokens and bytes per split, tokenizer (data.json)
 
 
 @dataclass
@@ -129,10 +133,15 @@ def recipe_task(recipe: Recipe) -> Task:
     return get_task(recipe.task, **task_options(recipe.distill))
 
 
-def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:
-    """Train / validation / test data carrying the targets of the recipe's task."""
+def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None = None) -> Splits:
+    """Train / validation / test data carrying the targets of the recipe's task.
+
+    `out_dir`: the run folder, where text data keeps its tokenizer (``<out_dir>/tokenizer``
+    unless ``data.text.tokenizer_dir`` says; None and no folder given: not saved)."""
     task = task or recipe_task(recipe)
     spec = recipe.data
+    if spec.dataset == KJV_DATASET:
+        return text_splits(recipe, task, out_dir)
     builtin = dataset_kind(spec.dataset) == "registry"
     if spec.dataset == SCENES_DATASET:
         scenes = spec.scenes
@@ -170,6 +179,27 @@ def load_splits(recipe: Recipe, task: Task | None = None) -> Splits:
     if mode == "train":
         record["computed_on"] = f"the training split ({len(train)} samples)"
     return Splits(*(standardize(data, stats) for data in (train, val, test)), record)
+
+
+def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
+    """`data.dataset: kjv`: token blocks split by book (`kdistill.data.text.kjv_splits`)."""
+    spec, text = recipe.data, recipe.data.text
+    folder = text.tokenizer_dir or (Path(out_dir) / "tokenizer" if out_dir is not None else None)
+    found = kjv_splits(
+        vocab_size=text.vocab_size,
+        block_size=text.block_size,
+        val_books=text.val_books,
+        test_books=text.test_books,
+        tokenizer_dir=folder,
+        min_frequency=text.min_frequency,
+        program=text.program,
+        text_file=text.text_file,
+        train_limit=spec.train_limit,
+        test_limit=spec.test_limit,
+        seed=recipe.seed,
+    )
+    train, val, test = (task.prepare(data) for data in (found.train, found.val, found.test))
+    return Splits(train, val, test, {"mode": "none"}, found.tokenizer, found.info)
 
 
 def build_model(spec: ModelSpec, data: Data, seed: int, task: Task | None = None) -> nn.Module:
@@ -245,7 +275,7 @@ class Experiment:
         for config in (recipe.train, recipe.teacher.train):  # a missing CUDA fails here, first
             resolve_device(config.device)
         self.task = recipe_task(recipe)
-        self.splits = load_splits(recipe, self.task)
+        self.splits = load_splits(recipe, self.task, self.out_dir)
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
@@ -308,6 +338,7 @@ class Experiment:
             "input_shape": list(train.input_shape),
             "sizes": {name: len(getattr(self.splits, name)) for name in ("train", "val", "test")},
             "normalization": self.splits.normalization,
+            **({"text": self.splits.text} if self.splits.text is not None else {}),
         }
 
     # -- teacher ----------------------------------------------------------------------------
@@ -634,7 +665,7 @@ class Experiment:
             time.perf_counter() - started,
             self.task.metrics,
             dict(self.task.labels),
-            lower_is_better(self.task),
+            lower_is_better_metrics(self.task),
             percent_metrics(self.task),
         )
         return summary

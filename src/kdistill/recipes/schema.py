@@ -28,6 +28,13 @@ from pydantic import (
 )
 
 from kdistill.data.sources import ARRAYS, IMAGE_FOLDER, dataset_kind
+from kdistill.data.text import (
+    DEFAULT_TEST_BOOKS,
+    DEFAULT_VAL_BOOKS,
+    KJV_DATASET,
+    SPECIAL_TOKENS,
+    resolve_book,
+)
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError
 from kdistill.importpath import import_callable
@@ -47,6 +54,7 @@ class Strict(BaseModel):
 
 
 SCENES_DATASET = "fashion_mnist_scenes"
+BUILT_ELSEWHERE = (SCENES_DATASET, KJV_DATASET)  # built by the runner, not DATASETS
 
 
 class ScenesSpec(Strict):
@@ -69,6 +77,56 @@ class ScenesSpec(Strict):
         return size
 
 
+class TextSpec(Strict):
+    """`kjv`: the King James Bible as token blocks for causal LMs (`kdistill.data.text`), split
+    by book, with a byte-level BPE trained on the training books."""
+
+    vocab_size: int = Field(
+        2048,
+        ge=256 + len(SPECIAL_TOKENS),
+        description="tokens of the byte-level BPE: 256 bytes, <pad> 0, <bos> 1, <eos> 2, merges",
+    )
+    block_size: int = Field(128, ge=2, description="tokens per block (the models' context)")
+    val_books: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_VAL_BOOKS),
+        min_length=1,
+        description="books held out for validation (settings are chosen on them)",
+    )
+    test_books: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEST_BOOKS),
+        min_length=1,
+        description="books held out for the test metrics",
+    )
+    tokenizer_dir: str | None = Field(
+        None,
+        description="folder of tokenizer.json (default: <run dir>/tokenizer); reused while it "
+        "was trained on the same books with the same settings, retrained otherwise",
+    )
+    min_frequency: int = Field(2, ge=1, description="BPE: merge only pairs seen this often")
+    program: str = Field(
+        "bible", description="the `bible` program of Debian's bible-kjv (a name or a path)"
+    )
+    text_file: str | None = Field(
+        None, description="read the text from this file (the `bible -f` format) instead"
+    )
+
+    @field_validator("val_books", "test_books")
+    @classmethod
+    def known_books(cls, books: list[str]) -> list[str]:
+        return [resolve_book(book) for book in books]
+
+    @model_validator(mode="after")
+    def disjoint_books(self) -> TextSpec:
+        both = sorted(set(self.val_books) & set(self.test_books))
+        if both:
+            raise ValueError(f"book(s) {both} are in both val_books and test_books")
+        for name in ("val_books", "test_books"):
+            books = getattr(self, name)
+            if len(set(books)) != len(books):
+                raise ValueError(f"{name} names a book twice: {books}")
+        return self
+
+
 class NormalizeSpec(Strict):
     """Explicit per-channel statistics: inputs become `(x − mean[c]) / std[c]`."""
 
@@ -89,12 +147,16 @@ class NormalizeSpec(Strict):
 
 class DataSpec(Strict):
     """The data: a registry dataset (`fashion_mnist`, `digits`), `fashion_mnist_scenes`,
+    `kjv` (text for causal LMs, settings under `text`; `kdistill.data.text`),
     `imagefolder` (`root` holding train/ and test/, one folder per class), `arrays` (`.npz`
     files `train` and `test` holding `x` and `y`) or `package.module:factory` (called with
     `kwargs`, returning `(train, test)` torch Datasets); see `kdistill.data.sources`."""
 
     dataset: str = "fashion_mnist"
     scenes: ScenesSpec = Field(default_factory=ScenesSpec)
+    text: TextSpec = Field(
+        default_factory=TextSpec, description="dataset kjv: tokenizer, blocks, held-out books"
+    )
     root: str | None = Field(None, description="folder with the dataset files (default: search)")
     train: str | None = Field(None, description="dataset arrays: the training .npz (x, y)")
     test: str | None = Field(None, description="dataset arrays: the test .npz (x, y)")
@@ -107,8 +169,12 @@ class DataSpec(Strict):
         "per-channel mean/std of the training split (stored in the run's data.json); none: "
         "inputs as read (x/255 for 8-bit images); or {mean: [...], std: [...]}",
     )
-    val_size: int | float = Field(5000, gt=0, description="held out of the training split")
-    train_limit: int | None = Field(None, ge=1, description="use a random subset (quick runs)")
+    val_size: int | float = Field(
+        5000, gt=0, description="held out of the training split (kjv: whole books, text.val_books)"
+    )
+    train_limit: int | None = Field(
+        None, ge=1, description="use a random subset (quick runs; kjv: of the token blocks)"
+    )
     test_limit: int | None = Field(None, ge=1)
 
     @field_validator("dataset")
@@ -122,8 +188,8 @@ class DataSpec(Strict):
                 import_callable(name, what="datasets")
             except ConfigError as error:
                 raise ValueError(str(error)) from None
-        elif kind == "registry" and name not in DATASETS and name != SCENES_DATASET:
-            known = [*DATASETS.names(), SCENES_DATASET, IMAGE_FOLDER, ARRAYS]
+        elif kind == "registry" and name not in DATASETS and name not in BUILT_ELSEWHERE:
+            known = [*DATASETS.names(), *BUILT_ELSEWHERE, IMAGE_FOLDER, ARRAYS]
             raise ValueError(
                 unknown_name_message("dataset", name, known)
                 + "; or package.module:factory returning (train, test) datasets"
@@ -172,6 +238,17 @@ class DataSpec(Strict):
             )
         if kind == "scenes" and self.normalize != "auto":
             raise ValueError(f"normalize: {SCENES_DATASET} has its own normalisation; use auto")
+        if self.dataset == KJV_DATASET:
+            given = sorted({"root", "val_size"} & self.model_fields_set)
+            if self.normalize != "auto":
+                given.append("normalize")
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: not read by dataset kjv (token ids are not normalised; "
+                    "validation is whole books: data.text.val_books)"
+                )
+        elif "text" in self.model_fields_set:
+            raise ValueError(f"text: settings of dataset kjv; dataset is {self.dataset!r}")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -183,6 +260,10 @@ class DataSpec(Strict):
                 del data[name]
         if data["normalize"] == "auto":
             del data["normalize"]
+        if self.dataset == KJV_DATASET:
+            del data["text"]["tokenizer_dir"]  # where it is kept; its content follows from text
+        else:
+            del data["text"]
         return data
 
 
@@ -463,6 +544,15 @@ class Recipe(Strict):
         from kdistill.recipes.objective import check_methods
 
         task = get_task(self.task)
+        text = self.data.dataset == KJV_DATASET
+        if text != bool(getattr(task, "reads_text", False)) and ":" not in self.data.dataset:
+            raise ValueError(
+                f"task: dataset {KJV_DATASET} holds token blocks for causal language models; "
+                "choose task language_modeling"
+                if text
+                else f"task: {self.task} needs text: data.dataset: {KJV_DATASET} (or a factory "
+                f"returning TokenBlocks), got {self.data.dataset!r}"
+            )
         dense = getattr(task, "target_kind", None) is not None  # masks / boxes targets
         scenes = self.data.dataset == SCENES_DATASET
         if scenes and not dense:

@@ -1,11 +1,16 @@
 """Tasks: what differs between kinds of problem (see `kdistill.tasks.base.Task`).
 
-| name           | targets          | metrics (the first one ranks)   | default hard loss |
-|----------------|------------------|---------------------------------|-------------------|
-| classification | class indices    | accuracy                        | ce                |
-| segmentation   | masks N×H×W      | mIoU, pixel accuracy            | ce                |
-| detection      | boxes N×M×5      | mAP@0.5 (VOC all-point)         | yolo              |
-| multitask      | {"seg", "det"}   | mIoU, pixel accuracy, mAP@0.5   | per output        |
+| name              | targets          | metrics (the first one ranks)       | default hard loss |
+|-------------------|------------------|-------------------------------------|-------------------|
+| classification    | class indices    | accuracy                            | ce                |
+| segmentation      | masks N×H×W      | mIoU, pixel accuracy                | ce                |
+| detection         | boxes N×M×5      | mAP@0.5 (VOC all-point)             | yolo              |
+| multitask         | {"seg", "det"}   | mIoU, pixel accuracy, mAP@0.5       | per output        |
+| language_modeling | labels N×L       | NLL, perplexity, next-token         | token_ce          |
+| (alias lm)        | (token blocks)   | accuracy, bits per byte             |                   |
+
+A metric is better when higher unless the task lists it in `lower_is_better` (language
+modelling: NLL, perplexity, bits per byte); `is_better` / `better_of` compare either way.
 
 `get_task(name)` builds one by name, or from an import path ``package.module:attr`` naming a
 `Task` instance, class or factory (a user's own task).
@@ -21,15 +26,20 @@ from kdistill.tasks.base import (
     Metric,
     Task,
     best,
+    better_of,
     evaluate,
+    is_better,
     lower_is_better,
+    lower_is_better_metrics,
     metric_label,
+    missing_members,
     percent_metrics,
     primary_metric,
 )
 from kdistill.tasks.classification import ClassificationTask
 from kdistill.tasks.composite import CompositeTask
 from kdistill.tasks.detection import DetectionTask
+from kdistill.tasks.language_modeling import LanguageModelingTask, sample_continuations
 from kdistill.tasks.segmentation import SegmentationTask
 
 
@@ -47,11 +57,14 @@ BUILTIN = {
     "segmentation": SegmentationTask,
     "detection": DetectionTask,
     "multitask": multitask,
+    "language_modeling": LanguageModelingTask,
 }
+#: other names of built-in tasks.
+ALIASES = {"lm": "language_modeling"}
 
 
 def task_names() -> list[str]:
-    return sorted(BUILTIN)
+    return sorted(BUILTIN)  # aliases (ALIASES) are left out
 
 
 def get_task(spec: str | Task, **options: Any) -> Task:
@@ -60,6 +73,7 @@ def get_task(spec: str | Task, **options: Any) -> Task:
     arguments). Raises `ValueError` naming the spec and the known names."""
     if not isinstance(spec, str):
         return _checked(spec, type(spec).__name__)
+    spec = ALIASES.get(spec, spec)
     if spec in BUILTIN:
         try:
             return BUILTIN[spec](**options)
@@ -75,7 +89,7 @@ def get_task(spec: str | Task, **options: Any) -> Task:
     if not hasattr(module, attr):
         raise ValueError(f"task {spec!r}: module {module_name!r} has no attribute {attr!r}")
     found = getattr(module, attr)
-    if not isinstance(found, type) and (isinstance(found, Task) or not callable(found)):
+    if not isinstance(found, type) and (not missing_members(found) or not callable(found)):
         return _checked(found, spec)
     try:
         task = found()
@@ -87,21 +101,10 @@ def get_task(spec: str | Task, **options: Any) -> Task:
 
 
 def _checked(task: Any, spec: str) -> Task:
-    if isinstance(task, type) or not isinstance(task, Task):
-        missing = [
-            name
-            for name in (
-                "name",
-                "metrics",
-                "labels",
-                "default_hard_loss",
-                "outputs",
-                "prepare",
-                "model_kwargs",
-                "new_metric",
-            )
-            if not hasattr(task, name)
-        ]
+    if isinstance(task, type):
+        raise ValueError(f"task {spec}: not a kdistill Task but a class; pass an instance")
+    missing = missing_members(task)
+    if missing:
         raise ValueError(f"task {spec}: not a kdistill Task; it lacks {missing}")
     if not task.metrics:
         raise ValueError(f"task {spec}: `metrics` is empty; the first metric ranks models")
@@ -112,17 +115,23 @@ __all__ = [
     "BUILTIN",
     "ClassificationTask",
     "CompositeTask",
+    "ALIASES",
     "DetectionTask",
+    "LanguageModelingTask",
     "Metric",
     "SegmentationTask",
     "Task",
+    "better_of",
     "evaluate",
+    "is_better",
+    "lower_is_better",
     "get_task",
     "metric_label",
     "multitask",
     "primary_metric",
     "best",
-    "lower_is_better",
+    "lower_is_better_metrics",
     "percent_metrics",
+    "sample_continuations",
     "task_names",
 ]

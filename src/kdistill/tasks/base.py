@@ -2,8 +2,10 @@
 
 A task says which targets the batches carry, what registry models are built with, the hard
 loss of the student alone, how a model is evaluated (its metrics; the first one ranks models,
-chooses settings on validation and gives the "gap closed" column) and how those metrics are
-labelled in reports. Nothing outside `kdistill.tasks` branches on the kind of problem.
+chooses settings on validation and gives the "gap closed" column), which of its metrics are
+better when lower (`lower_is_better`: a loss, a perplexity; `is_better` / `better_of` compare
+two values either way) and how those metrics are labelled in reports. Nothing outside
+`kdistill.tasks` branches on the kind of problem.
 
 A task may have several outputs (a multi-task model returning ``{"seg": …, "det": …}``): then
 `outputs` maps each output key to the sub-task that owns it (`CompositeTask`); a single-output
@@ -16,8 +18,9 @@ Evaluation is one loop for every task (`evaluate`): the model runs once per batc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -40,7 +43,6 @@ class Metric(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
-@runtime_checkable
 class Task(Protocol):
     """What a kind of problem decides. See `ClassificationTask` for a complete example."""
 
@@ -48,6 +50,9 @@ class Task(Protocol):
     metrics: tuple[str, ...]  # every metric `evaluate` returns (besides "loss"); first ranks
     labels: Mapping[str, str]  # metric → how reports name it ("miou" → "mIoU")
     default_hard_loss: str  # registered loss name of the student-alone objective
+    # the metrics that are better when lower ("nll", "perplexity"); the others are better when
+    # higher. Optional: a task without it (a user's task written before it existed) reads as ().
+    lower_is_better: tuple[str, ...]
 
     @property
     def outputs(self) -> Mapping[str | None, Task]: ...
@@ -93,6 +98,48 @@ def metric_label(task: Task, metric: str) -> str:
     return task.labels.get(metric, metric)
 
 
+#: what a Task must have; `lower_is_better` is optional (see `Task`).
+REQUIRED_MEMBERS = (
+    "name",
+    "metrics",
+    "labels",
+    "default_hard_loss",
+    "outputs",
+    "prepare",
+    "model_kwargs",
+    "new_metric",
+)
+
+
+def missing_members(task: Any) -> list[str]:
+    """The `REQUIRED_MEMBERS` `task` lacks ([] for a task)."""
+    return [name for name in REQUIRED_MEMBERS if not hasattr(task, name)]
+
+
+def lower_is_better(task: Task, metric: str) -> bool:
+    """True when a lower value of `metric` is better (it is in `task.lower_is_better`).
+    ValueError for a metric the task does not have."""
+    if metric not in task.metrics:
+        raise ValueError(f"task {task.name} has no metric {metric!r}; it has {list(task.metrics)}")
+    return metric in getattr(task, "lower_is_better", ())
+
+
+def is_better(task: Task, metric: str, a: float, b: float) -> bool:
+    """True when `a` is strictly better than `b` as values of `task`'s `metric`: lower for a
+    metric in `task.lower_is_better` (NLL, perplexity), higher otherwise (accuracy, mIoU).
+    A NaN is never better, and any number is better than a NaN."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a < b if lower_is_better(task, metric) else a > b
+
+
+def better_of(task: Task, metric: str, a: float, b: float) -> float:
+    """The better of `a` and `b` (`is_better`); `a` on a tie."""
+    return b if is_better(task, metric, b, a) else a
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -136,7 +183,7 @@ def evaluate(
     return metric.compute()
 
 
-def lower_is_better(task: Task) -> tuple[str, ...]:
+def lower_is_better_metrics(task: Task) -> tuple[str, ...]:
     """The metrics of `task` where a lower value is better (NLL, perplexity, bits per byte);
     a task says so with a `lower_is_better` attribute (default: none)."""
     return tuple(getattr(task, "lower_is_better", ()))
@@ -150,6 +197,6 @@ def percent_metrics(task: Task) -> tuple[str, ...]:
 
 def best(task: Task, metric: str, items, key):
     """The item of `items` with the best `key(item)` on `metric` (ties: the first listed)."""
-    if metric in lower_is_better(task):
+    if lower_is_better(task, metric):
         return min(items, key=key)
     return max(items, key=key)

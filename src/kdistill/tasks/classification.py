@@ -20,6 +20,7 @@ class ClassificationTask:
     metrics = ("accuracy",)
     labels = {"accuracy": "accuracy"}
     default_hard_loss = "ce"
+    lower_is_better: tuple[str, ...] = ()
 
     @property
     def outputs(self):

@@ -65,6 +65,11 @@ class CompositeTask(DenseTargets):
         if sorted(self.metrics) != sorted(every):
             raise ValueError(f"metric_order {metric_order} must list the metrics {every}")
         self.labels = {k: v for part in self.parts.values() for k, v in part.labels.items()}
+        self.lower_is_better = tuple(
+            metric
+            for part in self.parts.values()
+            for metric in getattr(part, "lower_is_better", ())
+        )
         self.sizes_from = sizes_from or next(iter(self.parts))
 
     @property

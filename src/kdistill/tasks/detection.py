@@ -48,6 +48,7 @@ class DetectionTask(DenseTargets):
     metrics = ("map50",)
     labels = {"map50": "mAP@0.5"}
     default_hard_loss = "yolo"
+    lower_is_better: tuple[str, ...] = ()
     target_kind = "det"
 
     def model_kwargs(self, data: Any) -> dict[str, int]:

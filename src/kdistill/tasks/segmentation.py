@@ -35,6 +35,7 @@ class SegmentationTask(DenseTargets):
     metrics = ("miou", "pixel_accuracy")
     labels = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy"}
     default_hard_loss = "ce"
+    lower_is_better: tuple[str, ...] = ()
     target_kind = "seg"
 
     def __init__(self, ignore_index: int | None = None) -> None:
