@@ -138,3 +138,29 @@ def test_checkpoint_options_without_a_checkpoint_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="checkpoint_key applies to teacher.checkpoint"):
         load_recipe(path)
+
+
+def test_tied_weights_are_written_once_and_load_back_tied(tmp_path):
+    # a language model ties its output head to its token embedding: one Parameter, two names
+    from kdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+            self.other = torch.nn.Linear(3, 3)
+
+    model = Tied()
+    state = model.state_dict()
+    state["view"] = model.other.weight[0]  # a partial view of shared memory: its own copy
+    save_checkpoint(tmp_path, "m", state, {"label": "tied"})
+    tensors, meta = load_checkpoint(tmp_path, "m")
+    assert set(tensors) == set(state)
+    assert torch.equal(tensors["head.weight"], model.embed.weight.detach())
+    assert torch.equal(tensors["view"], model.other.weight[0].detach())
+    fresh = Tied()
+    fresh.load_state_dict({k: v for k, v in tensors.items() if k != "view"})
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh.head.weight, model.embed.weight)

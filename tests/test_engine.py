@@ -966,3 +966,14 @@ def test_metrics_log_does_not_repeat_an_epoch_line(tmp_path):
     again.write({"model": "b", "epoch": 1, "train_loss": 0.9})
     lines = log_path.read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 1]
+
+
+def test_warmup_ramps_the_learning_rate_then_follows_the_schedule():
+    from kdistill.engine.optim import lr_factor
+
+    config = TrainConfig(epochs=1, schedule="constant", warmup_steps=4)
+    assert [lr_factor(config, s, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = TrainConfig(epochs=1, schedule="cosine", warmup_steps=2)
+    # step 1: ramp 1.0 times the cosine factor of step 1 of 10
+    assert lr_factor(cosine, 1, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert lr_factor(cosine, 0, 10) == pytest.approx(0.5)

@@ -51,6 +51,38 @@ def previous_path(directory: Path, name: str) -> Path:
     return Path(directory) / f"{name}.prev.safetensors"
 
 
+def _store_shared_once(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors to write, aliases): a tensor that is the same view of the same memory as an
+    earlier one (tied weights: a language model's embedding and output head) is written once and
+    recorded as ``{alias: stored name}``; a partial overlap (another view of shared memory) is
+    written as its own copy. safetensors refuses shared memory otherwise."""
+    stored: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        if tensor.numel() == 0:
+            stored[name] = tensor.contiguous()
+            continue
+        storage = tensor.untyped_storage().data_ptr()
+        view = (
+            storage,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if view in seen:
+            aliases[name] = seen[view]
+            continue
+        seen[view] = name
+        shared = storage in storages
+        storages.add(storage)
+        stored[name] = tensor.clone() if shared else tensor.contiguous()
+    return stored, aliases
+
+
 def save_checkpoint(
     directory: Path,
     name: str,
@@ -62,8 +94,10 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, name)
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    contiguous, aliases = _store_shared_once(tensors)
     meta = {"format": FORMAT_VERSION, "sha256": tensors_digest(contiguous), "state": state}
+    if aliases:
+        meta["aliases"] = aliases
     fd, tmp = create_temp_beside(path)
     mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what a plain open() gives: 0o666 & ~umask
     os.close(fd)
@@ -119,6 +153,13 @@ def read_checkpoint_file(path: Path) -> tuple[dict[str, Tensor], dict]:
         )
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: corrupt checkpoint metadata (state is not a mapping)")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(stored, str) and stored in tensors for stored in aliases.values()
+    ):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (aliases {aliases!r})")
+    for alias, stored in aliases.items():  # tied weights, written once
+        tensors[alias] = tensors[stored]
     return tensors, state
 
 

@@ -22,6 +22,12 @@ class TrainConfig(BaseModel):
     step_epochs: int = Field(1, ge=1, description="step schedule: decay every this many epochs")
     step_gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="linear learning-rate warm-up over this many optimiser steps (the first at "
+        "lr / warmup_steps), then the schedule; 0: none",
+    )
     accumulate_steps: int = Field(
         1,
         ge=1,

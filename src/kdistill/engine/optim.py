@@ -26,7 +26,15 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate after `step` optimiser steps.
 
     cosine: ½(1 + cos(π·step/total)), stepped per batch; step: γ^(epoch // step_epochs).
+    With `warmup_steps` = W > 0 the factor is first multiplied by (step + 1) / W for the first W
+    steps (linear warm-up, the first step at lr/W), then the schedule runs as written.
     """
+    warmup = getattr(config, "warmup_steps", 0)
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return ramp * _schedule_factor(config, step, steps_per_epoch)
+
+
+def _schedule_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if config.schedule == "cosine":
         total = max(1, config.epochs * steps_per_epoch)
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))

@@ -12,6 +12,9 @@ For every output k of the task (a single-output task has one, keyed None):
   (`alpha_seg`, `ratio_seg`, `seg_hard_loss`, …) and each soft term names its output;
 - grid settings apply where they fit: `alpha` sets every α_k, any other key the losses that take
   it (a key scoped to a method, `cwd.tau`, arrives here already unscoped);
+- a task whose models return several outputs says which one it scores (`model_output`, e.g.
+  ``"logits"`` of a Hugging Face causal LM): the hard term and every soft term that reads the
+  model output (no tap) and names no output of its own read that one;
 - a term of weight 0 is left out (its loss is never computed);
 - a loss that takes `num_samples` (CRD's memory bank) and is not given one gets the training
   split's size.
@@ -113,9 +116,11 @@ def build_objective(
     settings = settings or {}
     specs: Sequence[TermSpec] = distill.methods[method] if method is not None else ()
     terms: list[Term] = []
+    scored = getattr(task, "model_output", None)  # e.g. "logits" of a causal LM's output
     for mix in output_mixes(task, distill):
         soft = [spec for spec in specs if mix.key is None or spec.output == mix.key]
         prefix = "" if mix.key is None else f"{mix.key}_"
+        default_output = mix.key if mix.key is not None else scored
         terms += mix_terms(
             hard_loss(mix.hard_loss, distill),
             [
@@ -124,14 +129,18 @@ def build_objective(
                     weight=spec.weight,
                     student=spec.student,
                     teacher=spec.teacher,
-                    output=spec.output,
+                    output=(
+                        spec.output
+                        if spec.output is not None or spec.student or spec.teacher
+                        else default_output
+                    ),
                     warmup_epochs=spec.warmup_epochs,
                 )
                 for spec in soft
             ],
             alpha=settings.get("alpha", mix.alpha) if soft else 0.0,
             ratio=mix.ratio,
-            output=mix.key,
+            output=default_output,
             hard_name=f"{prefix}hard",
             soft_name=f"{prefix}soft" if prefix else None,
         )

@@ -80,7 +80,7 @@ from kdistill.tasks import (
     primary_metric,
 )
 
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # a task may ask for fewer (`eval_batch_size`: N×L×V logits)
 
 
 Data = ArrayDataset | SceneDataset | TokenBlocks
@@ -280,6 +280,12 @@ class Experiment:
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
 
+    @property
+    def eval_batch(self) -> int:
+        """Batch size of evaluation and teacher-output passes: the task's `eval_batch_size`
+        when it sets one (language models: N×L×V logits), else `EVAL_BATCH`."""
+        return int(getattr(self.task, "eval_batch_size", EVAL_BATCH))
+
     def say(self, message: str) -> None:
         if self.progress and self.is_main:
             tqdm.write(message)
@@ -307,7 +313,7 @@ class Experiment:
 
     def evaluator(self, data: Data):
         """model → the task's metrics on `data` (`tasks.evaluate`)."""
-        loader = self.loader(data, 0, EVAL_BATCH, shuffle=False)
+        loader = self.loader(data, 0, self.eval_batch, shuffle=False)
         device = self.recipe.train.device
         return lambda model: evaluate(model, loader, self.task, device)
 
@@ -428,7 +434,7 @@ class Experiment:
         if distill.teacher_cache == "memory":
             return MemoryTeacherOutputs.predict(
                 teacher,
-                self.loader(self.splits.train, 0, EVAL_BATCH, shuffle=False),
+                self.loader(self.splits.train, 0, self.eval_batch, shuffle=False),
                 self.recipe.train.device,
             )
         if distill.teacher_cache == "off":
@@ -451,7 +457,7 @@ class Experiment:
                     teacher,
                     self.splits.train,
                     directory,
-                    batch_size=EVAL_BATCH,
+                    batch_size=self.eval_batch,
                     progress=self.progress,
                     **settings,
                 )

@@ -134,6 +134,8 @@ class LanguageModelingTask:
     lower_is_better = ("nll", "perplexity", "bits_per_byte")
     percent_metrics = ("next_token_accuracy",)  # the others are shown as they are
     default_hard_loss = "token_ce"
+    model_output = "logits"  # what the hard loss, soft terms and metrics read of a CausalLMOutput
+    eval_batch_size = 32  # N×L×V logits per evaluation batch: 32×128×2048 floats = 32 MiB
     reads_text = True  # recipes check that the data is text (recipes.schema)
 
     @property
