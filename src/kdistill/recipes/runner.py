@@ -125,6 +125,8 @@ class RunSummary:
     labels: dict[str, str] = field(default_factory=lambda: {"accuracy": "accuracy"})
     lower_is_better: tuple[str, ...] = ()  # metrics where lower is better (NLL, perplexity)
     percent: tuple[str, ...] | None = None  # metrics that are fractions shown in % (None: all)
+    # Markdown lines the task adds to the report (language models: sampled continuations)
+    sections: list[str] = field(default_factory=list)
 
 
 def recipe_task(recipe: Recipe) -> Task:
@@ -621,6 +623,9 @@ class Experiment:
                     self.say(
                         f"{spec.name}/{method}: chose {settings_label(settings)} on validation"
                     )
+        # the first seed's models, for a task that shows them in the report (`report_section`)
+        report_section = getattr(self.task, "report_section", None)
+        shown: dict[str, nn.Module] = {"teacher": self.teacher} if report_section else {}
         for index in range(recipe.seeds):
             seed = recipe.seed + index
             for spec in recipe.students:
@@ -647,6 +652,8 @@ class Experiment:
                             student.state_dict(),
                             {"label": label, "settings": settings},
                         )
+                    if report_section and index == 0:
+                        shown[f"{spec.name}/{method}"] = student
                     records.append(
                         RunRecord(
                             label,
@@ -674,4 +681,6 @@ class Experiment:
             lower_is_better_metrics(self.task),
             percent_metrics(self.task),
         )
+        if report_section and self.is_main:
+            summary.sections = list(report_section(shown, self.splits))
         return summary

@@ -86,6 +86,9 @@ def write_report(summary, recipe, command: str) -> str:
             )
     if curves is not None:
         lines += ["", f"![validation {name} per epoch](curves.png)"]
+    sections = list(getattr(summary, "sections", []))
+    if sections:
+        lines += ["", *sections]
     tradeoff = plot_tradeoff(
         [
             {"label": f"{row.model}/{row.method}", "score": row.mean, **(row.cost or {})}

@@ -138,6 +138,33 @@ class LanguageModelingTask:
     eval_batch_size = 32  # N×L×V logits per evaluation batch: 32×128×2048 floats = 32 MiB
     reads_text = True  # recipes check that the data is text (recipes.schema)
 
+    # prompts of the report's sampled continuations (the same for every model)
+    sample_prompts = ("And it came to pass, when", "In the beginning was", "Blessed are they that")
+
+    def report_section(self, models: Mapping[str, nn.Module], splits: Any) -> list[str]:
+        """Markdown lines for the run report: one sampled continuation per prompt from each of
+        `models` (label → model; teacher, student alone, distilled students), all with the same
+        prompts and seed (`sample_continuations`), decoded with the run's tokenizer."""
+        tokenizer = getattr(splits, "tokenizer", None)
+        if tokenizer is None or not models:
+            return []
+        lines = [
+            "## Sampled continuations",
+            "",
+            "Pure sampling at temperature 1 (seed 0, at most 40 tokens), the same prompts and "
+            "random numbers for every model.",
+        ]
+        samples = {
+            label: sample_continuations(model, tokenizer, self.sample_prompts)
+            for label, model in models.items()
+        }
+        for index, prompt in enumerate(self.sample_prompts):
+            lines += ["", f"**{prompt} …**", "", "| model | continuation |", "|---|---|"]
+            for label, texts in samples.items():
+                text = " ".join(texts[index].split()).replace("|", "\\|")
+                lines.append(f"| {label} | {text} |")
+        return lines
+
     @property
     def outputs(self) -> Mapping[str | None, Any]:
         return {None: self}
