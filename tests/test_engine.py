@@ -977,3 +977,33 @@ def test_warmup_ramps_the_learning_rate_then_follows_the_schedule():
     # step 1: ramp 1.0 times the cosine factor of step 1 of 10
     assert lr_factor(cosine, 1, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
     assert lr_factor(cosine, 0, 10) == pytest.approx(0.5)
+
+
+def test_max_steps_ends_training_after_that_many_optimiser_steps(tmp_path):
+    # 10 samples, batch 2: 5 steps per epoch; 3 epochs but a budget of 7 steps → epoch 1 full,
+    # epoch 2 stops after 2 steps, no third epoch; the cosine schedule spans the 7 steps
+    torch.manual_seed(0)
+    data = ArrayDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)), ["a", "b", "c"])
+    loader = BatchLoader(data, batch_size=2, shuffle=True, seed=0)
+    student = nn.Linear(4, 3)
+    steps = []
+    distiller = Distiller(None, student, [Term(CE())])
+    optimizer_step = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(self.param_groups[0]["lr"])
+        return optimizer_step(self, *args, **kwargs)
+
+    config = TrainConfig(
+        epochs=3, batch_size=2, lr=0.1, schedule="cosine", max_steps=7, progress=False
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", counting_step)
+        result = fit(distiller, loader, config, checkpoint_dir=tmp_path / "ck")
+    assert len(steps) == 7
+    assert [record["epoch"] for record in result.history] == [1, 2]
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * s / 7)) for s in range(7)]
+    assert steps == pytest.approx(expected)
+    # a resume from the finished run trains nothing more
+    again = fit(distiller, loader, config, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert len(steps) == 7 and len(again.history) == 2

@@ -22,6 +22,13 @@ class TrainConfig(BaseModel):
     step_epochs: int = Field(1, ge=1, description="step schedule: decay every this many epochs")
     step_gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="stop after this many optimiser steps in all (a budget in steps, as language "
+        "models are usually given): the epoch it falls in ends there, is evaluated and "
+        "checkpointed; the cosine schedule spans min(epochs × steps per epoch, max_steps)",
+    )
     warmup_steps: int = Field(
         0,
         ge=0,

@@ -376,8 +376,12 @@ def fit(
     exact_counts = (accumulate > 1 or world.world_size > 1) and any(
         getattr(term.loss, "counts_tokens", False) for term in distiller.terms
     )
+    windows_per_epoch = math.ceil(steps_per_epoch / accumulate)
     while progress.epoch < config.epochs:
         epoch = progress.epoch
+        budget_left = None  # optimiser steps `max_steps` leaves in this epoch
+        if config.max_steps is not None:
+            budget_left = config.max_steps - epoch * windows_per_epoch
         set_epoch(train_loader, epoch)
         distiller.train()
         bar = tqdm(
@@ -422,6 +426,8 @@ def fit(
             scheduler.step()
             progress.step = window[-1][0] + 1
             windows_done = math.ceil(progress.step / accumulate)
+            if budget_left is not None and windows_done >= budget_left:
+                break  # max_steps reached: this epoch ends here
             if (windows_done - 1) % 20 == 0 and progress.steps_seen:
                 bar.set_postfix(
                     {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
@@ -454,6 +460,8 @@ def fit(
             record.update({f"val_{k}": v for k, v in evaluate(distiller.student).items()})
         progress.history.append(record)
         progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
+        if budget_left is not None and budget_left <= windows_per_epoch:
+            progress.epoch = config.epochs  # the step budget is spent: training is over
         if metrics_log is not None and world.is_main:
             metrics_log.write(record)
         if checkpoint_dir is not None:

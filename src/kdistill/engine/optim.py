@@ -22,6 +22,14 @@ def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps of the whole training: epochs × steps per epoch, or `max_steps` when
+    that is fewer."""
+    total = config.epochs * steps_per_epoch
+    max_steps = getattr(config, "max_steps", None)
+    return total if max_steps is None else min(total, max_steps)
+
+
 def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate after `step` optimiser steps.
 
@@ -36,7 +44,7 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 def _schedule_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if config.schedule == "cosine":
-        total = max(1, config.epochs * steps_per_epoch)
+        total = max(1, total_steps(config, steps_per_epoch))
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     if config.schedule == "step":
         return config.step_gamma ** ((step // max(1, steps_per_epoch)) // config.step_epochs)
