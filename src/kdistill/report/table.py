@@ -193,7 +193,9 @@ NO_GAP = "n/a: teacher not better"
 
 
 def format_gap(gap: float | None) -> str:
-    return "—" if gap is None else f"{100 * gap:+.0f} %"
+    if gap is None:
+        return "—"
+    return f"{round(100 * gap) or 0:+d} %"  # never "-0 %"
 
 
 def gap_header(metrics: Sequence[tuple[str, str]]) -> str:

@@ -71,8 +71,8 @@ def write_report(summary, recipe, command: str) -> str:
             "## Settings chosen on the validation split",
             "",
             f"Each grid point trained with seed {recipe.tune.seed} and evaluated on the "
-            f"{recipe.data.val_size} validation samples held out of the training set; "
-            "the test set was not used for the choice.",
+            "validation split (its size and how it was held out: `data.json`); the test set "
+            "was not used for the choice.",
             "",
             f"| student | method | settings | validation {name}"
             + (" %" if metric in percent else "")

@@ -140,6 +140,7 @@ class LanguageModelingTask:
 
     # prompts of the report's sampled continuations (the same for every model)
     sample_prompts = ("And it came to pass, when", "In the beginning was", "Blessed are they that")
+    sample_temperature = 0.8
 
     def report_section(self, models: Mapping[str, nn.Module], splits: Any) -> list[str]:
         """Markdown lines for the run report: one sampled continuation per prompt from each of
@@ -151,11 +152,17 @@ class LanguageModelingTask:
         lines = [
             "## Sampled continuations",
             "",
-            "Pure sampling at temperature 1 (seed 0, at most 40 tokens), the same prompts and "
-            "random numbers for every model.",
+            f"Sampling at temperature {self.sample_temperature:g} (no top-k / top-p, at most 40 "
+            "tokens, stopped at `<eos>`); prompt i is sampled with seed i, the same random "
+            "numbers for every model.",
         ]
         samples = {
-            label: sample_continuations(model, tokenizer, self.sample_prompts)
+            label: [
+                sample_continuations(
+                    model, tokenizer, [prompt], temperature=self.sample_temperature, seed=index
+                )[0]
+                for index, prompt in enumerate(self.sample_prompts)
+            ]
             for label, model in models.items()
         }
         for index, prompt in enumerate(self.sample_prompts):
