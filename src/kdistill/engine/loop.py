@@ -50,6 +50,7 @@ from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 log = logging.getLogger("kdistill")
 
 CHECKPOINT_NAME = "last"
+POSTFIX_SECONDS = 0.5  # the progress bar's loss parts are refreshed this often (wall clock)
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -281,6 +282,7 @@ def fit(
 
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
+    postfix_due = 0.0  # when the bar's loss parts are next refreshed (time.monotonic)
     while progress.epoch < config.epochs:
         epoch = progress.epoch
         set_epoch(train_loader, epoch)
@@ -339,7 +341,8 @@ def fit(
                     progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
             scheduler.step()
             progress.step = step + 1
-            if step % 20 == 0 and progress.steps_seen:
+            if progress.steps_seen and time.monotonic() >= postfix_due:  # a clock read, no sync
+                postfix_due = time.monotonic() + POSTFIX_SECONDS
                 bar.set_postfix(
                     {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
                     refresh=False,

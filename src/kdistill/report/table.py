@@ -25,6 +25,7 @@ class Row:
     cost: dict | None = None  # ModelCost.as_dict() (models/cost.py), None when not measured
     metrics: dict[str, list[float]] = field(default_factory=dict)  # every test metric, per seed
     gaps: dict[str, float | None] = field(default_factory=dict)  # gap closed on each metric
+    settings_shown: str | None = None  # every setting used (`format_used`); else `settings`
 
     @property
     def mean(self) -> float:
@@ -92,6 +93,21 @@ def format_accuracy(row: Row) -> str:
 
 def format_settings(settings: dict) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "—"
+
+
+DEFAULT_MARK = " (default)"
+DEFAULT_NOTE = (
+    "Settings marked (default) were not chosen on validation: they are the recipe's values, or "
+    "the loss's defaults where the recipe gives none."
+)
+
+
+def format_used(used: Sequence) -> str:
+    """ "alpha=0.5, temperature=1" (chosen on validation), "alpha=0.9 (default)" (not tuned);
+    `used`: `recipes.objective.Setting`s (name, value, chosen)."""
+    return (
+        ", ".join(f"{s.name}={s.value:g}" + ("" if s.chosen else DEFAULT_MARK) for s in used) or "—"
+    )
 
 
 def cost_header(costs: Sequence[dict]) -> tuple[str, str]:
@@ -162,6 +178,6 @@ def markdown_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]] = ())
             values = format_accuracy(row)
         lines.append(
             f"| {row.model} | {row.method} | {row.params:,}{cells} | {values} "
-            f"| {gap} | {format_settings(row.settings)} |"
+            f"| {gap} | {row.settings_shown or format_settings(row.settings)} |"
         )
     return "\n".join(header + lines)
