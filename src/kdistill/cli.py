@@ -110,7 +110,7 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
         summary = experiment.run(methods)
         if not world.is_main:  # rank 0 writes the report and prints
             return 0
-        command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "kdistill " + " ".join(shlex.quote(a) for a in args.argv)
         table, written = write_run_report(summary, recipe, command)
         print(table)
         print(
@@ -134,7 +134,7 @@ def compress_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(resolve_recipe(args.recipe), overrides)
     out_dir = args.out or Path("runs") / recipe.name
     summary = run_compress(recipe, out_dir, progress=not args.quiet)
-    command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "kdistill " + " ".join(shlex.quote(a) for a in args.argv)
     table = write_compress_report(summary, recipe, command)
     print(table)
     print(
@@ -307,7 +307,7 @@ def init_command(args: argparse.Namespace) -> int:
         teacher_kwargs=_yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
         student_kwargs=_yaml_mapping(args.student_kwargs, "--student-kwargs"),
         name=args.name or out.stem,
-        command="kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command="kdistill " + " ".join(shlex.quote(a) for a in args.argv),
         file_name=str(out),
     )
     from kdistill.io import atomic_write_text
@@ -546,6 +546,7 @@ def _stdout_closed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, for reports
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:

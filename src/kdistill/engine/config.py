@@ -16,7 +16,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1, description="samples per optimiser step")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="the optimiser")
     lr: float = Field(1e-3, gt=0, description="the initial learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="adam, sgd: L2 penalty; adamw: decoupled decay")
+    weight_decay: float = Field(0.0, ge=0, description="adam, sgd: L2 penalty; adamw: decoupled")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     schedule: Literal["constant", "cosine", "step"] = Field(
         "cosine", description="learning-rate schedule over all steps (cosine: to 0 at the end)"

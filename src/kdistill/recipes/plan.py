@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 from kdistill.data import BatchLoader
+from kdistill.data.arrays import move_to
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import fit
 from kdistill.engine.checkpoint import load_state_dict_file, load_weights
+from kdistill.engine.distributed import resolve_device
+from kdistill.engine.preflight import check_before_training
 from kdistill.models import count_parameters
 from kdistill.models.cost import count_macs, format_count
 from kdistill.recipes.objective import settings_used
@@ -238,6 +241,44 @@ class _Rehearsal(Experiment):
         return self.last_loader
 
 
+def check_every_training(
+    exp: Experiment, teacher: nn.Module, methods: list[str], train: Any
+) -> list[tuple[str, list[Term]]]:
+    """One batch of `train` through every student alone and with each method's terms (the
+    first grid point), with the checks the engine runs before a first step and a finite loss;
+    the first mistake raises, before anything is timed. Returns (label, terms) of each."""
+    recipe = exp.recipe
+    device = resolve_device(recipe.train.device)
+    checked = []
+    trainable = [p.requires_grad for p in teacher.parameters()]  # a Distiller freezes it
+    for spec in recipe.students:
+        for method in ["alone", *methods]:
+            key = None if method == "alone" else method
+            terms = exp.objective(key, grid_settings(recipe, key)[0] if key else {})
+            student = exp.initial_student(spec, recipe.seed)
+            uses_teacher = any(term.uses_teacher for term in terms)
+            distiller = Distiller(teacher if uses_teacher else None, student, terms)
+            try:
+                distiller.to(device)
+                loader = BatchLoader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+                batch = next(iter(loader))
+                check_before_training(distiller, batch, loader, device)
+                inputs = move_to(batch.inputs, device)
+                distiller.build(inputs, optimiser_follows=True)
+                with torch.no_grad():
+                    distiller(
+                        inputs,
+                        target=move_to(batch.target, device),
+                        index=move_to(batch.index, device),
+                    )
+            finally:
+                distiller.close()
+                for parameter, flag in zip(teacher.parameters(), trainable):
+                    parameter.requires_grad_(flag)
+            checked.append((f"{spec.name}/{method}", terms))
+    return checked
+
+
 def _first_samples(data: Any, count: int) -> Any:
     return data.subset(torch.arange(min(count, len(data))), name=f"{data.name}-dry-run")
 
@@ -345,6 +386,8 @@ def dry_run(
         else:
             trains = True
             how = f"trained by the run, {spec.train.epochs} epochs"
+        check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
+        if trains:
             config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
             fit(
                 Distiller(None, teacher, exp.objective(None)),

@@ -628,7 +628,8 @@ def unknown_field_message(name: str, model: type[BaseModel] | None) -> str:
     if model is None:
         return f"unknown field {name!r}"
     valid = list(model.model_fields)
-    hint = close_matches(name, valid, n=1)
+    prefixes = [field for field in valid if name.startswith(field) or field.startswith(name)]
+    hint = close_matches(name, valid, n=1) or prefixes[:1]  # lr_rate → lr
     did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
     return f"unknown field {name!r}{did_you_mean} (valid here: {', '.join(valid)})"
 

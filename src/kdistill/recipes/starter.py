@@ -60,6 +60,12 @@ TASK_METHODS: dict[str, tuple[str, str, list[dict]]] = {
 }
 
 
+NOTES = {
+    ("normalize", "train"): "per-channel mean/std of the training split",
+    ("normalize", "auto"): "the dataset's own normalisation",
+}
+
+
 @dataclass
 class DataGuess:
     """What `--data` stands for: the recipe's `data:` fields and what was learnt of the data."""
@@ -141,11 +147,12 @@ def _model_kwargs(
     kwargs = dict(given)
     filled = []
     if source.kind != "registry" and source.parameters is not None:
-        for names, value in ((CLASS_ARGUMENTS, data.classes), (CHANNEL_ARGUMENTS, data.channels)):
-            for name in names:
-                if name in source.parameters and name not in kwargs and value is not None:
-                    kwargs[name] = value
-                    filled.append(name)
+        for name in source.parameters:  # in the constructor's order
+            value = data.classes if name in CLASS_ARGUMENTS else None
+            value = data.channels if name in CHANNEL_ARGUMENTS else value
+            if value is not None and name not in kwargs:
+                kwargs[name] = value
+                filled.append(name)
     try:
         check_model_spec(spec, kwargs)
     except ModelSpecError as error:
@@ -210,7 +217,7 @@ def starter_recipe(
         "data:",
     ]
     for key, value in guess.fields.items():
-        lines.append(_line(key, value, guess.notes.get(key, ""), indent=2))
+        lines.append(_line(key, value, guess.notes.get(key, NOTES.get((key, value), "")), indent=2))
     lines.append(
         _line("val_size", 0.1, "held out of the training split to choose settings", indent=2)
     )

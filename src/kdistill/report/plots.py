@@ -14,7 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 _SEED = re.compile(r"/seed(\d+)$")
 
@@ -31,6 +31,29 @@ def _last_per_epoch(records: Sequence[dict], key: str) -> dict[str, dict[int, fl
     return curves
 
 
+def curve_bands(
+    records: Sequence[dict], metric: str = "accuracy", seed: int | None = None
+) -> dict[str, tuple[list[int], list[float], list[float], int]]:
+    """label → (epochs, mean, std, runs) of `val_<metric>` in % per epoch, the runs of one model
+    and method (`<student>/<method>/seed<k>`) grouped over the seeds k: mean over the seeds that
+    reached that epoch, sample std (0 with one). With `seed`, only that seed's runs (and runs
+    without a seed, such as the teacher)."""
+    groups: dict[str, list[dict[int, float]]] = {}
+    for label, points in _last_per_epoch(records, f"val_{metric}").items():
+        found = _SEED.search(label)
+        if seed is not None and found is not None and int(found.group(1)) != seed:
+            continue
+        groups.setdefault(_SEED.sub("", label), []).append(points)
+    bands = {}
+    for label, runs in sorted(groups.items()):
+        epochs = sorted({epoch for run in runs for epoch in run})
+        values = [[100 * run[e] for run in runs if e in run] for e in epochs]
+        mean = [statistics.fmean(v) for v in values]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        bands[label] = (epochs, mean, std, len(runs))
+    return bands
+
+
 def plot_curves(
     records: Sequence[dict],
     path: Path,
@@ -38,40 +61,31 @@ def plot_curves(
     metric: str = "accuracy",
     name: str = "accuracy",
 ) -> Path | None:
-    """`val_<metric>` (shown as `name`) per epoch: one line per model and method (labels
-    `<student>/<method>/seed<k>` grouped over k), the mean over seeds with a band of ± one
-    sample standard deviation where there are several; the teacher dashed. With `seed`, only
-    that seed's runs (and the teacher) are drawn. Tuning trials are left out."""
-    groups: dict[str, list[dict[int, float]]] = {}
-    for label, points in _last_per_epoch(records, f"val_{metric}").items():
-        found = _SEED.search(label)
-        if seed is not None and found is not None and int(found.group(1)) != seed:
-            continue
-        groups.setdefault(_SEED.sub("", label), []).append(points)
-    if not groups:
+    """`val_<metric>` (shown as `name`) per epoch: one line per model and method, the mean over
+    seeds with a band of ± one sample standard deviation where there are several
+    (`curve_bands`); the teacher dashed. With `seed`, only that seed's runs. Tuning trials are
+    left out."""
+    bands = curve_bands(records, metric, seed)
+    if not bands:
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    most = max(len(runs) for runs in groups.values())
-    for label, runs in sorted(groups.items()):
-        epochs = sorted({epoch for run in runs for epoch in run})
-        values = [[100 * run[e] for run in runs if e in run] for e in epochs]
-        mean = [statistics.fmean(v) for v in values]
+    for label, (epochs, mean, std, runs) in bands.items():
         style = "--" if label == "teacher" else "-"
-        shown = label if len(runs) == 1 else f"{label} ({len(runs)} seeds)"
+        shown = label if runs == 1 else f"{label} ({runs} seeds)"
         (line,) = axis.plot(epochs, mean, style, marker="o", markersize=3, label=shown)
-        if len(runs) > 1:
-            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        if runs > 1:
             axis.fill_between(
                 epochs,
-                [m - d for m, d in zip(mean, spread)],
-                [m + d for m, d in zip(mean, spread)],
+                [m - d for m, d in zip(mean, std)],
+                [m + d for m, d in zip(mean, std)],
                 color=line.get_color(),
                 alpha=0.15,
                 linewidth=0,
             )
     axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(f"validation {name} (%)")
-    if most > 1:
+    if max(runs for *_, runs in bands.values()) > 1:
         title = f"Validation {name} per epoch: mean over seeds, band ± 1 std"
     else:
         title = f"Validation {name} per epoch" + (f" (seed {seed})" if seed is not None else "")
@@ -147,14 +161,12 @@ def plot_tradeoff(
         axis.set_xscale("log")
         low, high = axis.get_xlim()
         axis.set_xlim(low, high * (high / low) ** 0.3)  # room for the labels on the right
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
         axis.xaxis.set_major_formatter(plain)
         axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
         axis.set_xlabel(title)
-        axis.set_ylabel(
-            f"test {name} (%)"
-            + (" (mean ± std over seeds)" if any(p.get("std") for p in points) else "")
-        )
+        spread = " (mean ± std over seeds)" if any(p.get("std") for p in points) else ""
+        axis.set_ylabel(f"test {name} %{spread}")
         axis.grid(alpha=0.3)
         placed.append((axis, xs, ys))
     axes[0].set_title(f"{name[:1].upper() + name[1:]} against size")
