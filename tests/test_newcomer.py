@@ -5,6 +5,7 @@ settings column."""
 from __future__ import annotations
 
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -199,3 +200,37 @@ def test_timed_loader_measures_steps_and_the_epoch_end(monkeypatch):
     # gaps 5, 1, 2 | 4, 3, 9 without the first: median of 1, 2, 4, 3, 9 = 3
     assert timed.step_seconds() == pytest.approx(3.0)
     assert timed.epoch_end_seconds() == pytest.approx(7.0)
+
+
+def test_version_names_kdistill_torch_and_python(capsys):
+    import platform
+
+    import torch
+
+    import kdistill
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"kdistill {kdistill.__version__} (torch {torch.__version__}, "
+        f"Python {platform.python_version()})"
+    )
+
+
+def test_every_command_help_ends_with_examples_that_parse(capsys):
+    from kdistill.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
+    assert {"run", "demo", "init", "reference", "layers", "compress", "cache"} <= set(commands)
+    for name, command in commands.items():
+        text = command.format_help()
+        examples = text.split("examples:\n", 1)[1].splitlines()
+        lines = [line.split(" # ")[0].strip() for line in examples if line.startswith("  kdistill")]
+        assert len(lines) >= 2, f"kdistill {name} --help shows {len(lines)} example(s)"
+        for line in lines:  # every example is a command line the parser accepts
+            if "|" in line or line.endswith("\\"):
+                continue
+            words = shlex.split(line)
+            assert parser.parse_args(words[1:]).command == words[1]

@@ -342,9 +342,12 @@ def version_text() -> str:
 
     import torch
 
-    from kdistill import __version__
+    import kdistill
 
-    return f"kdistill {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+    return (
+        f"kdistill {kdistill.__version__} (torch {torch.__version__}, "
+        f"Python {platform.python_version()})"
+    )
 
 
 EXAMPLES = {
