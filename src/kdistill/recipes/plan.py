@@ -181,12 +181,13 @@ class DryRun:
             lines.append(f"  {what}: " + " + ".join(terms))
         for method, settings in self.settings.items():
             points = self.grid.get(method, 1)
-            tuned = (
-                f"{points} grid points tried on validation (the first shown)"
-                if points > 1
-                else "not tuned"
-            )
-            lines.append(f"  {method} settings: {settings} ({tuned})")
+            if points > 1:
+                lines.append(
+                    f"  {method}: built with {settings}, the first of {points} grid points the "
+                    "run tries on validation"
+                )
+            else:
+                lines.append(f"  {method}: {settings} (not tuned)")
         final = [t for t in self.trainings if not t.what.startswith(("teacher", "tune "))]
         trials = [t for t in self.trainings if t.what.startswith("tune ")]
         teacher = [t for t in self.trainings if t.what.startswith("teacher")]
@@ -241,15 +242,12 @@ class _Rehearsal(Experiment):
         return self.last_loader
 
 
-def check_every_training(
-    exp: Experiment, teacher: nn.Module, methods: list[str], train: Any
-) -> list[tuple[str, list[Term]]]:
+def check_every_training(exp: Experiment, teacher: nn.Module, methods: list[str], train) -> None:
     """One batch of `train` through every student alone and with each method's terms (the
     first grid point), with the checks the engine runs before a first step and a finite loss;
-    the first mistake raises, before anything is timed. Returns (label, terms) of each."""
+    the first mistake raises, before anything is timed."""
     recipe = exp.recipe
     device = resolve_device(recipe.train.device)
-    checked = []
     trainable = [p.requires_grad for p in teacher.parameters()]  # a Distiller freezes it
     for spec in recipe.students:
         for method in ["alone", *methods]:
@@ -275,8 +273,6 @@ def check_every_training(
                 distiller.close()
                 for parameter, flag in zip(teacher.parameters(), trainable):
                     parameter.requires_grad_(flag)
-            checked.append((f"{spec.name}/{method}", terms))
-    return checked
 
 
 def _first_samples(data: Any, count: int) -> Any:

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from kdistill.models.cost import format_count  # noqa: E402
+
 _SEED = re.compile(r"/seed(\d+)$")
 
 
@@ -161,7 +163,7 @@ def plot_tradeoff(
         axis.set_xscale("log")
         low, high = axis.get_xlim()
         axis.set_xlim(low, high * (high / low) ** 0.3)  # room for the labels on the right
-        plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+        plain = FuncFormatter(lambda value, _: format_count(value) if value >= 1 else f"{value:g}")
         axis.xaxis.set_major_formatter(plain)
         axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
         axis.set_xlabel(title)
