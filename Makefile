@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 KJV_PACKAGES := bible-kjv bible-kjv-text
 
-.PHONY: setup data demo test test-slow lint bench clean
+.PHONY: setup data demo test test-slow lint bench reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ test-slow: setup
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+reference: $(VENV)/.installed
+	$(BIN)/kdistill reference --out docs/recipe-reference.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -43,7 +43,7 @@ def test_builtin_recipe_validates():
     ("extra", "path_fragment", "message_fragment"),
     [
         ("train: {epochs: 0}", "train.epochs", "greater than or equal to 1"),
-        ("train: {optimiser: adam}", "train.optimiser", "Extra inputs"),
+        ("train: {optimiser: adam}", "train.optimiser", "did you mean 'optimizer'?"),
         ("distill: {alpha: 1.5}", "distill.alpha", "less than or equal to 1"),
         ("distill: {methods: {kd: [{loss: kdd}]}}", "distill.methods.kd.0", "did you mean 'kd'"),
         (
@@ -69,6 +69,58 @@ def test_invalid_fields_are_reported_with_their_path(
     message = str(info.value)
     assert path_fragment in message and message_fragment in message
     assert "recipe.yaml" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "meant"),
+    [
+        ("seeeds: 3", "seeeds", "seeds"),
+        ("data: {val_sise: 10}", "data.val_sise", "val_size"),
+        ("data: {scenes: {max_item: 2}}", "data.scenes.max_item", "max_items"),
+        ("data: {normalize: {mean: [0.5], sdt: [0.2]}}", "data.normalize.sdt", "std"),
+        ("train: {epoch: 3}", "train.epoch", "epochs"),
+        ("distill: {alpah: 0.5}", "distill.alpah", "alpha"),
+        ("distill: {multitask: {ratio_sge: 2}}", "distill.multitask.ratio_sge", "ratio_seg"),
+        (
+            "distill: {methods: {kd: [{loss: kd, weigth: 2}]}}",
+            "distill.methods.kd.0.weigth",
+            "weight",
+        ),
+        ("tune: {grids: {}}", "tune.grids", "grid"),
+        ("cost: {thread: 2}", "cost.thread", "threads"),
+        ("compress: {chanels: 0.5}", "compress.chanels", "channels"),
+        ("compress: {finetune: {lrr: 0.1}}", "compress.finetune.lrr", "lr"),
+    ],
+)
+def test_a_misspelled_field_suggests_the_closest_valid_one_at_every_level(
+    tmp_path, extra, path, meant
+):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, MINIMAL + extra))
+    lines = str(info.value).splitlines()
+    # the one-line form: the file, then one line per bad field, named by its path
+    assert lines[0].endswith("recipe.yaml: invalid recipe")
+    line = next(line for line in lines[1:] if line.strip().startswith(path + ":"))
+    assert f"unknown field {path.rsplit('.', 1)[-1]!r}; did you mean {meant!r}?" in line
+    assert "valid here:" in line and "Extra inputs" not in line
+
+
+def test_misspelled_fields_in_teacher_students_and_overrides(tmp_path):
+    text = MINIMAL.replace(
+        "teacher: {model: middle_student}",
+        "teacher: {model: middle_student, train: {bach_size: 32}}",
+    )
+    text = text.replace(
+        "{name: mini, model: mini_student}", "{name: mini, model: mini_student, kwrgs: {}}"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, text), ["train.lr_rate=0.1"])
+    message = str(info.value)
+    assert (
+        "teacher.train.bach_size: unknown field 'bach_size'; did you mean 'batch_size'?" in message
+    )
+    assert "students.0.kwrgs: unknown field 'kwrgs'; did you mean 'kwargs'?" in message
+    assert "train.lr_rate: unknown field 'lr_rate'; did you mean 'lr'?" in message
 
 
 def test_unknown_model_suggests_close_names(tmp_path):

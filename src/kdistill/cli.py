@@ -62,12 +62,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "(torch.save(model)); unpickling runs code from the file, so only for files you trust",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the recipe without training: build every model, run one batch through the "
+        "teacher, each student and each method's terms, time a few steps of each training, and "
+        "print the plan with an estimate of the wall time",
+    )
 
 
 def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
     from kdistill.engine.distributed import cleanup, init_distributed
     from kdistill.recipes import Experiment, load_recipe
-    from kdistill.report import write_report
+    from kdistill.report.writer import run_files, write_run_report
 
     overrides = list(args.overrides)
     if args.seeds is not None:
@@ -92,17 +99,22 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
                 f"(it has {sorted(recipe.distill.methods)})"
             )
     out_dir = args.out or Path("runs") / recipe.name
+    if args.dry_run:
+        from kdistill.recipes.plan import dry_run
+
+        print(dry_run(recipe, out_dir, methods).text())
+        return 0
     world = init_distributed(recipe.train.device)  # under torchrun: join the process group
     try:
         experiment = Experiment(recipe, out_dir, resume=args.resume, progress=not args.quiet)
         summary = experiment.run(methods)
         if not world.is_main:  # rank 0 writes the report and prints
             return 0
-        command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        table = write_report(summary, recipe, command)
+        command = "kdistill " + " ".join(shlex.quote(a) for a in args.argv)
+        table, written = write_run_report(summary, recipe, command)
         print(table)
         print(
-            f"\n{out_dir}: report.md, results.json, metrics.jsonl, curves.png "
+            f"\n{out_dir}: {', '.join(run_files(out_dir, written))} "
             f"({summary.seconds / 60:.1f} min)"
         )
         return 0
@@ -122,7 +134,7 @@ def compress_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(resolve_recipe(args.recipe), overrides)
     out_dir = args.out or Path("runs") / recipe.name
     summary = run_compress(recipe, out_dir, progress=not args.quiet)
-    command = "kdistill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "kdistill " + " ".join(shlex.quote(a) for a in args.argv)
     table = write_compress_report(summary, recipe, command)
     print(table)
     print(
@@ -280,24 +292,139 @@ def layers_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_command(args: argparse.Namespace) -> int:
+    """`kdistill init`: write a commented starter recipe for your own models and data."""
+    from kdistill.recipes.starter import starter_recipe
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise KdistillError(f"{out}: already exists; choose another --out, or --force")
+    text = starter_recipe(
+        args.teacher,
+        args.student,
+        args.data,
+        task=args.task,
+        teacher_kwargs=_yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
+        student_kwargs=_yaml_mapping(args.student_kwargs, "--student-kwargs"),
+        name=args.name or out.stem,
+        command="kdistill " + " ".join(shlex.quote(a) for a in args.argv),
+        file_name=str(out),
+    )
+    from kdistill.io import atomic_write_text
+
+    atomic_write_text(out, text)
+    print(
+        f"{out}: a starter recipe (validated). Next:\n"
+        f"  kdistill run {shlex.quote(str(out))} --dry-run   # checks, plan, time estimate\n"
+        f"  kdistill run {shlex.quote(str(out))}"
+    )
+    return 0
+
+
+def reference_command(args: argparse.Namespace) -> int:
+    """`kdistill reference`: every recipe field, generated from the schema (Markdown)."""
+    from kdistill.recipes.reference import recipe_reference
+
+    text = recipe_reference()
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from kdistill.io import atomic_write_text
+
+    atomic_write_text(args.out, text)
+    print(f"{args.out}: {text.count(chr(10))} lines")
+    return 0
+
+
+def version_text() -> str:
+    """ "kdistill 0.1.0 (torch 2.13.0+cpu, Python 3.11.2)" """
+    import platform
+
+    import torch
+
+    import kdistill
+
+    return (
+        f"kdistill {kdistill.__version__} (torch {torch.__version__}, "
+        f"Python {platform.python_version()})"
+    )
+
+
+EXAMPLES = {
+    "run": """examples:
+  kdistill run recipes/fashion_mnist.yaml --dry-run       # check it, see the plan and the time
+  kdistill run recipes/fashion_mnist.yaml --set train.epochs=3 --seeds 1 --no-tune
+  kdistill run my_recipe.yaml --resume                    # continue an interrupted run""",
+    "demo": """examples:
+  kdistill demo --dry-run     # what the demo will do and how long it will take here
+  kdistill demo               # teacher, two students alone and with KD, 3 seeds (about 11 min)
+  kdistill demo --seeds 1 --no-tune --set train.epochs=2   # a quick look""",
+    "init": """examples:
+  kdistill init --teacher mypkg.models:Big --student mypkg.models:Small --data data/images
+  kdistill init --teacher resnet20 --student resnet8 --data train.npz,test.npz --out kd.yaml
+  kdistill init --teacher mypkg.nets:Teacher --teacher-kwargs '{depth: 18}' \\
+      --student mypkg.nets:Student --data fashion_mnist""",
+    "compress": """examples:
+  kdistill compress fashion_mnist_compress
+  kdistill compress fashion_mnist_compress --set compress.channels=0.5 --out runs/half""",
+    "cache": """examples:
+  kdistill cache recipes/fashion_mnist.yaml                  # logits of the training split
+  kdistill cache recipes/fashion_mnist.yaml --dtype float16 --topk 5   # smaller, approximate""",
+    "bench": """examples:
+  kdistill bench --quick
+  kdistill bench --pairs classic,resnet --json bench/results/speed.json""",
+    "layers": """examples:
+  kdistill layers resnet20 --input 3,32,32
+  kdistill layers --teacher classic_teacher --student middle_student   # and proposed pairs
+  kdistill layers mypkg.models:MyNet --kwargs '{width: 8}' --input 1,28,28""",
+    "reference": """examples:
+  kdistill reference --out docs/recipe-reference.md   # what make reference does
+  kdistill reference | grep batch_size""",
+    "recipes": """examples:
+  kdistill recipes
+  kdistill run fashion_mnist_feature --dry-run""",
+}
+
+
+def _subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command parser whose --help ends with its examples (`EXAMPLES`)."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=help[:1].upper() + help[1:] + ".",
+        epilog=EXAMPLES[name],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Each sub-command sets `handler`: parsed arguments in, exit code out."""
     parser = argparse.ArgumentParser(
-        prog="kdistill", description="Knowledge distillation for PyTorch."
+        prog="kdistill",
+        description="Knowledge distillation for PyTorch.",
+        epilog="""examples:
+  kdistill demo                       # the default experiment on Fashion-MNIST
+  kdistill init --teacher mypkg.models:Big --student mypkg.models:Small --data data/images
+  kdistill run recipe.yaml --dry-run  # check a recipe, see its plan and how long it will take
+  kdistill <command> --help           # each command's options and examples""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="version", version=version_text(), help="show the versions and exit"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
-    run = commands.add_parser("run", help="run a recipe: teacher, students alone, distilled")
+    run = _subcommand(commands, "run", "run a recipe: teacher, students alone, distilled")
     run.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
     add_run_options(run)
     run.set_defaults(handler=lambda args: run_command(args, args.recipe))
 
-    demo = commands.add_parser("demo", help=f"run the default recipe ({DEFAULT_RECIPE})")
+    demo = _subcommand(commands, "demo", f"run the default recipe ({DEFAULT_RECIPE})")
     add_run_options(demo)
     demo.set_defaults(handler=lambda args: run_command(args, DEFAULT_RECIPE))
 
-    compress = commands.add_parser(
-        "compress", help="prune the teacher, distill it, quantize to int8; cost at each stage"
+    compress = _subcommand(
+        commands, "compress", "prune the teacher, distill it, quantize to int8; cost at each stage"
     )
     compress.add_argument("recipe", help="a recipe with a compress: section (file or built-in)")
     compress.add_argument(
@@ -313,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(handler=compress_command)
 
-    cache = commands.add_parser(
-        "cache", help="store the teacher's outputs over a recipe's training split (offline KD)"
+    cache = _subcommand(
+        commands, "cache", "store the teacher's outputs over a recipe's training split (offline KD)"
     )
     cache.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
     cache.add_argument("--out", type=Path, help="cache folder (default: <run dir>/teacher_cache)")
@@ -328,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--quiet", action="store_true", help="no progress bars")
     cache.set_defaults(handler=cache_command)
 
-    bench = commands.add_parser("bench", help="speed and memory: alone, online, cached, build")
+    bench = _subcommand(commands, "bench", "speed and memory: alone, online, cached, build")
     bench.add_argument("--json", type=Path, help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
     bench.add_argument("--pairs", help="comma-separated: classic, classic_mini, resnet")
@@ -340,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, help="fresh processes per configuration (fastest)")
     bench.set_defaults(handler=bench_command)
 
-    layers = commands.add_parser(
-        "layers", help="each module's name, output shape and parameters; proposed stage pairs"
+    layers = _subcommand(
+        commands, "layers", "each module's name, output shape and parameters; proposed stage pairs"
     )
     specs_help = (
         "a model spec as in a recipe: a registry name (see --list), package.module:callable, "
@@ -372,8 +499,41 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--list", action="store_true", help="list the registry's model names")
     layers.set_defaults(handler=layers_command)
 
-    recipes = commands.add_parser("recipes", help="list the built-in recipes")
+    recipes = _subcommand(commands, "recipes", "list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)
+
+    init = _subcommand(
+        commands, "init", "write a commented starter recipe for your own models and data"
+    )
+    init_spec = specs_help.replace("(see --list)", "(kdistill layers --list)")
+    init.add_argument("--teacher", required=True, help=init_spec)
+    init.add_argument("--student", required=True, help=init_spec)
+    init.add_argument(
+        "--data",
+        required=True,
+        help="a folder holding train/<class>/ and test/<class>/ images, two .npz files "
+        "'train.npz,test.npz' (x, y), a dataset factory package.module:function, or a "
+        "built-in dataset (fashion_mnist, digits)",
+    )
+    init.add_argument(
+        "--task",
+        default="classification",
+        help="classification (default), segmentation, detection, multitask or pkg.module:Task",
+    )
+    init.add_argument("--teacher-kwargs", help="the teacher's kwargs as YAML, e.g. '{width: 32}'")
+    init.add_argument("--student-kwargs", help="the student's kwargs as YAML, e.g. '{width: 8}'")
+    init.add_argument("--name", help="the recipe's name (default: the file name)")
+    init.add_argument(
+        "--out", default="recipe.yaml", help="the file to write (default: recipe.yaml)"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    init.set_defaults(handler=init_command)
+
+    reference = _subcommand(
+        commands, "reference", "every recipe field: type, default, constraint, meaning (Markdown)"
+    )
+    reference.add_argument("--out", type=Path, help="write it to this file (default: stdout)")
+    reference.set_defaults(handler=reference_command)
     return parser
 
 
@@ -389,6 +549,7 @@ def _stdout_closed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, for reports
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     try:

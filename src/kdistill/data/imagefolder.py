@@ -26,7 +26,13 @@ import torch
 from kdistill.data.arrays import ArrayDataset
 from kdistill.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "image_folder_classes", "load_image_folder", "write_image_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "image_folder_classes",
+    "load_image_folder",
+    "peek_image_folder",
+    "write_image_folder",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 _GRAY_MODES = ("1", "L", "LA", "La")
@@ -135,6 +141,18 @@ def load_image_folder(root: str | Path) -> tuple[ArrayDataset, ArrayDataset]:
             )
         )
     return datasets[0], datasets[1]
+
+
+def peek_image_folder(root: str | Path) -> tuple[list[str], int, tuple[int, int]]:
+    """(classes, channels, (H, W)) of an image folder from the first training image of each
+    class, without decoding the whole set (`kdistill init`). Channels: 3 when one of those
+    images is in colour, else 1 (`load_image_folder` decides on every image of both splits)."""
+    root = Path(root).expanduser()
+    classes = image_folder_classes(root / "train")
+    image_folder_classes(root / "test")  # the folder exists and holds classes
+    firsts = [_decode(_image_files(root / "train" / name)[0]) for name in classes]
+    channels = 3 if any(array.ndim == 3 for array in firsts) else 1
+    return classes, channels, (int(firsts[0].shape[0]), int(firsts[0].shape[1]))
 
 
 def _channels_first(array: np.ndarray, colour: bool) -> np.ndarray:

@@ -12,16 +12,18 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    batch_size: int = Field(128, ge=1, description="samples per optimiser step")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="the optimiser")
+    lr: float = Field(1e-3, gt=0, description="the initial learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="adam, sgd: L2 penalty; adamw: decoupled")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "cosine", description="learning-rate schedule over all steps (cosine: to 0 at the end)"
+    )
     step_epochs: int = Field(1, ge=1, description="step schedule: decay every this many epochs")
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    grad_clip: float | None = Field(None, gt=0)
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: lr factor per decay")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
     max_steps: int | None = Field(
         None,
         ge=1,
@@ -47,11 +49,11 @@ class TrainConfig(BaseModel):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="every this many optimiser steps (0: at epoch ends only)"
     )
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, mps, …")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"
     )
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars (CLI: --quiet turns them off)")
 
     @model_validator(mode="after")
     def precision_fits_device(self) -> TrainConfig:

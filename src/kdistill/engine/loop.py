@@ -52,6 +52,7 @@ from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 log = logging.getLogger("kdistill")
 
 CHECKPOINT_NAME = "last"
+POSTFIX_SECONDS = 0.5  # the progress bar's loss parts are refreshed this often (wall clock)
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -377,6 +378,7 @@ def fit(
         getattr(term.loss, "counts_tokens", False) for term in distiller.terms
     )
     windows_per_epoch = math.ceil(steps_per_epoch / accumulate)
+    postfix_due = 0.0  # when the bar's loss parts are next refreshed (time.monotonic)
     while progress.epoch < config.epochs:
         epoch = progress.epoch
         budget_left = None  # optimiser steps `max_steps` leaves in this epoch
@@ -428,7 +430,8 @@ def fit(
             windows_done = math.ceil(progress.step / accumulate)
             if budget_left is not None and windows_done >= budget_left:
                 break  # max_steps reached: this epoch ends here
-            if (windows_done - 1) % 20 == 0 and progress.steps_seen:
+            if progress.steps_seen and time.monotonic() >= postfix_due:  # a clock read, no sync
+                postfix_due = time.monotonic() + POSTFIX_SECONDS
                 bar.set_postfix(
                     {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
                     refresh=False,

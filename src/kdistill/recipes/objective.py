@@ -25,13 +25,14 @@ releases, bit for bit).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from kdistill.distiller import Term
-from kdistill.losses import create_loss
+from kdistill.losses import LOSSES, create_loss
 from kdistill.multitask import mix_terms
 from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters
 from kdistill.tasks import Task
@@ -172,3 +173,52 @@ def check_methods(task: Task, distill: DistillSpec) -> None:
                 f"distill.methods.{method}: {task.name} methods distil the outputs; "
                 "layer taps (student/teacher) are not supported there"
             )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value a method trains with, and whether the validation grid chose it."""
+
+    name: str
+    value: float
+    chosen: bool  # True: this grid point won on validation; False: the recipe's value or default
+
+
+_NOT_SETTINGS = ("num_samples", "ignore_index")  # sizes and labels, not hyper-parameters
+
+
+def settings_used(
+    task: Task, distill: DistillSpec, method: str | None, settings: dict | None = None
+) -> list[Setting]:
+    """Every setting `method` (None: the student alone, which has none) trains with under the
+    grid point `settings`: α of each output it distils (`alpha`, or `alpha_seg` / `alpha_det`)
+    and each soft loss's numeric parameters (those the recipe gives, else the loss's defaults),
+    as `build_objective` applies them. A setting is `chosen` when it comes from `settings`.
+    Parameters are named plainly (`temperature`) when the method has one soft term, else by
+    their loss (`kd.temperature`); a loss parameter called `alpha` is always `<loss>.alpha`."""
+    if method is None:
+        return []
+    settings = settings or {}
+    specs = distill.methods[method]
+    used: dict[str, Setting] = {}
+    for mix in output_mixes(task, distill):
+        if any(mix.key is None or spec.output == mix.key for spec in specs):
+            name = "alpha" if mix.key is None else f"alpha_{mix.key}"
+            used[name] = Setting(name, settings.get("alpha", mix.alpha), "alpha" in settings)
+    for spec in specs:
+        signature = inspect.signature(LOSSES.get(spec.loss).__init__)
+        for parameter in signature.parameters.values():
+            key = parameter.name
+            if key == "self" or key in _NOT_SETTINGS:
+                continue
+            if key in settings:
+                value, chosen = settings[key], True
+            elif key in spec.params:
+                value, chosen = spec.params[key], False
+            else:
+                value, chosen = parameter.default, False
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            name = key if len(specs) == 1 and key != "alpha" else f"{spec.loss}.{key}"
+            used.setdefault(name, Setting(name, float(value), chosen))
+    return list(used.values())

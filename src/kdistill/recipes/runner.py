@@ -350,11 +350,11 @@ class Experiment:
         }
 
     # -- teacher ----------------------------------------------------------------------------
-    def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
+    def teacher_identity(self) -> dict:
+        """What a teacher saved in the run folder must match to be reused: its spec and budget
+        (device and progress aside), the data and the seed."""
         spec: TeacherSpec = self.recipe.teacher
-        teacher = build_model(spec, self.splits.train, self.recipe.seed, self.task)
-        models_dir = self.out_dir / "models"
-        identity = {
+        return {
             "model": spec.model_dump(
                 mode="json",
                 exclude={
@@ -371,6 +371,12 @@ class Experiment:
             "data": self.recipe.data.identity(),
             "seed": self.recipe.seed,
         }
+
+    def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
+        spec: TeacherSpec = self.recipe.teacher
+        teacher = build_model(spec, self.splits.train, self.recipe.seed, self.task)
+        models_dir = self.out_dir / "models"
+        identity = self.teacher_identity()
         started = time.perf_counter()
         if spec.checkpoint is not None:
             weights = load_state_dict_file(

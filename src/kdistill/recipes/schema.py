@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -45,7 +46,7 @@ from kdistill.models.specs import (
     check_model_spec,
     resolve_model,
 )
-from kdistill.registry import unknown_name_message
+from kdistill.registry import close_matches, unknown_name_message
 from kdistill.tasks import get_task
 
 
@@ -130,8 +131,8 @@ class TextSpec(Strict):
 class NormalizeSpec(Strict):
     """Explicit per-channel statistics: inputs become `(x − mean[c]) / std[c]`."""
 
-    mean: list[float] = Field(min_length=1)
-    std: list[float] = Field(min_length=1)
+    mean: list[float] = Field(min_length=1, description="one value per input channel")
+    std: list[float] = Field(min_length=1, description="one value (> 0) per input channel")
 
     @model_validator(mode="after")
     def one_std_per_mean(self) -> NormalizeSpec:
@@ -152,8 +153,14 @@ class DataSpec(Strict):
     files `train` and `test` holding `x` and `y`) or `package.module:factory` (called with
     `kwargs`, returning `(train, test)` torch Datasets); see `kdistill.data.sources`."""
 
-    dataset: str = "fashion_mnist"
-    scenes: ScenesSpec = Field(default_factory=ScenesSpec)
+    dataset: str = Field(
+        "fashion_mnist",
+        description="fashion_mnist | digits | fashion_mnist_scenes | kjv | imagefolder | arrays | "
+        "package.module:factory",
+    )
+    scenes: ScenesSpec = Field(
+        default_factory=ScenesSpec, description="how fashion_mnist_scenes draws its scenes"
+    )
     text: TextSpec = Field(
         default_factory=TextSpec, description="dataset kjv: tokenizer, blocks, held-out books"
     )
@@ -175,7 +182,7 @@ class DataSpec(Strict):
     train_limit: int | None = Field(
         None, ge=1, description="use a random subset (quick runs; kjv: of the token blocks)"
     )
-    test_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1, description="use a random test subset (quick runs)")
 
     @field_validator("dataset")
     @classmethod
@@ -274,7 +281,10 @@ class ModelSpec(Strict):
     `kwargs`. Both are checked when the recipe is read."""
 
     model: str = Field(description="registry name, package.module:callable, torchvision:…, hf:…")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the model's constructor, checked against its signature",
+    )
 
     @field_validator("model")
     @classmethod
@@ -299,6 +309,10 @@ class ModelSpec(Strict):
 
 
 class TeacherSpec(ModelSpec):
+    """The teacher: a model spec (as for a student), trained with its own budget unless a
+    `checkpoint` is given or the run folder holds one trained by the same recipe on the same
+    data."""
+
     checkpoint: str | None = Field(
         None,
         description="weights to load instead of training the teacher: safetensors, a state dict "
@@ -320,7 +334,10 @@ class TeacherSpec(ModelSpec):
         description="allow a pickled checkpoint (torch.save(model)) to be unpickled; only for "
         "files you trust (CLI: --trust-checkpoint)",
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2),
+        description="the teacher's own budget (when it is trained, not loaded)",
+    )
 
     @model_validator(mode="after")
     def checkpoint_options_need_a_checkpoint(self) -> TeacherSpec:
@@ -331,7 +348,10 @@ class TeacherSpec(ModelSpec):
 
 
 class StudentSpec(ModelSpec):
-    name: str
+    """A student: a model spec, trained alone and with every method from the same initial
+    weights (one set per seed)."""
+
+    name: str = Field(description="how tables, checkpoints and --methods name this student")
     whole_model: str | None = Field(
         None,
         description="start from this whole model (torch.save(model), e.g. a channel-pruned "
@@ -342,15 +362,26 @@ class StudentSpec(ModelSpec):
 
 
 class TermSpec(Strict):
-    loss: str
-    weight: float = Field(1.0, ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)
-    student: str | None = None
-    teacher: str | None = None
+    """One soft term of a method: a loss on the models' outputs or on tapped layers (a
+    connector adapts the student's layer to the teacher's when their shapes differ)."""
+
+    loss: str = Field(description="a loss name: kd, dkd, dist, fitnet, at, rkd, crd, cwd, …")
+    weight: float = Field(1.0, ge=0, description="w_i: its weight among the soft terms")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the loss's own parameters, e.g. {temperature: 4}"
+    )
+    student: str | None = Field(
+        None, description="a student layer to tap (named_modules() name); none: the output"
+    )
+    teacher: str | None = Field(
+        None, description="the teacher layer it is compared with; none: the output"
+    )
     output: str | int | None = Field(
         None, description="which model output a term reads: a dict key, or a tuple position"
     )
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(
+        0.0, ge=0, description="the weight ramps linearly from 0 over this many epochs (DKD)"
+    )
 
     @model_validator(mode="after")
     def known_loss_and_params(self) -> TermSpec:
@@ -388,12 +419,12 @@ class MultiTaskSpec(Strict):
          + r_det·((1−α_det)·det_hard + α_det·det_soft)
     """
 
-    alpha_seg: float = Field(0.5, ge=0, le=1)
-    alpha_det: float = Field(0.5, ge=0, le=1)
-    ratio_seg: float = Field(1.0, ge=0)
-    ratio_det: float = Field(1.0, ge=0)
-    seg_hard_loss: str = "ce"
-    det_hard_loss: str = "yolo"
+    alpha_seg: float = Field(0.5, ge=0, le=1, description="α of the segmentation output")
+    alpha_det: float = Field(0.5, ge=0, le=1, description="α of the detection output")
+    ratio_seg: float = Field(1.0, ge=0, description="r of the segmentation output")
+    ratio_det: float = Field(1.0, ge=0, description="r of the detection output")
+    seg_hard_loss: str = Field("ce", description="hard loss of the segmentation output")
+    det_hard_loss: str = Field("yolo", description="hard loss of the detection output")
 
     @model_validator(mode="after")
     def known_losses(self) -> MultiTaskSpec:
@@ -407,6 +438,9 @@ class MultiTaskSpec(Strict):
 
 
 class DistillSpec(Strict):
+    """The distillation methods and how their terms are mixed with the hard loss:
+    loss = (1 − α)·hard + α·Σ_i w_i·soft_i."""
+
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft terms; 1 − α on hard")
     hard_loss: str | None = Field(
         None, description="the hard loss (default: the task's own: ce, or yolo for detection)"
@@ -415,7 +449,9 @@ class DistillSpec(Strict):
         default_factory=MultiTaskSpec, description="per-task α and ratios (task: multitask)"
     )
     methods: dict[str, list[TermSpec]] = Field(
-        default_factory=lambda: {"kd": [TermSpec(loss="kd", params={"temperature": 4.0})]}
+        default_factory=lambda: {"kd": [TermSpec(loss="kd", params={"temperature": 4.0})]},
+        description="method name → its soft terms; each method is trained and reported beside "
+        "the student alone",
     )
     teacher_cache: Literal["memory", "disk", "off"] = Field(
         "memory",
@@ -461,24 +497,29 @@ class DistillSpec(Strict):
 
 
 class TuneSpec(Strict):
-    enabled: bool = True
+    """The choice of settings on the validation split held out of the training set: every
+    grid point trains the student once (seed `seed`); the best validation score wins."""
+
+    enabled: bool = Field(True, description="false: use the recipe's settings (CLI: --no-tune)")
     grid: dict[str, list[float]] = Field(
         default_factory=dict,
         description="values to try on the validation split: `alpha`, a loss parameter of every "
         "method (`temperature`), or one scoped to a method (`cwd.tau`)",
     )
     epochs: int | None = Field(None, ge=1, description="budget per trial (default: train.epochs)")
-    seed: int = 0
+    seed: int = Field(0, description="the seed of every trial")
 
 
 class CostSpec(Strict):
     """How model cost is measured for the report (see `kdistill.models.cost`)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="measure MACs, size, latency and memory per model")
     threads: int = Field(1, ge=1, description="torch.set_num_threads during the latency runs")
     repeats: int = Field(5, ge=1, description="timed forward passes; the median is reported")
-    warmup: int = Field(2, ge=0)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    warmup: int = Field(2, ge=0, description="untimed forward passes before the timed ones")
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 64], min_length=1, description="latency batch sizes"
+    )
 
 
 class CompressSpec(Strict):
@@ -505,23 +546,34 @@ class CompressSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str
+    """One experiment: the data, a teacher, students trained alone and distilled by each
+    method with one shared budget, and the settings grid chosen on validation."""
+
+    name: str = Field(description="names the run folder: runs/<name>")
     task: str = Field(
         "classification",
         description="decides the targets, model sizes, hard loss and test metrics: "
         "classification | segmentation | detection | multitask, or `package.module:attr` "
         "naming your own Task (kdistill.tasks)",
     )
-    seed: int = 0
+    seed: int = Field(0, description="first seed: data split, teacher and students")
     seeds: int = Field(1, ge=1, description="students are trained once per seed: seed, seed+1, …")
-    data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec
-    students: list[StudentSpec] = Field(min_length=1)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    distill: DistillSpec = Field(default_factory=DistillSpec)
-    tune: TuneSpec = Field(default_factory=TuneSpec)
-    cost: CostSpec = Field(default_factory=CostSpec)
-    compress: CompressSpec | None = None
+    data: DataSpec = Field(default_factory=DataSpec, description="where the data comes from")
+    teacher: TeacherSpec = Field(description="the teacher: trained, or loaded from a checkpoint")
+    students: list[StudentSpec] = Field(
+        min_length=1, description="each student is trained alone and with every method"
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="the students' budget, the same for every method"
+    )
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="the methods and α")
+    tune: TuneSpec = Field(
+        default_factory=TuneSpec, description="settings chosen on the validation split"
+    )
+    cost: CostSpec = Field(default_factory=CostSpec, description="how model cost is measured")
+    compress: CompressSpec | None = Field(
+        None, description="kdistill compress: prune, distill, quantize (only that command)"
+    )
 
     @field_validator("task")
     @classmethod
@@ -616,11 +668,71 @@ class Recipe(Strict):
         return self
 
 
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (`X | None` → (X, NoneType)), else (annotation,)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _step(node: Any, part: str | int) -> tuple[Any, bool]:
+    """Walk one part of an error location from `node` (a schema class or an annotation):
+    (the annotation found there or None, whether `part` is a union tag such as
+    'function-after[…, NormalizeSpec]' that pydantic inserts and a reader never wrote)."""
+    members = [m for m in _members(node) if m is not type(None)]
+    if len(members) > 1 and isinstance(part, str):  # a union: pydantic names the member tried
+        for member in members:
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if part == member.__name__ or part.endswith(f" {member.__name__}]"):
+                    return member, True
+        return None, True
+    node = members[0] if members else None
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(str(part))
+        return (field.annotation if field is not None else None), False
+    origin, args = get_origin(node), get_args(node)
+    if origin is list and isinstance(part, int) and args:
+        return args[0], False
+    if origin is dict and isinstance(part, str) and len(args) == 2:
+        return args[1], False
+    return None, False
+
+
+def _readable_location(location: tuple) -> tuple[list[str | int], type[BaseModel] | None]:
+    """(the location without union tags, the schema class holding its last part or None)."""
+    node: Any = Recipe
+    shown: list[str | int] = []
+    owner: type[BaseModel] | None = None
+    for part in location:
+        members = [m for m in _members(node) if m is not type(None)]
+        owner = members[0] if len(members) == 1 and isinstance(members[0], type) else None
+        node, is_tag = _step(node, part)
+        if not is_tag:
+            shown.append(part)
+    model = owner if owner is not None and issubclass(owner, BaseModel) else None
+    return shown, model
+
+
+def unknown_field_message(name: str, model: type[BaseModel] | None) -> str:
+    """`unknown field 'epoch'; did you mean 'epochs'? (valid here: epochs, batch_size, …)`"""
+    if model is None:
+        return f"unknown field {name!r}"
+    valid = list(model.model_fields)
+    prefixes = [field for field in valid if name.startswith(field) or field.startswith(name)]
+    hint = close_matches(name, valid, n=1) or prefixes[:1]  # lr_rate → lr
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"unknown field {name!r}{did_you_mean} (valid here: {', '.join(valid)})"
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid recipe"]
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
+        location, model = _readable_location(tuple(item["loc"]))
+        path = ".".join(str(part) for part in location) or "(top level)"
+        if item["type"] == "extra_forbidden" and location:
+            message = unknown_field_message(str(location[-1]), model)
+        else:
+            message = item["msg"].removeprefix("Value error, ")
         lines.append(f"  {path}: {message}")
     return "\n".join(lines)
 

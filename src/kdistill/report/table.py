@@ -35,6 +35,7 @@ class Row:
     val_scores: list[float] = field(default_factory=list)  # validation score of each seed
     # why no gap is reported for this row's student (teacher not better on validation), or None
     teacher_check: str | None = None
+    settings_shown: str | None = None  # every setting used (`format_used`); else `settings`
 
     @property
     def mean(self) -> float:
@@ -165,6 +166,21 @@ def format_settings(settings: dict) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "—"
 
 
+DEFAULT_MARK = " (default)"
+DEFAULT_NOTE = (
+    "Settings marked (default) were not chosen on validation: they are the recipe's values, or "
+    "the loss's defaults where the recipe gives none."
+)
+
+
+def format_used(used: Sequence) -> str:
+    """ "alpha=0.5, temperature=1" (chosen on validation), "alpha=0.9 (default)" (not tuned);
+    `used`: `recipes.objective.Setting`s (name, value, chosen)."""
+    return (
+        ", ".join(f"{s.name}={s.value:g}" + ("" if s.chosen else DEFAULT_MARK) for s in used) or "—"
+    )
+
+
 def cost_header(costs: Sequence[dict]) -> tuple[str, str]:
     """Header cells and alignment for the cost columns (batch sizes of the first cost)."""
     first = costs[0]
@@ -251,6 +267,6 @@ def markdown_table(
             values = format_accuracy(row)
         lines.append(
             f"| {row.model} | {row.method} | {row.params:,}{cells} | {values} "
-            f"| {gap} | {format_settings(row.settings)} |"
+            f"| {gap} | {row.settings_shown or format_settings(row.settings)} |"
         )
     return "\n".join(header + lines)

@@ -13,17 +13,61 @@ from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
-from kdistill.report.table import build_rows, format_settings, format_value, markdown_table
+from kdistill.report.table import (
+    DEFAULT_MARK,
+    DEFAULT_NOTE,
+    build_rows,
+    format_settings,
+    format_used,
+    format_value,
+    markdown_table,
+)
+
+# what the runner writes beside the report, in the order the closing line names them
+RUN_FILES = ("metrics.jsonl", "tuning.json", "recipe.yaml", "data.json")
+RUN_FOLDERS = ("models", "checkpoints", "teacher_cache")
 
 
 def write_report(summary, recipe, command: str) -> str:
     """Write the files and return the Markdown table (what the CLI prints)."""
+    return write_run_report(summary, recipe, command)[0]
+
+
+def show_settings_used(rows, recipe) -> None:
+    """Fill each distilled row's `settings_shown`: every setting it trained with, the ones not
+    chosen on validation marked (default) (`recipes.objective.settings_used`)."""
+    from kdistill.recipes.objective import settings_used
+    from kdistill.recipes.runner import recipe_task
+
+    task = recipe_task(recipe)
+    for row in rows:
+        if row.method in recipe.distill.methods:
+            used = settings_used(task, recipe.distill, row.method, row.settings)
+            row.settings_shown = format_used(used)
+
+
+def run_files(out_dir: Path, written: list[str]) -> list[str]:
+    """What the run folder holds from this run: the report files `written`, the runner's files
+    and its folders (`models/ (5 files)`), in a fixed order."""
+    out_dir = Path(out_dir)
+    names = list(written) + [name for name in RUN_FILES if (out_dir / name).is_file()]
+    for folder in RUN_FOLDERS:
+        if (out_dir / folder).is_dir():
+            count = sum(1 for path in (out_dir / folder).rglob("*") if path.is_file())
+            names.append(f"{folder}/ ({count} files)")
+    return names
+
+
+def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
+    """Write the files; return the Markdown table (what the CLI prints) and the names of the
+    files written, in the order the closing line lists them."""
     out_dir = Path(summary.out_dir)
     metric = summary.metrics[0]
     lower = tuple(getattr(summary, "lower_is_better", ()))
     percent = getattr(summary, "percent", None)
     percent = tuple(summary.metrics) if percent is None else tuple(percent)
     rows = build_rows(summary.records, lower, metric)
+    show_settings_used(rows, recipe)
     name = summary.labels.get(metric, metric)
     columns = [(key, summary.labels.get(key, key)) for key in summary.metrics]
     # a single accuracy column keeps the classic layout (mean ± std of the scores)
@@ -43,9 +87,9 @@ def write_report(summary, recipe, command: str) -> str:
     curves = plot_curves(
         MetricsLog(out_dir / "metrics.jsonl").read(),
         out_dir / "curves.png",
-        recipe.seed,
         metric=metric,
         name=name,
+        percent=metric in percent,
     )
 
     lines = [
@@ -65,6 +109,8 @@ def write_report(summary, recipe, command: str) -> str:
     ]
     for check in checks:
         lines += ["", f"**No gap closed reported:** {check}."]
+    if any(DEFAULT_MARK in (row.settings_shown or "") for row in rows):
+        lines += ["", DEFAULT_NOTE]
     if summary.tuning:
         lines += [
             "",
@@ -85,20 +131,28 @@ def write_report(summary, recipe, command: str) -> str:
                 f"| {format_value([trial['val_score']], metric in percent)} |"
             )
     if curves is not None:
-        lines += ["", f"![validation {name} per epoch](curves.png)"]
+        lines += ["", f"![validation {name} per epoch, mean and spread over seeds](curves.png)"]
     sections = list(getattr(summary, "sections", []))
     if sections:
         lines += ["", *sections]
     tradeoff = plot_tradeoff(
         [
-            {"label": f"{row.model}/{row.method}", "score": row.mean, **(row.cost or {})}
+            {
+                "label": f"{row.model}/{row.method}",
+                "score": row.mean,
+                "std": row.std,
+                **(row.cost or {}),
+            }
             for row in rows
         ],
         out_dir / "tradeoff.png",
         name=name,
+        percent=metric in percent,
     )
     if tradeoff is not None:
         lines += ["", COST_NOTE, "", f"![{name} against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     write_html("\n".join(lines) + "\n", out_dir, recipe.name)
-    return table
+    written = ["report.md", "report.html", "results.json"]
+    written += [path.name for path in (curves, tradeoff) if path is not None]
+    return table, written

@@ -1,0 +1,487 @@
+"""`kdistill run <recipe> --dry-run`: check a whole recipe and estimate its wall time, without
+training.
+
+The dry run does what the run would do, on a few batches, in a scratch folder:
+
+1. read and validate the recipe, load the data and hold out the validation split (timed: the
+   run does the same);
+2. build the teacher (and load its checkpoint when it has one), train it for `TIMED_STEPS`
+   batches when the run would train it, evaluate it, keep its outputs over those batches
+   (`distill.teacher_cache`), and measure its cost;
+3. for each student: train it alone and with each method's terms for `TIMED_STEPS` batches,
+   with the terms of the first grid point; every check the engine runs before the first step
+   (input channels, class counts, labels over the whole training split, batches carrying what
+   the terms need) runs here, so a mistake in any student or method fails now;
+4. print the plan and the estimate.
+
+Estimate: each training costs ``epochs × (steps × s/step + validation) + final evaluation``,
+with s/step the median of the timed steps after the first (a warm-up), the evaluations scaled
+from one timed evaluation batch by the number of samples, and steps per epoch those of the run's
+loader. Tuning trials (one per grid point, when the grid has more than one) and the final
+trainings (seeds × students × (alone + methods)) are counted apart; data loading, the teacher's
+outputs over the training split, its test evaluation and the cost measurements are added.
+Nothing is subtracted for `--resume`. The figures hold for this machine as loaded now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.data import BatchLoader
+from kdistill.data.arrays import move_to
+from kdistill.distiller import Distiller, Term
+from kdistill.engine import fit
+from kdistill.engine.checkpoint import load_state_dict_file, load_weights
+from kdistill.engine.distributed import resolve_device
+from kdistill.engine.preflight import check_before_training
+from kdistill.models import count_parameters
+from kdistill.models.cost import count_macs, format_count
+from kdistill.recipes.objective import settings_used
+from kdistill.recipes.runner import (
+    EVAL_BATCH,
+    Experiment,
+    Splits,
+    build_model,
+    grid_settings,
+)
+from kdistill.recipes.schema import Recipe
+
+__all__ = ["DryRun", "ModelLine", "TimedLoader", "Training", "dry_run"]
+
+TIMED_STEPS = 4  # batches per epoch of a rehearsal; the very first one is a warm-up
+REHEARSAL_EPOCHS = 2  # two epochs: the gap between them is the cost of an epoch's end
+
+
+class TimedLoader:
+    """The first `steps` batches of a training loader, with the moment each was asked for: the
+    gap between two requests is one training step as the engine takes it (batch, forward,
+    backward, optimiser, bookkeeping); the gap between one epoch's last request and the next
+    epoch's first batch is the epoch's end (evaluation, metrics, checkpoint). `dataset` is what
+    the engine's checks read (the labels of the whole training split), whatever subset the
+    batches come from."""
+
+    def __init__(self, loader: Any, steps: int, dataset: Any = None):
+        self.loader = loader
+        self.steps = max(1, min(steps, len(loader)))
+        self.batch_size = loader.batch_size
+        self.dataset = dataset if dataset is not None else loader.dataset
+        self.passes: list[list[float]] = []  # the request times of each pass over the loader
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        stamps: list[float] = []
+        self.passes.append(stamps)
+        for item in itertools.islice(iter(self.loader), self.steps):
+            stamps.append(time.perf_counter())
+            yield item
+        stamps.append(time.perf_counter())
+
+    def _epochs(self) -> list[list[float]]:
+        """The passes read to their end (the engine's first look at one batch is not one)."""
+        return [stamps for stamps in self.passes if len(stamps) == self.steps + 1]
+
+    def step_seconds(self) -> float:
+        """The median step, the very first left out (it pays for warm-up) when others exist."""
+        gaps = [b - a for stamps in self._epochs() for a, b in itertools.pairwise(stamps)]
+        if not gaps:
+            raise RuntimeError("the timed loader was not read to its end")
+        return statistics.median(gaps[1:] if len(gaps) > 1 else gaps)
+
+    def epoch_end_seconds(self) -> float | None:
+        """From the first epoch's last step to the second epoch's first batch; None with fewer
+        than two epochs."""
+        epochs = self._epochs()
+        return epochs[1][0] - epochs[0][-1] if len(epochs) > 1 else None
+
+
+@dataclass
+class Training:
+    """One line of the estimate: `count` trainings of the same kind."""
+
+    what: str
+    count: int
+    epochs: int
+    steps: int  # optimiser steps per epoch
+    step_seconds: float
+    epoch_end_seconds: float  # evaluation on the validation split, metrics, checkpoint
+    final_seconds: float  # the evaluation after training (test set; validation for a trial)
+
+    @property
+    def seconds(self) -> float:
+        per_run = self.epochs * (self.steps * self.step_seconds + self.epoch_end_seconds)
+        return self.count * (per_run + self.final_seconds)
+
+
+@dataclass
+class ModelLine:
+    role: str
+    name: str
+    spec: str
+    params: int
+    macs: int | None
+
+
+@dataclass
+class DryRun:
+    """What `dry_run` found: the plan of the run and its estimated wall time."""
+
+    recipe: Recipe
+    data: dict
+    models: list[ModelLine]
+    terms: dict[str, list[str]]  # "mini/kd" → each term: name, weight, loss, layers
+    settings: dict[str, str]  # method → the settings its terms were built with (timing)
+    grid: dict[str, int]  # method → grid points tried on validation (1: no tuning)
+    teacher: str  # how the run gets its teacher
+    trainings: list[Training]
+    other: dict[str, float]  # seconds of data loading, teacher outputs, costs, …
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.trainings) + sum(self.other.values())
+
+    def text(self) -> str:
+        recipe = self.recipe
+        sizes = self.data["sizes"]
+        shape = "×".join(map(str, self.data["input_shape"]))
+        classes = self.data.get("classes") or []
+        lines = [
+            f"Dry run of recipe {recipe.name!r}: every model built, one batch through the "
+            "teacher, each student and each method's terms, a few steps of each training timed. "
+            "Nothing was trained or written.",
+            "",
+            f"data: {recipe.data.dataset}, {sizes['train']:,} training / {sizes['val']:,} "
+            f"validation / {sizes['test']:,} test samples, input {shape}"
+            + (f", {len(classes)} classes" if classes else ""),
+            f"teacher: {self.teacher}",
+            "",
+            "| role | name | model | params | MACs |",
+            "|---|---|---|---:|---:|",
+        ]
+        for model in self.models:
+            macs = format_count(model.macs) if model.macs is not None else "—"
+            lines.append(
+                f"| {model.role} | {model.name} | `{model.spec}` | {model.params:,} | {macs} |"
+            )
+        lines += ["", "Terms of each training (weight × loss; α and parameters as built):"]
+        for what, terms in self.terms.items():
+            lines.append(f"  {what}: " + " + ".join(terms))
+        for method, settings in self.settings.items():
+            points = self.grid.get(method, 1)
+            if points > 1:
+                lines.append(
+                    f"  {method}: built with {settings}, the first of {points} grid points the "
+                    "run tries on validation"
+                )
+            else:
+                lines.append(f"  {method}: {settings} (not tuned)")
+        final = [t for t in self.trainings if not t.what.startswith(("teacher", "tune "))]
+        trials = [t for t in self.trainings if t.what.startswith("tune ")]
+        teacher = [t for t in self.trainings if t.what.startswith("teacher")]
+        seeds = ", ".join(str(recipe.seed + i) for i in range(recipe.seeds))
+        lines += [
+            "",
+            f"seeds: {recipe.seeds} ({seeds})"
+            f"; students {recipe.train.epochs} epochs of batch {recipe.train.batch_size}; "
+            f"trainings: {sum(t.count for t in teacher)} teacher + "
+            f"{sum(t.count for t in trials)} tuning trials + {sum(t.count for t in final)} "
+            "final (seeds × students × (alone + methods)) = "
+            f"{sum(t.count for t in self.trainings)}",
+            "",
+            f"Estimated wall time ({self.threads} thread(s), this machine as loaded now):",
+            "",
+            "| training | count | epochs | steps/epoch | s/step | s/epoch end | total |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t in self.trainings:
+            lines.append(
+                f"| {t.what} | {t.count} | {t.epochs} | {t.steps:,} | {t.step_seconds:.4f} "
+                f"| {t.epoch_end_seconds:.2f} | {_duration(t.seconds)} |"
+            )
+        for what, seconds in self.other.items():
+            lines.append(f"| {what} | | | | | | {_duration(seconds)} |")
+        lines += ["", f"Estimated total: {_duration(self.seconds)}"]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """ "42 s", "3.4 min", "2.1 h" """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _Rehearsal(Experiment):
+    """The recipe's experiment in a scratch folder, whose training loaders stop after
+    `TIMED_STEPS` batches and record when each batch was asked for."""
+
+    timed_steps = TIMED_STEPS
+    checked_dataset: Any = None  # the whole training split, for the engine's label checks
+    last_loader: TimedLoader | None = None
+
+    def loader(self, data, seed: int, batch_size: int, shuffle: bool):
+        loader = super().loader(data, seed, batch_size, shuffle)
+        if not shuffle:  # evaluation and teacher outputs: as the run does them
+            return loader
+        self.last_loader = TimedLoader(loader, self.timed_steps, self.checked_dataset)
+        return self.last_loader
+
+
+def check_every_training(exp: Experiment, teacher: nn.Module, methods: list[str], train) -> None:
+    """One batch of `train` through every student alone and with each method's terms (the
+    first grid point), with the checks the engine runs before a first step and a finite loss;
+    the first mistake raises, before anything is timed."""
+    recipe = exp.recipe
+    device = resolve_device(recipe.train.device)
+    trainable = [p.requires_grad for p in teacher.parameters()]  # a Distiller freezes it
+    for spec in recipe.students:
+        for method in ["alone", *methods]:
+            key = None if method == "alone" else method
+            terms = exp.objective(key, grid_settings(recipe, key)[0] if key else {})
+            student = exp.initial_student(spec, recipe.seed)
+            uses_teacher = any(term.uses_teacher for term in terms)
+            distiller = Distiller(teacher if uses_teacher else None, student, terms)
+            try:
+                distiller.to(device)
+                loader = BatchLoader(train, recipe.train.batch_size, shuffle=True, seed=recipe.seed)
+                batch = next(iter(loader))
+                check_before_training(distiller, batch, loader, device)
+                inputs = move_to(batch.inputs, device)
+                distiller.build(inputs, optimiser_follows=True)
+                with torch.no_grad():
+                    distiller(
+                        inputs,
+                        target=move_to(batch.target, device),
+                        index=move_to(batch.index, device),
+                    )
+            finally:
+                distiller.close()
+                for parameter, flag in zip(teacher.parameters(), trainable):
+                    parameter.requires_grad_(flag)
+
+
+def _first_samples(data: Any, count: int) -> Any:
+    return data.subset(torch.arange(min(count, len(data))), name=f"{data.name}-dry-run")
+
+
+def _timed(function, *args, **kwargs) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def _describe_terms(terms: list[Term]) -> list[str]:
+    described = []
+    for term in terms:
+        name = term.name or getattr(term.loss, "name", "") or type(term.loss).__name__.lower()
+        where = ""
+        if term.student is not None or term.teacher is not None:
+            where = f" [{term.student or 'output'} → {term.teacher or 'output'}]"
+        elif term.output is not None:
+            where = f" [output {term.output!r}]"
+        described.append(f"{term.weight:g} × {name} ({type(term.loss).__name__}){where}")
+    return described
+
+
+def _macs(model: nn.Module, data: Any, cost: dict | None) -> int | None:
+    if cost is not None:
+        return int(cost["macs"])
+    try:
+        example = next(iter(BatchLoader(data, batch_size=1))).inputs
+        return count_macs(model, example)
+    except Exception:  # noqa: BLE001 - MACs are informative; a model they fail on still runs
+        return None
+
+
+def dry_run(
+    recipe: Recipe,
+    out_dir: Path,
+    methods: list[str] | None = None,
+    timed_steps: int = TIMED_STEPS,
+) -> DryRun:
+    """Check `recipe` end to end and estimate its run into `out_dir` (see the module doc).
+
+    `out_dir` is only read (a teacher saved there by the same recipe is reused by the run, so
+    it is not counted). Raises the errors the run would raise, before any training."""
+    methods = methods or list(recipe.distill.methods)
+    with tempfile.TemporaryDirectory(prefix="kdistill-dry-run-") as scratch:
+        exp, data_seconds = _timed(_Rehearsal, recipe, Path(scratch), progress=False)
+        exp.timed_steps = timed_steps
+        full: Splits = exp.splits
+        description = exp.data_description()
+        exp.checked_dataset = full.train
+        largest = max(recipe.train.batch_size, recipe.teacher.train.batch_size)
+        exp.splits = Splits(
+            _first_samples(full.train, timed_steps * largest),
+            _first_samples(full.val, EVAL_BATCH),
+            _first_samples(full.test, EVAL_BATCH),
+            full.normalization,
+        )
+        other = {"data loading": data_seconds}
+        trainings: list[Training] = []
+        models: list[ModelLine] = []
+
+        def steps_per_epoch(batch_size: int) -> int:
+            return len(Experiment.loader(exp, full.train, 0, batch_size, shuffle=True))
+
+        def evaluation_seconds(model: nn.Module) -> float:
+            """Seconds per sample of the task's evaluation of `model`."""
+            _, seconds = _timed(exp.evaluator(exp.splits.val), model)
+            return seconds / len(exp.splits.val)
+
+        def timed_training(what: str, count: int, epochs: int, model: nn.Module, final: str):
+            """A `Training` from the rehearsal just run (`exp.last_loader`) of `model`."""
+            loader = exp.last_loader
+            assert loader is not None
+            per_sample = evaluation_seconds(model)
+            seconds = per_sample * len(exp.splits.val)
+            validation = per_sample * len(full.val)
+            gap = loader.epoch_end_seconds()
+            epoch_end = validation if gap is None else max(gap - seconds, 0.0) + validation
+            return Training(
+                what,
+                count,
+                epochs,
+                steps_per_epoch(loader.batch_size),
+                loader.step_seconds(),
+                epoch_end,
+                per_sample * len(getattr(full, final)),
+            )
+
+        # -- the teacher ------------------------------------------------------------------
+        spec = recipe.teacher
+        teacher = build_model(spec, full.train, recipe.seed, exp.task)
+        trains = False
+        if spec.checkpoint is not None:
+            weights = load_state_dict_file(
+                spec.checkpoint,
+                trust=spec.trust_checkpoint,
+                key=spec.checkpoint_key,
+                strip_prefix=spec.strip_prefix,
+                field="teacher.",
+            )
+            load_weights(teacher, weights, "teacher", spec.checkpoint, field="teacher.")
+            how = f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
+        elif Experiment._saved_teacher_matches(Path(out_dir) / "models", exp.teacher_identity()):
+            how = f"reused from {Path(out_dir) / 'models'} (trained by the same recipe)"
+        else:
+            trains = True
+            how = f"trained by the run, {spec.train.epochs} epochs"
+        check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
+        if trains:
+            config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
+            fit(
+                Distiller(None, teacher, exp.objective(None)),
+                exp.loader(exp.splits.train, recipe.seed, config.batch_size, shuffle=True),
+                config,
+                evaluate=exp.evaluator(exp.splits.val),
+                label="teacher",
+                metrics_log=exp.metrics,
+                checkpoint_dir=Path(scratch) / "checkpoints" / "teacher",
+            )
+        teacher.eval()
+        if trains:  # its test evaluation, made in any case, is counted below
+            trainings.append(timed_training("teacher", 1, spec.train.epochs, teacher, "test"))
+            trainings[-1].final_seconds = 0.0
+        other["teacher test evaluation"] = evaluation_seconds(teacher) * len(full.test)
+        cost, costs = _timed(exp.cost_of, "teacher", teacher)
+        models.append(
+            ModelLine(
+                "teacher",
+                "teacher",
+                spec.model,
+                count_parameters(teacher),
+                _macs(teacher, full.train, cost),
+            )
+        )
+        exp.teacher = teacher
+        outputs, seconds = _timed(exp.prepare_teacher_outputs, teacher)
+        exp.teacher_train_outputs = outputs
+        if recipe.distill.teacher_cache != "off":
+            scale = len(full.train) / len(exp.splits.train)
+            other[f"teacher outputs ({recipe.distill.teacher_cache})"] = seconds * scale
+
+        # -- the students, alone and with each method --------------------------------------
+        term_lines: dict[str, list[str]] = {}
+        settings_lines: dict[str, str] = {}
+        grid = {method: len(grid_settings(recipe, method)) for method in methods}
+        tune_epochs = recipe.tune.epochs or recipe.train.epochs
+        for student_spec in recipe.students:
+            for method in ["alone", *methods]:
+                key = None if method == "alone" else method
+                settings = grid_settings(recipe, key)[0] if key else {}
+                terms = exp.objective(key, settings)
+                label = f"{student_spec.name}/{method}"
+                student, _, _ = exp.train_student(
+                    label,
+                    student_spec,
+                    recipe.seed,
+                    terms,
+                    method,
+                    exp.splits.val,
+                    epochs=REHEARSAL_EPOCHS,
+                )
+                training = timed_training(label, recipe.seeds, recipe.train.epochs, student, "test")
+                if key is not None and grid[key] > 1:
+                    trial = dataclasses.replace(
+                        training,
+                        what=f"tune {label}",
+                        count=grid[key],
+                        epochs=tune_epochs,
+                        final_seconds=training.epoch_end_seconds,
+                    )
+                    trainings.append(trial)
+                trainings.append(training)
+                term_lines[label] = _describe_terms(terms)
+                if key is not None and key not in settings_lines:
+                    used = settings_used(exp.task, recipe.distill, key, settings)
+                    settings_lines[key] = ", ".join(f"{s.name}={s.value:g}" for s in used)
+                if method == "alone":
+                    cost, seconds = _timed(exp.cost_of, student_spec.name, student)
+                    costs += seconds
+                    models.append(
+                        ModelLine(
+                            "student",
+                            student_spec.name,
+                            student_spec.model,
+                            count_parameters(student),
+                            _macs(student, full.train, cost),
+                        )
+                    )
+        if recipe.cost.enabled:
+            other["model costs"] = costs
+        return DryRun(
+            recipe,
+            description,
+            models,
+            term_lines,
+            settings_lines,
+            grid,
+            how,
+            _ordered(trainings),
+            other,
+        )
+
+
+def _ordered(trainings: list[Training]) -> list[Training]:
+    """Teacher first, then the tuning trials, then the final trainings (the run's order)."""
+
+    def rank(training: Training) -> int:
+        return 0 if training.what == "teacher" else 1 if training.what.startswith("tune ") else 2
+
+    return sorted(trainings, key=rank)
