@@ -100,6 +100,10 @@ class TimedLoader:
             raise RuntimeError("the timed loader was not read to its end")
         return statistics.median(gaps[1:] if len(gaps) > 1 else gaps)
 
+    def first_batch_at(self) -> float:
+        """When the first epoch's first batch was handed out (the training set up by then)."""
+        return self._epochs()[0][0]
+
     def epoch_end_seconds(self) -> float | None:
         """From the first epoch's last step to the second epoch's first batch; None with fewer
         than two epochs."""
@@ -118,11 +122,12 @@ class Training:
     step_seconds: float
     epoch_end_seconds: float  # evaluation on the validation split, metrics, checkpoint
     final_seconds: float  # the evaluation after training (test set; validation for a trial)
+    setup_seconds: float = 0.0  # model, checks before the first step, optimiser
 
     @property
     def seconds(self) -> float:
         per_run = self.epochs * (self.steps * self.step_seconds + self.epoch_end_seconds)
-        return self.count * (per_run + self.final_seconds)
+        return self.count * (self.setup_seconds + per_run + self.final_seconds)
 
 
 @dataclass
@@ -203,16 +208,18 @@ class DryRun:
             "",
             f"Estimated wall time ({self.threads} thread(s), this machine as loaded now):",
             "",
-            "| training | count | epochs | steps/epoch | s/step | s/epoch end | total |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| training | count | s set-up | epochs | steps/epoch | s/step | s/epoch end "
+            "| s final evaluation | total |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for t in self.trainings:
             lines.append(
-                f"| {t.what} | {t.count} | {t.epochs} | {t.steps:,} | {t.step_seconds:.4f} "
-                f"| {t.epoch_end_seconds:.2f} | {_duration(t.seconds)} |"
+                f"| {t.what} | {t.count} | {t.setup_seconds:.2f} | {t.epochs} | {t.steps:,} "
+                f"| {t.step_seconds:.4f} | {t.epoch_end_seconds:.2f} | {t.final_seconds:.2f} "
+                f"| {_duration(t.seconds)} |"
             )
         for what, seconds in self.other.items():
-            lines.append(f"| {what} | | | | | | {_duration(seconds)} |")
+            lines.append(f"| {what} | | | | | | | | {_duration(seconds)} |")
         lines += ["", f"Estimated total: {_duration(self.seconds)}"]
         return "\n".join(lines)
 
@@ -344,8 +351,11 @@ def dry_run(
             _, seconds = _timed(exp.evaluator(exp.splits.val), model)
             return seconds / len(exp.splits.val)
 
-        def timed_training(what: str, count: int, epochs: int, model: nn.Module, final: str):
-            """A `Training` from the rehearsal just run (`exp.last_loader`) of `model`."""
+        def timed_training(
+            what: str, count: int, epochs: int, model: nn.Module, final: str, started: float
+        ) -> Training:
+            """A `Training` from the rehearsal of `model` begun at `started` (perf_counter),
+            whose loader is `exp.last_loader`."""
             loader = exp.last_loader
             assert loader is not None
             per_sample = evaluation_seconds(model)
@@ -361,6 +371,7 @@ def dry_run(
                 loader.step_seconds(),
                 epoch_end,
                 per_sample * len(getattr(full, final)),
+                loader.first_batch_at() - started,
             )
 
         # -- the teacher ------------------------------------------------------------------
@@ -383,6 +394,7 @@ def dry_run(
             trains = True
             how = f"trained by the run, {spec.train.epochs} epochs"
         check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
+        started = time.perf_counter()
         if trains:
             config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
             fit(
@@ -396,7 +408,9 @@ def dry_run(
             )
         teacher.eval()
         if trains:  # its test evaluation, made in any case, is counted below
-            trainings.append(timed_training("teacher", 1, spec.train.epochs, teacher, "test"))
+            trainings.append(
+                timed_training("teacher", 1, spec.train.epochs, teacher, "test", started)
+            )
             trainings[-1].final_seconds = 0.0
         other["teacher test evaluation"] = evaluation_seconds(teacher) * len(full.test)
         cost, costs = _timed(exp.cost_of, "teacher", teacher)
@@ -427,6 +441,7 @@ def dry_run(
                 settings = grid_settings(recipe, key)[0] if key else {}
                 terms = exp.objective(key, settings)
                 label = f"{student_spec.name}/{method}"
+                started = time.perf_counter()
                 student, _, _ = exp.train_student(
                     label,
                     student_spec,
@@ -436,7 +451,9 @@ def dry_run(
                     exp.splits.val,
                     epochs=REHEARSAL_EPOCHS,
                 )
-                training = timed_training(label, recipe.seeds, recipe.train.epochs, student, "test")
+                training = timed_training(
+                    label, recipe.seeds, recipe.train.epochs, student, "test", started
+                )
                 if key is not None and grid[key] > 1:
                     trial = dataclasses.replace(
                         training,
