@@ -234,3 +234,13 @@ def test_every_command_help_ends_with_examples_that_parse(capsys):
                 continue
             words = shlex.split(line)
             assert parser.parse_args(words[1:]).command == words[1]
+
+
+def test_the_estimate_stops_where_max_steps_stops_the_run():
+    from kdistill.recipes.plan import Training
+
+    # 3 epochs of 10 steps but max_steps 12: 12 steps at 0.5 s and two epoch ends of 1 s
+    capped = Training("x", 1, 3, 10, 0.5, 1.0, 2.0, 0.25, max_batches=12)
+    assert capped.seconds == pytest.approx(0.25 + 12 * 0.5 + 2 * 1.0 + 2.0)
+    uncapped = Training("x", 1, 3, 10, 0.5, 1.0, 2.0, 0.25, max_batches=100)
+    assert uncapped.seconds == pytest.approx(0.25 + 30 * 0.5 + 3 * 1.0 + 2.0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -43,6 +44,7 @@ from kdistill.data.arrays import move_to
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import fit
 from kdistill.engine.checkpoint import load_state_dict_file, load_weights
+from kdistill.engine.config import TrainConfig
 from kdistill.engine.distributed import resolve_device
 from kdistill.engine.preflight import check_before_training
 from kdistill.models import count_parameters
@@ -123,10 +125,15 @@ class Training:
     epoch_end_seconds: float  # evaluation on the validation split, metrics, checkpoint
     final_seconds: float  # the evaluation after training (test set; validation for a trial)
     setup_seconds: float = 0.0  # model, checks before the first step, optimiser
+    max_batches: int | None = None  # `max_steps` × `accumulate_steps`: the run stops there
 
     @property
     def seconds(self) -> float:
-        per_run = self.epochs * (self.steps * self.step_seconds + self.epoch_end_seconds)
+        batches = self.epochs * self.steps
+        if self.max_batches is not None:
+            batches = min(batches, self.max_batches)
+        epochs = math.ceil(batches / max(self.steps, 1))
+        per_run = batches * self.step_seconds + epochs * self.epoch_end_seconds
         return self.count * (self.setup_seconds + per_run + self.final_seconds)
 
 
@@ -352,7 +359,13 @@ def dry_run(
             return seconds / len(exp.splits.val)
 
         def timed_training(
-            what: str, count: int, epochs: int, model: nn.Module, final: str, started: float
+            what: str,
+            count: int,
+            config: TrainConfig,
+            model: nn.Module,
+            final: str,
+            started: float,
+            epochs: int | None = None,
         ) -> Training:
             """A `Training` from the rehearsal of `model` begun at `started` (perf_counter),
             whose loader is `exp.last_loader`."""
@@ -363,15 +376,17 @@ def dry_run(
             validation = per_sample * len(full.val)
             gap = loader.epoch_end_seconds()
             epoch_end = validation if gap is None else max(gap - seconds, 0.0) + validation
+            max_steps = config.max_steps
             return Training(
                 what,
                 count,
-                epochs,
+                config.epochs if epochs is None else epochs,
                 steps_per_epoch(loader.batch_size),
                 loader.step_seconds(),
                 epoch_end,
                 per_sample * len(getattr(full, final)),
                 loader.first_batch_at() - started,
+                None if max_steps is None else max_steps * config.accumulate_steps,
             )
 
         # -- the teacher ------------------------------------------------------------------
@@ -408,9 +423,7 @@ def dry_run(
             )
         teacher.eval()
         if trains:  # its test evaluation, made in any case, is counted below
-            trainings.append(
-                timed_training("teacher", 1, spec.train.epochs, teacher, "test", started)
-            )
+            trainings.append(timed_training("teacher", 1, spec.train, teacher, "test", started))
             trainings[-1].final_seconds = 0.0
         other["teacher test evaluation"] = evaluation_seconds(teacher) * len(full.test)
         cost, costs = _timed(exp.cost_of, "teacher", teacher)
@@ -452,7 +465,7 @@ def dry_run(
                     epochs=REHEARSAL_EPOCHS,
                 )
                 training = timed_training(
-                    label, recipe.seeds, recipe.train.epochs, student, "test", started
+                    label, recipe.seeds, recipe.train, student, "test", started
                 )
                 if key is not None and grid[key] > 1:
                     trial = dataclasses.replace(
