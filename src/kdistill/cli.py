@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from kdistill.allocator import retain_freed_memory
 from kdistill.errors import KdistillError
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes" / "builtin"
@@ -390,6 +391,9 @@ def _stdout_closed() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # large activations reused every step instead of mapped anew: no page faults (allocator.py;
+    # torchrun workers run this too; KDISTILL_RETAIN_MEMORY=0 opts out)
+    retain_freed_memory()
     started = time.perf_counter()
     try:
         code = args.handler(args)
