@@ -1,10 +1,10 @@
 """Imports go one way: a module may import its own layer and the layers below it, never above.
 
-    0 shared    errors, registry, _checks, importpath, ops/, io
+    0 shared    errors, registry, _checks, importpath, ops/, io, allocator
     1 data      data/
     2 models    models/
     3 losses    losses/
-    4 distill   taps, connectors, distiller, multitask, cache (teacher outputs)
+    4 distill   taps, connectors, distiller, multitask, cache (teacher outputs), teacher_speedup
     5 engine    engine/
     6 tasks     tasks/
     7 recipes   recipes/
@@ -23,10 +23,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kdistill"
 
 LAYERS = {
     "errors": 0, "registry": 0, "_checks": 0, "ops": 0, "io": 0, "importpath": 0,
+    "allocator": 0,
     "data": 1,
     "models": 2,
     "losses": 3,
     "taps": 4, "connectors": 4, "distiller": 4, "multitask": 4, "cache": 4, "distill": 4,
+    "teacher_speedup": 4,
     "engine": 5,
     "tasks": 6,
     "recipes": 7,

@@ -11,6 +11,7 @@ out = distiller(images, target=labels)   # out.loss, out.parts, out.student_outp
 """
 
 from kdistill import losses
+from kdistill.allocator import retain_freed_memory
 from kdistill.cache import TeacherCache, build_teacher_cache
 from kdistill.distiller import Distiller, DistillOutput, Term
 from kdistill.engine import TrainConfig, fit
@@ -21,6 +22,7 @@ from kdistill.errors import (
     KdistillError,
     LayerNotFoundError,
     NonFiniteLossError,
+    TeacherSpeedupError,
 )
 from kdistill.multitask import multitask_terms
 from kdistill.taps import Taps
@@ -38,10 +40,12 @@ __all__ = [
     "NonFiniteLossError",
     "Taps",
     "TeacherCache",
+    "TeacherSpeedupError",
     "Term",
     "TrainConfig",
     "build_teacher_cache",
     "fit",
     "losses",
     "multitask_terms",
+    "retain_freed_memory",
 ]

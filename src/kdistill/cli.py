@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from kdistill.allocator import retain_freed_memory
 from kdistill.errors import KdistillError
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes" / "builtin"
@@ -183,10 +184,12 @@ def cache_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    """`kdistill bench`: runs bench/bench_speed.py of the source checkout."""
+    """`kdistill bench`: runs bench/bench_speed.py of the source checkout (with --versus,
+    bench/bench_versus.py: kdistill against torchdistill and a plain PyTorch loop)."""
     import importlib.util
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "bench_speed.py"
+    name = "bench_versus.py" if args.versus else "bench_speed.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / name
     if not script.exists():
         raise KdistillError(
             f"{script}: not found; the benchmark lives in the bench/ folder of a source "
@@ -196,15 +199,18 @@ def bench_command(args: argparse.Namespace) -> int:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    options = VERSUS_OPTIONS if args.versus else BENCH_OPTIONS
     argv = [
         f"--{key.replace('_', '-')}={value}"
         for key, value in vars(args).items()
-        if key in BENCH_OPTIONS and value is not None
+        if key in options and value is not None
     ]
-    return module.main(argv + (["--quick"] if args.quick else []))
+    flags = ["quick"] + (["compile", "bf16"] if args.versus else [])
+    return module.main(argv + [f"--{flag}" for flag in flags if getattr(args, flag)])
 
 
 BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples", "repeats")
+VERSUS_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "repeats", "device")
 
 
 def list_recipes(args: argparse.Namespace) -> int:
@@ -464,7 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int)
     bench.add_argument("--warmup", type=int)
     bench.add_argument("--samples", type=int, help="samples of the cache-build measurement")
-    bench.add_argument("--repeats", type=int, help="fresh processes per configuration (fastest)")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        help="fresh processes per configuration, the fastest kept (--versus: round-robin rounds)",
+    )
+    bench.add_argument(
+        "--versus",
+        action="store_true",
+        help="kdistill against torchdistill (when it imports) and a plain PyTorch loop, online, "
+        "cached and kd.fit end to end, round-robin in one process (bench/bench_versus.py)",
+    )
+    bench.add_argument("--compile", action="store_true", help="--versus: also torch.compile")
+    bench.add_argument("--bf16", action="store_true", help="--versus: also a bf16 teacher")
+    bench.add_argument("--device", help="--versus: cpu (default) or cuda")
     bench.set_defaults(handler=bench_command)
 
     layers = _subcommand(
@@ -551,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, for reports
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # large activations reused every step instead of mapped anew: no page faults (allocator.py;
+    # torchrun workers run this too; KDISTILL_RETAIN_MEMORY=0 opts out)
+    retain_freed_memory()
     started = time.perf_counter()
     try:
         code = args.handler(args)

@@ -40,6 +40,7 @@ from kdistill.data.batches import call_model
 from kdistill.errors import LateParameterError, NonFiniteLossError
 from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
 from kdistill.taps import Taps
+from kdistill.teacher_speedup import FastTeacher, SpeedupReport, parse_speedup
 
 ModelOutput = Tensor | Mapping[str, Tensor] | Sequence[Tensor]
 Inputs = Tensor | Mapping[str, Any]
@@ -282,7 +283,13 @@ class Distiller(nn.Module):
         student: nn.Module,
         terms: Sequence[Term],
         check_finite: bool = True,
+        teacher_speedup: str | Sequence[str] | None = None,
     ):
+        """`teacher_speedup`: run the frozen teacher faster, computing the same outputs —
+        ``"auto"``, ``"off"`` (default) or a list of ``fold``, ``channels_last``, ``bf16``,
+        ``compile`` (`kdistill.teacher_speedup`). Applied to a copy of the teacher on its first
+        forward, checked there against the eager teacher (outputs and taps; a step that
+        drifts beyond its tolerance raises `TeacherSpeedupError`), never to the student."""
         super().__init__()
         if not terms:
             raise ValueError("a Distiller needs at least one Term")
@@ -294,6 +301,8 @@ class Distiller(nn.Module):
             raise ValueError(f"terms {users} need a teacher, but teacher is None")
         self.student = student
         self.teacher = teacher
+        self.teacher_speedup = parse_speedup(teacher_speedup)
+        self._fast_teacher: FastTeacher | None = None  # made on the teacher's first forward
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -307,6 +316,7 @@ class Distiller(nn.Module):
         teacher_layers = [t.teacher for t in self.terms if t.teacher is not None and t.uses_teacher]
         self.student_taps = Taps(student, student_layers, "student") if student_layers else None
         self.teacher_taps = None
+        self._teacher_layers = list(dict.fromkeys(teacher_layers))
         if teacher_layers:
             assert teacher is not None
             self.teacher_taps = Taps(teacher, teacher_layers, "teacher")
@@ -346,6 +356,14 @@ class Distiller(nn.Module):
         for taps in (self.student_taps, self.teacher_taps):
             if taps is not None:
                 taps.detach()
+        if self._fast_teacher is not None:
+            self._fast_teacher.detach()
+
+    @property
+    def teacher_speedup_report(self) -> SpeedupReport | None:
+        """What `teacher_speedup` applied and how far it moved the teacher's outputs on the
+        first batch (None before the teacher's first forward, or without a speed-up)."""
+        return self._fast_teacher.report if self._fast_teacher is not None else None
 
     def close(self) -> None:
         """Remove every forward hook this distiller put on the models (as `detach`)."""
@@ -373,6 +391,22 @@ class Distiller(nn.Module):
             and inputs.dtype != dtype
         ):
             inputs = inputs.to(dtype)
+        if self.teacher_speedup:
+            fast = self._fast_teacher
+            if fast is None or fast.stale():  # the first forward, or the weights changed
+                if self.teacher_taps is not None:
+                    self.teacher_taps.detach()
+                if fast is not None:
+                    fast.detach()
+                fast, output, features = FastTeacher.prepare(
+                    self.teacher, self.teacher_speedup, self._teacher_layers, inputs
+                )
+                self._fast_teacher = fast
+                return _clone_tree(output), features  # the eager teacher's, on this batch
+            if fast.runner is not None:
+                with torch.inference_mode():
+                    output, features = fast(inputs)
+                return _clone_tree(output), FastTeacher.normal(features)
         if self.teacher_taps is not None:
             self.teacher_taps.attach()
             self.teacher_taps.clear()

@@ -43,3 +43,9 @@ class LateParameterError(KdistillError, RuntimeError):
     """A forward would create a parameter (a connector, a loss's head) after the parameter list
     was read, by an optimiser perhaps, which would then never train it; the message names the
     term, its layers and the fix (`Distiller.build(example_inputs)` before the optimiser)."""
+
+
+class TeacherSpeedupError(KdistillError, ValueError):
+    """A teacher speed-up (`kdistill.teacher_speedup`) changed the teacher's outputs or a tapped
+    layer beyond its tolerance on the first batch; the message names the step, the tensor, the
+    measured drift and the fix (leave the step out)."""

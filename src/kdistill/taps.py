@@ -54,7 +54,9 @@ def snapshot(output: Tensor) -> Tensor:
     Differentiable for a tensor in an autograd graph; a normal (not inference-mode) tensor for an
     inference-mode one, so that the copy may enter a graph as a constant.
     """
-    if output.is_inference():
+    # under torch.compile the copy is an output of the compiled graph (is_inference() cannot be
+    # traced); the caller makes it a normal tensor (`teacher_speedup.FastTeacher.normal`)
+    if not torch.compiler.is_compiling() and output.is_inference():
         with torch.inference_mode(False):
             return output.clone()
     return output.clone()

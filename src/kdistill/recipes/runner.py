@@ -511,7 +511,12 @@ class Experiment:
         if student is None:
             student = self.initial_student(spec, seed)
         uses_teacher = any(term.uses_teacher for term in terms)
-        distiller = Distiller(self.teacher if uses_teacher else None, student, terms)
+        distiller = Distiller(
+            self.teacher if uses_teacher else None,
+            student,
+            terms,
+            teacher_speedup=self.recipe.distill.teacher_speedup if uses_teacher else None,
+        )
         tapped = [t.teacher for t in terms if t.uses_teacher and t.teacher is not None]
         config = self.train_config(train or self.recipe.train, epochs)
         loader = self.loader(self.splits.train, seed, config.batch_size, shuffle=True)

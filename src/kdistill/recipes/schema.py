@@ -48,6 +48,7 @@ from kdistill.models.specs import (
 )
 from kdistill.registry import close_matches, unknown_name_message
 from kdistill.tasks import get_task
+from kdistill.teacher_speedup import parse_speedup
 
 
 class Strict(BaseModel):
@@ -465,6 +466,13 @@ class DistillSpec(Strict):
     teacher_cache_topk: int | None = Field(
         None, ge=1, description="a disk cache keeps only the k largest logits (approximate)"
     )
+    teacher_speedup: str | list[str] = Field(
+        "off",
+        description="run the frozen teacher faster, with the same outputs: 'off', 'auto' "
+        "(fold + channels_last, + bf16 on AMX CPUs / tensor-core GPUs) or a list of fold, "
+        "channels_last, bf16, compile; checked against the eager teacher on the first batch "
+        "(kdistill.teacher_speedup)",
+    )
     ignore_index: int | None = Field(
         None,
         description="label of void pixels in the masks (255 for VOC / Cityscapes): left out of "
@@ -482,7 +490,15 @@ class DistillSpec(Strict):
             )
         if isinstance(data, dict) and data.get("teacher_cache") is False:
             data = {**data, "teacher_cache": "off"}  # YAML 1.1 reads a bare `off` as false
+        if isinstance(data, dict) and data.get("teacher_speedup") is False:
+            data = {**data, "teacher_speedup": "off"}
         return data
+
+    @field_validator("teacher_speedup")
+    @classmethod
+    def known_speedup(cls, value: str | list[str]) -> str | list[str]:
+        parse_speedup(value, "distill.teacher_speedup")  # ConfigError is a ValueError
+        return value
 
     @model_validator(mode="after")
     def non_empty_methods(self) -> DistillSpec:
