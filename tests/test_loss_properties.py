@@ -39,7 +39,9 @@ CONSTRUCTOR_ARGS: dict[str, dict] = {"crd": {"num_samples": 6, "num_negatives": 
 MAY_BE_NEGATIVE: set[str] = set()
 # Losses that are not zero when student equals teacher: a contrastive loss still separates a
 # sample from its negatives (CRD's zero is at perfect separation, not at equality).
-NOT_ZERO_AT_EQUALITY = {"crd"}
+# Hard-label distillation is a cross-entropy with the teacher's argmax: at equality it is the
+# entropy-like −log max softmax(z), zero only for a one-hot softmax.
+NOT_ZERO_AT_EQUALITY = {"crd", "hard_kd"}
 
 # Box targets (losses with target_is_class_index False): N×BOXES_PER_IMAGE×5 float32 rows
 # [class, x1, y1, x2, y2] in pixels of a BOX_IMAGE_SIZE² image (YOLOLoss's default

@@ -4,7 +4,7 @@ from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
-from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
+from kdistill.losses.logit import CE, DIST, DKD, KD, HardKD, LogitMSE
 from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FeatureCosine",
     "FeatureL1",
     "FitNet",
+    "HardKD",
     "LogitMSE",
     "PixelKD",
     "YOLOLoss",

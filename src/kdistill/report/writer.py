@@ -12,7 +12,7 @@ from pathlib import Path
 from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
-from kdistill.report.plots import plot_curves, plot_tradeoff
+from kdistill.report.plots import plot_curves, plot_label_budget, plot_tradeoff
 from kdistill.report.table import build_rows, format_settings, markdown_table
 
 
@@ -83,6 +83,9 @@ def write_report(summary, recipe, command: str) -> str:
         out_dir / "tradeoff.png",
         name=name,
     )
+    budgets = {s.name: s.labelled for s in recipe.students if getattr(s, "labelled", None)}
+    if budgets and plot_label_budget(rows, budgets, out_dir / "labels.png", name) is not None:
+        lines += ["", f"![test {name} against labelled images](labels.png)"]
     if tradeoff is not None:
         lines += ["", COST_NOTE, "", f"![{name} against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
