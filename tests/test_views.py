@@ -382,3 +382,53 @@ def test_view_builds_refuse_loaders_that_miss_or_repeat_samples(tmp_path, teache
         MemoryTeacherOutputs.predict(teacher, loader_of(data))
     with pytest.raises(CacheError, match="needs a loader with keyed augmentation"):
         MemoryTeacherOutputs.predict(teacher, BatchLoader(data, 16), epochs=2)
+
+
+# -- the recipe: data.augment ----------------------------------------------------------------------
+RECIPE = """
+name: views
+seed: 5
+data: {dataset: digits, val_size: 100, train_limit: 400, test_limit: 50, augment: {pad: 1}}
+teacher: {model: middle_student, train: {epochs: 1, progress: false}}
+students: [{name: s, model: middle_student, kwargs: {channels: [2, 2]}}]
+train: {epochs: 2, progress: false}
+distill: {teacher_cache: disk, methods: {kd: [{loss: kd}]}}
+tune: {enabled: false}
+cost: {enabled: false}
+"""
+
+
+def test_recipe_views_are_built_once_and_replay_the_online_student(tmp_path):
+    from kdistill.recipes import Experiment, load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+
+    def student_weights(teacher_cache: str, run: str):
+        recipe = load_recipe(path, [f"distill.teacher_cache={teacher_cache}"])
+        experiment = Experiment(recipe, tmp_path / run, progress=False)
+        experiment.prepare_teacher()
+        calls = count_calls(experiment.teacher)
+        student, _ = experiment.train_student(
+            "s",
+            recipe.students[0],
+            recipe.seed,
+            experiment.objective("kd"),
+            "kd",
+            experiment.splits.val,
+        )
+        return experiment, student.state_dict(), calls
+
+    online, online_weights, _ = student_weights("off", "a")
+    disk, disk_weights, calls = student_weights("disk", "a")  # the same run folder: same teacher
+    cache = disk.teacher_train_outputs
+    assert isinstance(cache, TeacherCache) and cache.epochs == 2
+    assert cache.views["seed"] == 5 and cache.views["augmentation"]["pad"] == 1
+    assert calls == []  # the student trained from the stored views
+    assert_same(online_weights, disk_weights)
+    built = (tmp_path / "a/teacher_cache/manifest.json").stat().st_mtime_ns
+    memory, memory_weights, calls = student_weights("memory", "a")
+    assert memory.teacher_train_outputs.epochs == 2 and calls == []
+    assert_same(online_weights, memory_weights)
+    student_weights("disk", "a")
+    assert (tmp_path / "a/teacher_cache/manifest.json").stat().st_mtime_ns == built  # reused
