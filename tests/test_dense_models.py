@@ -346,3 +346,30 @@ def test_a_multitask_student_trains_through_the_distiller_on_scene_batches():
     out.loss.backward()
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ["seg_student", "multitask_student"])
+def test_coarse_head_adds_upsampled_class_scores_of_the_context_map(name):
+    # FCN-style score fusion: logits = head(decoder) + bilinear↑(head_coarse(ppm output));
+    # checked against the same model without the coarse head (its other weights copied) plus
+    # the coarse scores computed here from a hook on `ppm`
+    torch.manual_seed(0)
+    fused = create_model(name, coarse_head=True).eval()
+    plain = create_model(name).eval()
+    missing = plain.load_state_dict(fused.state_dict(), strict=False)
+    coarse = "head_coarse" if name == "seg_student" else "seg_head_coarse"
+    assert missing.unexpected_keys == [f"{coarse}.weight", f"{coarse}.bias"]
+    context = {}
+    fused.ppm.register_forward_hook(lambda m, args, out: context.setdefault("ppm", out))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        got = fused(x)
+        expected = plain(x)
+        head = getattr(fused, coarse)
+        extra = F.interpolate(head(context["ppm"]), size=(64, 64), mode="bilinear")
+    got = got if name == "seg_student" else got["seg"]
+    expected = expected if name == "seg_student" else expected["seg"]
+    torch.testing.assert_close(got, expected + extra)
+    assert count_parameters(fused) - count_parameters(plain) == 24 * 11 + 11
+    traced = torch.fx.symbolic_trace(fused)
+    assert torch.equal(traced(x) if name == "seg_student" else traced(x)["seg"], got)

@@ -40,7 +40,9 @@ CONSTRUCTOR_ARGS: dict[str, dict] = {"crd": {"num_samples": 6, "num_negatives": 
 MAY_BE_NEGATIVE: set[str] = set()
 # Losses that are not zero when student equals teacher: a contrastive loss still separates a
 # sample from its negatives (CRD's zero is at perfect separation, not at equality).
-NOT_ZERO_AT_EQUALITY = {"crd"}
+# Hard-label distillation is a cross-entropy with the teacher's argmax: at equality it is the
+# entropy-like −log max softmax(z), zero only for a one-hot softmax.
+NOT_ZERO_AT_EQUALITY = {"crd", "hard_kd"}
 # Losses comparing each position's last-dim vector by cosine: a zero vector has cosine 0 with
 # anything (itself included), so equality draws need every such vector non-zero.
 PER_VECTOR_COSINE = {"hidden_cosine"}

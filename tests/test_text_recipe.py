@@ -66,7 +66,12 @@ def test_the_text_block_has_documented_defaults(tmp_path):
         ("  text: {val_books: [Ruth, ruth]}", "lm", "kjv", "val_books names a book twice"),
         ("  text: {val_books: []}", "lm", "kjv", "val_books: List should have at least 1"),
         ("  text: {vocab_size: 100}", "lm", "kjv", "vocab_size: Input should be greater than"),
-        ("  text: {blocksize: 64}", "lm", "kjv", "blocksize: Extra inputs are not permitted"),
+        (
+            "  text: {blocksize: 64}",
+            "lm",
+            "kjv",
+            "unknown field 'blocksize'; did you mean 'block_size'",
+        ),
     ],
 )
 def test_bad_text_recipes_fail_when_read(tmp_path, data, task, dataset, fragment):

@@ -49,10 +49,24 @@ remaining probability mass equally (renormalised: it sums to 1). m ≤ max_{j �
 the ranking of the top-k is kept. At T ≠ 1 the tail is an approximation: the build records
 mean_n KL(softmax(z/T) ‖ softmax(ẑ/T)) at T = 1 and T = 4 (`errors.output.mean_kl_T1/T4`).
 
-Random augmentation: the cache records ``"transforms": "none"``. A dataset or loader flagged as
-randomly augmented (a truthy ``augment`` attribute) cannot be cached exactly — the teacher would
-see other pixels than the student — so `build_teacher_cache` refuses it, and
-`offline_teacher_outputs` falls back to online distillation with a warning.
+Augmentation. A plain cache records ``"transforms": "none"``: one output per sample. A dataset
+or loader flagged as randomly augmented (a truthy ``augment`` attribute: views drawn from a
+stateful generator) cannot be cached exactly — the teacher would see other pixels than the
+student — so `build_teacher_cache` refuses it, and `offline_teacher_outputs` falls back to
+online distillation with a warning.
+
+Keyed augmentation is cached exactly. A `BatchLoader` with ``augmentation=`` makes each view a
+fixed function of (augment seed, epoch, sample index) (`kdistill.data.augment`), so
+`build_view_cache(teacher, loader, directory, epochs=E)` runs the teacher once over E epochs of
+the loader's batches and stores row ``e·N + i`` = the teacher's output on sample i's view in
+epoch e, with that view's signature; the manifest's ``views`` records E, the augmentation and
+its seed. `fit` tells the cache which epoch runs (`set_epoch`), and each lookup checks the batch
+against the signatures of *that epoch's views*: a loader on another epoch, augmentation or seed
+fails the check like other data. Built from the very batches training uses (the same loader),
+a float32 view cache replays the online teacher bit for bit; views of a sample do not depend on
+the batch, so another shuffling still gets the right views (to the last bit of a CPU kernel's
+batch-dependent rounding). `MemoryTeacherOutputs.predict(teacher, loader, epochs=E)` keeps the
+same rows in memory.
 """
 
 from __future__ import annotations
@@ -88,9 +102,11 @@ __all__ = [
     "MemoryTeacherOutputs",
     "TeacherCache",
     "build_teacher_cache",
+    "build_view_cache",
     "encode_topk",
     "input_signatures",
     "is_randomly_augmented",
+    "loader_views",
     "offline_teacher_outputs",
     "TeacherSource",
     "rebuild_topk_logits",
@@ -136,6 +152,20 @@ def is_randomly_augmented(*sources: Any) -> bool:
     return False
 
 
+def loader_views(loader: Any) -> dict | None:
+    """The keyed augmentation of a loader — ``{"augmentation": {…}, "seed": s}`` from its
+    ``view_spec()`` (kdistill's `BatchLoader` with ``augmentation=``) — or None."""
+    spec = getattr(loader, "view_spec", None)
+    return spec() if callable(spec) else None
+
+
+def _view_key(views: Mapping | None) -> dict | None:
+    """What decides the views (augmentation and seed), without the epoch count."""
+    if views is None:
+        return None
+    return {"augmentation": views["augmentation"], "seed": views["seed"]}
+
+
 class TeacherSource(Protocol):
     """Where `kd.fit` reads the teacher's outputs from — the one interface the engine consumes.
 
@@ -143,7 +173,8 @@ class TeacherSource(Protocol):
     (outputs kept in RAM) or a `TeacherCache` (on disk) returns stored outputs. `layers`: the
     tapped teacher layers it holds; `lookup(index, inputs)` → ``(output, {layer: features} or
     None)`` for a batch, after checking that `inputs` are the samples the outputs were computed
-    on (CacheError otherwise).
+    on (CacheError otherwise). A source may also have `set_epoch(epoch)`, which `fit` calls at
+    the start of every epoch (stored views of augmented samples are per epoch).
     """
 
     @property
@@ -164,16 +195,39 @@ def offline_teacher_outputs(
 
     Stored outputs are only exact when the student sees the very inputs the teacher saw; with
     random augmentation they are not, so distillation falls back to running the teacher online.
+    A loader with keyed augmentation (`loader_views`) is served by stored *views* of the same
+    augmentation and seed (`build_view_cache`); stored outputs of the plain samples fall back to
+    online with a warning, and views of another augmentation or seed — or views for a loader
+    that does not augment — raise CacheError.
     """
     if source is not None and not set(layers) <= set(source.layers):
         return None  # e.g. logits kept in memory, but a term taps a teacher layer
-    if source is not None and is_randomly_augmented(loader):
+    if source is None:
+        return None
+    if is_randomly_augmented(loader):
         log.warning(
             "%s: the loader applies random augmentation, so cached teacher outputs would not "
             "match the augmented inputs; distilling online (the teacher runs every step)",
             label,
         )
         return None
+    wanted = _view_key(loader_views(loader))
+    held = _view_key(getattr(source, "views", None))
+    if wanted is not None and held is None:
+        log.warning(
+            "%s: the loader augments its batches (%s) but the stored teacher outputs are of the "
+            "plain samples; distilling online (build the teacher's outputs of the views with "
+            "build_view_cache or MemoryTeacherOutputs.predict(teacher, loader, epochs=…))",
+            label,
+            wanted,
+        )
+        return None
+    if wanted != held:
+        raise CacheError(
+            f"{label}: the stored teacher outputs are views of {held}, but the training loader "
+            + (f"makes views of {wanted}" if wanted is not None else "does not augment")
+            + "; build them with the loader training uses (same augmentation and augment_seed)"
+        )
     return source
 
 
@@ -321,6 +375,53 @@ _OTHER_DATA = (
 )
 
 
+_OTHER_VIEWS = (
+    "the stored teacher outputs are views (augmented samples) of other inputs: the loader is on "
+    "another epoch than the stored views (fit keeps both in step through set_epoch), or it "
+    "makes views with another augmentation or augment_seed, or the data differ (a subset, "
+    "another order, other normalisation); build the views with the loader training uses "
+    "(build_view_cache(teacher, loader, …, epochs=…))"
+)
+
+
+class _EpochRows:
+    """Rows of stored teacher outputs by epoch, shared by the in-memory and on-disk sources.
+
+    `views` is None (one row per sample, read whatever the epoch) or a dict ``{"epochs": E,
+    "augmentation": {…}, "seed": s, …}``: row ``e·size + i`` holds sample i's view in epoch e.
+    `set_epoch(e)` (called by `fit` every epoch) chooses the epoch lookups read.
+    """
+
+    views: dict | None = None
+    size: int = 0
+    epoch: int = 0
+    source: str = "stored teacher outputs"
+
+    @property
+    def epochs(self) -> int | None:
+        """Epochs of views held (None: no views — the same outputs every epoch)."""
+        return None if self.views is None else int(self.views["epochs"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read the views of `epoch` (0-based) from now on; CacheError beyond the stored ones."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if self.views is not None and epoch >= self.epochs:
+            raise CacheError(
+                f"{self.source}: holds the teacher's outputs on the views of {self.epochs} "
+                f"epoch(s), but training reached epoch {epoch + 1}; build them for at least "
+                f"{epoch + 1} epochs (epochs= of build_view_cache / predict)"
+            )
+        self.epoch = epoch
+
+    def _rows(self, index: Tensor) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """(stored rows of the samples at `index` in the current epoch, (epoch, size) or None)."""
+        rows = _as_rows(index, self.size, self.source)
+        if self.views is None:
+            return rows, None
+        return rows + self.epoch * self.size, (self.epoch, self.size)
+
+
 class InputSignatures:
     """The signatures of the input samples stored teacher outputs were computed on, by dataset
     index; `check(index, inputs)` raises CacheError when a batch's samples are not those inputs.
@@ -349,9 +450,12 @@ class InputSignatures:
         values = np.concatenate(parts) if parts else np.zeros((0, 2))
         return cls(values, tuple(inputs.shape[1:]), source)
 
-    def check(self, rows: np.ndarray, inputs: Tensor | None) -> None:
-        """Raise CacheError unless `inputs[j]` is the sample stored at dataset index `rows[j]`."""
-        fix = _OTHER_DATA
+    def check(
+        self, rows: np.ndarray, inputs: Tensor | None, view: tuple[int, int] | None = None
+    ) -> None:
+        """Raise CacheError unless `inputs[j]` is the sample stored at row `rows[j]`: a dataset
+        index, or for stored views ``epoch·size + index`` with `view` = (epoch, size)."""
+        fix = _OTHER_DATA if view is None else _OTHER_VIEWS
         if inputs is None:
             raise CacheError(
                 f"{self.source}: a lookup needs the batch's inputs, lookup(index, inputs), so "
@@ -376,11 +480,15 @@ class InputSignatures:
         bad = ~(np.abs(dots - stored) <= self._tolerance.take(rows))
         if bad.any():
             first = int(np.argmax(bad))
+            where = f"dataset index {int(rows[first])}"
+            if view is not None:
+                epoch, size = view
+                where = f"the view of dataset index {int(rows[first]) - epoch * size} in epoch "
+                where += str(epoch + 1)
             raise CacheError(
                 f"{self.source}: {int(bad.sum())} of {len(rows)} samples of this batch are not "
-                f"the inputs the teacher outputs were computed on (first: dataset index "
-                f"{int(rows[first])}, signature {dots[first]:.9g}, stored "
-                f"{stored[first]:.9g}); {fix}"
+                f"the inputs the teacher outputs were computed on (first: {where}, signature "
+                f"{dots[first]:.9g}, stored {stored[first]:.9g}); {fix}"
             )
 
 
@@ -476,8 +584,10 @@ class _Writer:
                 self.err[entry.name][f"kl_max_T{t:g}"] = 0.0
             self.err[entry.name]["kl_count"] = 0
 
-    def write(self, entry: _Entry, start: int, value: Tensor) -> None:
+    def write(self, entry: _Entry, rows: np.ndarray, value: Tensor) -> None:
+        """Store `value` (one row per entry of `rows`) at those rows of the entry's arrays."""
         value = value.detach().float().cpu()
+        start = int(rows[0]) if len(rows) else 0
         if entry.name not in self.specs:
             self._declare(entry, value)
         spec = self.specs[entry.name]
@@ -486,7 +596,6 @@ class _Writer:
                 f"teacher {entry.name} changed shape between batches: {spec['shape']} per sample "
                 f"at first, {list(value.shape[1:])} at sample {start}"
             )
-        stop = start + len(value)
         self.rows[entry.name] = self.rows.get(entry.name, 0) + len(value)
         if spec["storage"] == "topk":
             values, indices, fill = encode_topk(value, spec["k"])
@@ -497,7 +606,7 @@ class _Writer:
                 "fill": _to_storage(fill, self.dtype),
             }
             for part, array in stored.items():
-                self.arrays[f"{entry.name}.topk_{part}"][start:stop] = array
+                self.arrays[f"{entry.name}.topk_{part}"][rows] = array
             rebuilt = rebuild_topk_logits(
                 _from_storage(stored["values"], self.dtype),
                 torch.from_numpy(stored["indices"]),
@@ -508,7 +617,7 @@ class _Writer:
             self._check_finite(entry, fill, start)
         else:
             stored_array = _to_storage(value, self.dtype)
-            self.arrays[entry.name][start:stop] = stored_array
+            self.arrays[entry.name][rows] = stored_array
             if self.dtype == "float32":  # stored exactly: nothing to measure (errors stay 0)
                 self._check_finite(entry, value, start)
                 return
@@ -611,10 +720,7 @@ def build_teacher_cache(
     A crash part-way leaves a manifest with ``"complete": false``, which `open` refuses.
     """
     directory = Path(directory)
-    if dtype not in CACHE_DTYPES:
-        raise CacheError(f"dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise CacheError(f"topk must be a positive integer or None, got {topk!r}")
+    layers = _check_build_settings(dtype, topk, layers, directory)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CacheError(f"batch_size must be a positive integer, got {batch_size!r}")
     if is_randomly_augmented(dataset):
@@ -628,6 +734,19 @@ def build_teacher_cache(
             f"{type(dataset).__name__} has no fingerprint(); a cache must know which data it "
             "holds (use kdistill.data.ArrayDataset)"
         )
+    loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False)
+    batches = ((batch.index.numpy(), batch.inputs) for batch in loader)
+    return _build_with_taps(
+        teacher, dataset, directory, layers, dtype, topk, batches, len(loader), {}, progress
+    )
+
+
+def _check_build_settings(dtype, topk, layers, directory: Path) -> list[str]:
+    """The arguments every build shares, checked; the layer list without repeats."""
+    if dtype not in CACHE_DTYPES:
+        raise CacheError(f"dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise CacheError(f"topk must be a positive integer or None, got {topk!r}")
     layers = list(dict.fromkeys(layers))
     for layer in layers:
         _check_name(layer, "layer")
@@ -636,18 +755,111 @@ def build_teacher_cache(
             f"{directory}: not empty and not a teacher cache; build into a new or empty folder "
             "(an existing cache is rebuilt in place)"
         )
+    return layers
+
+
+def build_view_cache(
+    teacher: nn.Module,
+    loader: Any,
+    directory: str | Path,
+    epochs: int,
+    layers: Sequence[str] = (),
+    dtype: str = "float32",
+    topk: int | None = None,
+    progress: bool = False,
+) -> TeacherCache:
+    """Run `teacher` (eval mode, inference mode) over `epochs` epochs of `loader`'s augmented
+    batches — the loader's own order, batch composition and views — and store its outputs on
+    every view (row ``e·N + i``: sample i's view in epoch e) with their input signatures.
+
+    `loader`: kdistill's `BatchLoader` with ``augmentation=`` (views keyed by augment seed, epoch
+    and sample index, `kdistill.data.augment`), unsharded and without ``drop_last``, over a
+    dataset with ``fingerprint()``; every sample must come exactly once per epoch. Training with
+    the same loader then reads, through `fit`, exactly what the online teacher computes (bit
+    for bit in float32; `set_epoch` picks the epoch's views). The loader's epoch is restored.
+    `dtype`, `topk`, `layers`: as in `build_teacher_cache`. Storage: E × N rows.
+    """
+    directory = Path(directory)
+    layers = _check_build_settings(dtype, topk, layers, directory)
+    spec = loader_views(loader)
+    if spec is None:
+        raise CacheError(
+            f"build_view_cache needs a loader with keyed augmentation (kdistill's BatchLoader "
+            f"with augmentation=…); {type(loader).__name__} makes no views — use "
+            "build_teacher_cache for plain samples"
+        )
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise CacheError(f"epochs must be a positive integer, got {epochs!r}")
+    if getattr(loader, "world_size", 1) != 1 or getattr(loader, "drop_last", False):
+        raise CacheError(
+            "build_view_cache needs every sample once per epoch: build it from an unsharded "
+            "loader without drop_last (training may still shard: views do not depend on it)"
+        )
+    dataset = loader.dataset
+    if not callable(getattr(dataset, "fingerprint", None)):
+        raise CacheError(
+            f"{type(dataset).__name__} has no fingerprint(); a cache must know which data it "
+            "holds (use kdistill.data.ArrayDataset)"
+        )
+    size = len(dataset)
+    views = {
+        "epochs": epochs,
+        **spec,
+        "order": {
+            "batch_size": loader.batch_size,
+            "shuffle": bool(getattr(loader, "shuffle", False)),
+            "seed": getattr(loader, "seed", None),
+        },
+    }
+
+    def batches():
+        was = loader.epoch
+        try:
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                for batch in loader:
+                    yield batch.index.numpy() + epoch * size, batch.inputs
+        finally:
+            loader.set_epoch(was)
+
+    return _build_with_taps(
+        teacher,
+        dataset,
+        directory,
+        layers,
+        dtype,
+        topk,
+        batches(),
+        epochs * len(loader),
+        {"views": views, "transforms": "keyed views (see views)"},
+        progress,
+    )
+
+
+def _build_with_taps(
+    teacher, dataset, directory, layers, dtype, topk, batches, count, extra, progress
+):
     taps = Taps(teacher, layers, "teacher") if layers else None  # unknown names fail here
     try:
-        return _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, progress)
+        return _build(
+            teacher, dataset, directory, taps, layers, dtype, topk, batches, count, extra, progress
+        )
     finally:
         if taps is not None:
             taps.close()
 
 
-def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, progress):
-    """The build itself, arguments checked; `taps` (on the teacher) is closed by the caller."""
+def _build(teacher, dataset, directory, taps, layers, dtype, topk, batches, count, extra, progress):
+    """The build itself, arguments checked; `taps` (on the teacher) is closed by the caller.
+
+    `batches` yields (rows, inputs): the rows the teacher's outputs on `inputs` go to (dataset
+    positions; for views ``epoch·N + index``); `count`: how many batches (for the progress bar);
+    `extra`: manifest fields (views). Every row must be written exactly once.
+    """
     started = time.perf_counter()
     size = len(dataset)
+    epochs = extra["views"]["epochs"] if "views" in extra else 1
+    total = size * epochs
     manifest = {
         "format": FORMAT_VERSION,
         "complete": False,
@@ -661,7 +873,7 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
         "dtype": dtype,
         "topk": topk,
         "layers": layers,
-        "batch_size": batch_size,
+        **extra,
     }
     directory.mkdir(parents=True, exist_ok=True)
     # Mark the folder unfinished before any array is (re)written: a crash from here on leaves
@@ -670,38 +882,49 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batch_size, p
     for pattern in ("output*.npy", "feature.*.npy", "inputs.*.npy"):  # the previous build's
         for old in directory.glob(pattern):
             old.unlink()
-    writer = _Writer(directory, size, dtype, topk)
-    signatures = np.zeros((size, 2))
+    writer = _Writer(directory, total, dtype, topk)
+    signatures = np.zeros((total, 2))
+    written = np.zeros(total, dtype=np.int64)
     sample_shape = None
     device = next(iter(teacher.parameters()), torch.empty(0)).device
     was_training = teacher.training
     teacher.eval()
     output_kind = None
+    batch_size = 0
     try:
-        loader = BatchLoader(dataset, batch_size=batch_size, shuffle=False)
-        for batch in tqdm(loader, desc="teacher cache", disable=not progress, leave=False):
+        bar = tqdm(batches, total=count, desc="teacher cache", disable=not progress, leave=False)
+        for rows, inputs in bar:
             if taps is not None:
                 taps.clear()
             with torch.inference_mode():
-                output = call_model(teacher, move_to(batch.inputs, device))
+                output = call_model(teacher, move_to(inputs, device))
                 features = taps.collect() if taps is not None else {}
             output_kind = "dict" if isinstance(output, Mapping) else "tensor"
-            start = int(batch.index[0])
-            signatures[start : start + len(batch)] = input_signatures(batch.inputs)
-            sample_shape = list(sample_shape_of(batch.inputs))
+            signatures[rows] = input_signatures(inputs)
+            np.add.at(written, rows, 1)
+            sample_shape = list(sample_shape_of(inputs))
+            batch_size = max(batch_size, len(rows))
             for entry, value in _entries_of(output, features):
-                if len(value) != len(batch):
+                if len(value) != len(rows):
                     raise CacheError(
                         f"teacher {entry.name} has {len(value)} rows for a batch of "
-                        f"{len(batch)} samples; a cache needs one row per sample"
+                        f"{len(rows)} samples; a cache needs one row per sample"
                     )
-                writer.write(entry, start, value)
+                writer.write(entry, rows, value)
     finally:
         teacher.train(was_training)
+    if not bool((written == 1).all()):
+        missing, repeated = int((written == 0).sum()), int((written > 1).sum())
+        raise CacheError(
+            f"the batches gave {missing} of {total} rows no teacher output and {repeated} more "
+            "than one; a cache needs every sample exactly once per epoch (an unsharded loader "
+            "without drop_last)"
+        )
     entries, errors = writer.finish()
     np.save(directory / SIGNATURE_FILE, signatures)
     manifest.update(
         complete=True,
+        batch_size=batch_size,
         inputs={
             "shape": sample_shape,
             "signature": SIGNATURE_METHOD,
@@ -753,12 +976,13 @@ def _short(digest: str) -> str:
     return digest[:12] + "…"
 
 
-class TeacherCache:
+class TeacherCache(_EpochRows):
     """A finished, validated teacher cache; `lookup(index, inputs)` gives (output, {layer:
     features}) after checking that `inputs` are the samples the outputs were computed on.
 
     Open it with `TeacherCache.open`; it is a `TeacherSource`, so it
-    is passed to `fit(..., teacher_outputs=cache)` as it is.
+    is passed to `fit(..., teacher_outputs=cache)` as it is. A view cache
+    (`build_view_cache`) holds `epochs` views per sample; `set_epoch` picks the epoch read.
     """
 
     def __init__(self, directory: Path, manifest: dict, arrays: dict[str, np.ndarray]):
@@ -767,10 +991,13 @@ class TeacherCache:
         self._arrays = arrays
         self.size = int(manifest["dataset"]["size"])
         self.dtype = manifest["dtype"]
+        self.views = manifest.get("views")
+        self.epoch = 0
+        self.source = f"teacher cache {directory}"
         self.signatures = InputSignatures(
             arrays[manifest["inputs"]["file"]],
             manifest["inputs"]["shape"],
-            f"teacher cache {directory}",
+            self.source,
         )
 
     # -- properties -----------------------------------------------------------------------------
@@ -778,9 +1005,10 @@ class TeacherCache:
         return self.size
 
     def __repr__(self) -> str:
+        views = f", epochs={self.epochs}" if self.views is not None else ""
         return (
             f"TeacherCache({str(self.directory)!r}, size={self.size}, dtype={self.dtype}, "
-            f"topk={self.topk}, layers={self.layers})"
+            f"topk={self.topk}, layers={self.layers}{views})"
         )
 
     @property
@@ -814,12 +1042,15 @@ class TeacherCache:
         layers: Iterable[str] | None = None,
         topk: int | None | str = "any",
         verify: bool = False,
+        views: Mapping | None | str = "any",
     ) -> TeacherCache:
         """Open and validate a cache; every argument given is checked against the manifest.
 
         `teacher`: its weights digest must match; `dataset`: its fingerprint; `dtype`: the
         storage dtype; `layers`: each must be cached (a cache may hold more); `topk`: the k
-        (None = dense; the default "any" accepts both). `verify` re-hashes every array file.
+        (None = dense; the default "any" accepts both); `views`: None for a plain cache, or
+        ``{"epochs": E, "augmentation": …, "seed": s}`` for views of that augmentation and
+        seed over at least E epochs (default "any"). `verify` re-hashes every array file.
         Raises CacheError listing every difference.
         """
         directory = Path(directory)
@@ -854,7 +1085,7 @@ class TeacherCache:
                 f"{where}: incomplete teacher cache — its build did not finish (interrupted or "
                 f"failed), so its arrays are partly empty; {rebuild}"
             )
-        problems = cls._differences(manifest, teacher, dataset, dtype, layers, topk)
+        problems = cls._differences(manifest, teacher, dataset, dtype, layers, topk, views)
         if problems:
             raise CacheError(
                 f"{where}: the teacher cache does not match: "
@@ -865,8 +1096,18 @@ class TeacherCache:
         return cls(directory, manifest, arrays)
 
     @staticmethod
-    def _differences(manifest, teacher, dataset, dtype, layers, topk) -> list[str]:
+    def _differences(manifest, teacher, dataset, dtype, layers, topk, views="any") -> list[str]:
         problems = []
+        held = manifest.get("views")
+        if views != "any" and _view_key(views) != _view_key(held):
+            problems.append(
+                f"views differ (cache: {_view_key(held) or 'plain samples, no views'}; asked "
+                f"for {_view_key(views) or 'plain samples, no views'})"
+            )
+        elif views not in ("any", None) and held["epochs"] < views["epochs"]:
+            problems.append(
+                f"the cache holds views of {held['epochs']} epoch(s), {views['epochs']} asked for"
+            )
         if teacher is not None:
             expected, actual = manifest["teacher"]["sha256"], teacher_digest(teacher)
             if expected != actual:
@@ -907,7 +1148,7 @@ class TeacherCache:
     @staticmethod
     def _open_arrays(directory: Path, manifest: dict, verify: bool) -> dict[str, np.ndarray]:
         """Every array file (outputs, features, input signatures) by file name, memory-mapped."""
-        size = int(manifest["dataset"]["size"])
+        size = int(manifest["dataset"]["size"]) * int(manifest.get("views", {}).get("epochs", 1))
         files = [
             (file, spec["sha256"][file])
             for spec in manifest["entries"].values()
@@ -956,8 +1197,8 @@ class TeacherCache:
         must have the signature stored for its index, else CacheError says how many differ and
         why (see the module docstring); IndexError for an index outside [0, size).
         """
-        rows = _as_rows(index, self.size, f"teacher cache {self.directory}")
-        self.signatures.check(rows, inputs)
+        rows, view = self._rows(index)
+        self.signatures.check(rows, inputs, view)
         return self._read_rows(rows)
 
     def _read_rows(self, rows: np.ndarray) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor]]:
@@ -975,9 +1216,9 @@ class TeacherCache:
         return outputs, features
 
     def outputs(self) -> Tensor | dict[str, Tensor]:
-        """Every sample's output, in dataset order (to inspect them; training reads them through
-        `lookup`, which checks the inputs)."""
-        return self._read_rows(np.arange(self.size))[0]
+        """Every sample's output, in dataset order (for a view cache: E·N rows, epoch by epoch);
+        to inspect them — training reads them through `lookup`, which checks the inputs."""
+        return self._read_rows(np.arange(self.size * (self.epochs or 1)))[0]
 
     def describe(self) -> str:
         """A few lines for people: what is stored, how big, and the storage error."""
@@ -988,9 +1229,15 @@ class TeacherCache:
             + (f", top-{self.topk}" if self.topk else "")
             + f", {self.nbytes() / 2**20:.1f} MiB, built in {self.manifest['build_seconds']} s",
         ]
+        if self.views is not None:
+            lines.append(
+                f"  views of {self.epochs} epoch(s): {self.views['augmentation']}, augment seed "
+                f"{self.views['seed']}"
+            )
         for name, spec in self.manifest["entries"].items():
             err = self.errors.get(name, {})
-            shape = "×".join(str(s) for s in [self.size, *spec["shape"]])
+            rows = self.size * (self.epochs or 1)
+            shape = "×".join(str(s) for s in [rows, *spec["shape"]])
             text = f"  {name}: {shape} {spec['storage']}"
             text += f", max |error| {err.get('max_abs_error', 0):.3g}"
             if "mean_kl_T1" in err:
@@ -1002,7 +1249,7 @@ class TeacherCache:
         return "\n".join(lines)
 
 
-class MemoryTeacherOutputs:
+class MemoryTeacherOutputs(_EpochRows):
     """Teacher outputs held in memory — a tensor, or a dict of tensors (a multi-task teacher),
     row i for dataset sample i — with the signatures of the inputs they were computed on.
 
@@ -1011,12 +1258,27 @@ class MemoryTeacherOutputs:
     tapped features, so a term that taps a teacher layer still runs the teacher.
     Make one with `predict(teacher, loader)` (one pass of the teacher) or `of(outputs,
     dataset)` for outputs computed elsewhere; pass it to `fit(..., teacher_outputs=…)`.
+    With `views` (``predict(teacher, loader, epochs=E)`` on a loader with keyed augmentation)
+    row ``e·N + i`` is sample i's view in epoch e, as in a view cache (`build_view_cache`).
     """
 
     source = "in-memory teacher outputs"
     layers: list[str] = []  # no tapped teacher layers: outputs only
 
-    def __init__(self, outputs: Tensor | Mapping[str, Tensor], signatures: InputSignatures):
+    def __init__(
+        self,
+        outputs: Tensor | Mapping[str, Tensor],
+        signatures: InputSignatures,
+        views: Mapping | None = None,
+    ):
+        epochs = 1 if views is None else int(views["epochs"])
+        if len(signatures) % epochs:
+            raise CacheError(
+                f"{self.source}: {len(signatures)} rows do not make {epochs} epochs of views"
+            )
+        self.views = dict(views) if views is not None else None
+        self.size = len(signatures) // epochs
+        self.epoch = 0
         values = outputs if isinstance(outputs, Mapping) else {None: outputs}
         for key, value in values.items():
             name = "outputs" if key is None else f"outputs[{key!r}]"
@@ -1035,11 +1297,12 @@ class MemoryTeacherOutputs:
         self.signatures = signatures
 
     def __len__(self) -> int:
-        return len(self.signatures)
+        return self.size
 
     def __repr__(self) -> str:
         kind = f"dict {sorted(self.outputs)}" if isinstance(self.outputs, dict) else "tensor"
-        return f"MemoryTeacherOutputs(size={len(self)}, {kind})"
+        views = f", epochs={self.epochs}" if self.views is not None else ""
+        return f"MemoryTeacherOutputs(size={len(self)}, {kind}{views})"
 
     @classmethod
     def of(cls, outputs: Tensor | Mapping[str, Tensor], dataset: Any) -> MemoryTeacherOutputs:
@@ -1062,46 +1325,78 @@ class MemoryTeacherOutputs:
     @classmethod
     @torch.no_grad()
     def predict(
-        cls, teacher: nn.Module, loader: Iterable, device: str | torch.device = "cpu"
+        cls,
+        teacher: nn.Module,
+        loader: Iterable,
+        device: str | torch.device = "cpu",
+        epochs: int | None = None,
     ) -> MemoryTeacherOutputs:
-        """Run `teacher` (eval mode) over `loader`'s batches and keep its outputs (float32, on
-        the CPU) with the signatures of each batch's inputs, placed by `batch.index`; every
-        sample of the dataset must be seen exactly once (an unshuffled, unsharded loader)."""
+        """Run `teacher` (eval mode, inference mode) over `loader`'s batches and keep its outputs
+        (float32, on the CPU) with the signatures of each batch's inputs, placed by
+        `batch.index`; every sample of the dataset must be seen exactly once per epoch (a loader
+        over the whole dataset, without drop_last or sharding).
+
+        `epochs`: for a loader with keyed augmentation (`loader_views`), the epochs of views to
+        keep (row ``e·N + i``, as `build_view_cache` stores them; the loader's epoch is restored
+        afterwards); a loader without augmentation takes one pass (`epochs` None or 1)."""
+        spec = loader_views(loader)
+        if spec is None and epochs not in (None, 1):
+            raise CacheError(
+                f"{cls.source}: epochs={epochs} needs a loader with keyed augmentation; a loader "
+                "without it gives the same inputs every epoch (leave epochs unset)"
+            )
+        if spec is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
+        ):
+            raise CacheError(
+                f"{cls.source}: the loader augments its batches ({spec}); say for how many "
+                f"epochs of views to keep the teacher's outputs (epochs=E), got {epochs!r}"
+            )
+        epochs = epochs or 1
         size = len(loader.dataset)
-        signatures = np.zeros((size, 2))
-        seen = torch.zeros(size, dtype=torch.int64)
+        total = size * epochs
+        signatures = np.zeros((total, 2))
+        seen = torch.zeros(total, dtype=torch.int64)
         outputs: dict[Any, Tensor] = {}
         sample_shape = None
         was_training = teacher.training
+        was_epoch = getattr(loader, "epoch", 0)
         teacher.eval()
         try:
-            for batch in loader:
-                output = call_model(teacher, move_to(batch.inputs, device))
-                values = output if isinstance(output, Mapping) else {None: output}
-                index = batch.index.cpu()
-                for key, value in values.items():
-                    value = value.float().cpu()
-                    if key not in outputs:
-                        outputs[key] = torch.zeros(size, *value.shape[1:])
-                    outputs[key][index] = value
-                signatures[index.numpy()] = input_signatures(batch.inputs)
-                seen.index_add_(0, index, torch.ones_like(index))
-                sample_shape = sample_shape_of(batch.inputs)
+            for epoch in range(epochs):
+                if spec is not None:
+                    loader.set_epoch(epoch)
+                for batch in loader:
+                    with torch.inference_mode():
+                        output = call_model(teacher, move_to(batch.inputs, device))
+                    values = output if isinstance(output, Mapping) else {None: output}
+                    rows = batch.index.cpu() + epoch * size
+                    for key, value in values.items():
+                        value = value.float().cpu()
+                        if key not in outputs:
+                            outputs[key] = torch.zeros(total, *value.shape[1:])
+                        outputs[key][rows] = value
+                    signatures[rows.numpy()] = input_signatures(batch.inputs)
+                    seen.index_add_(0, rows, torch.ones_like(rows))
+                    sample_shape = sample_shape_of(batch.inputs)
         finally:
             teacher.train(was_training)
+            if spec is not None:
+                loader.set_epoch(was_epoch)
         if not bool((seen == 1).all()):
             raise CacheError(
                 f"{cls.source}: the loader gave {int((seen == 0).sum())} samples no time and "
                 f"{int((seen > 1).sum())} more than once; predict needs every sample once "
-                "(an unshuffled loader over the whole dataset, without drop_last or sharding)"
+                "per epoch (a loader over the whole dataset, without drop_last or sharding)"
             )
         stored = outputs[None] if None in outputs else outputs
-        return cls(stored, InputSignatures(signatures, sample_shape, cls.source))
+        views = None if spec is None else {"epochs": epochs, **spec}
+        return cls(stored, InputSignatures(signatures, sample_shape, cls.source), views)
 
     def lookup(self, index: Tensor, inputs: Tensor | None = None) -> tuple[Any, None]:
         """(rows at dataset positions `index`, None) after the input check (see the class)."""
-        rows = _as_rows(index, len(self), self.source)
-        self.signatures.check(rows, inputs)
+        rows, view = self._rows(index)
+        self.signatures.check(rows, inputs, view)
         picked = torch.from_numpy(rows)
         if isinstance(self.outputs, dict):
             return {key: value[picked] for key, value in self.outputs.items()}, None

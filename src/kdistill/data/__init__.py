@@ -15,7 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdistill.data.arrays import ArrayDataset, Batch, BatchLoader, split_train_val, take
+from kdistill.data.arrays import (
+    UNLABELLED,
+    ArrayDataset,
+    Batch,
+    BatchLoader,
+    hide_labels,
+    repeat_to,
+    split_train_val,
+    take,
+)
+from kdistill.data.augment import Augmentation
 from kdistill.data.batches import as_batch
 from kdistill.data.digits import DIGITS_CLASSES, load_digits
 from kdistill.data.fashion_mnist import (
@@ -34,6 +44,8 @@ from kdistill.data.sources import dataset_kind, load_train_test
 from kdistill.registry import Registry
 
 __all__ = [
+    "UNLABELLED",
+    "Augmentation",
     "as_batch",
     "DATASETS",
     "DEFAULT_FASHION_MNIST_DIRS",
@@ -49,6 +61,7 @@ __all__ = [
     "channel_stats",
     "dataset_kind",
     "fashion_mnist_scenes",
+    "hide_labels",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
@@ -56,6 +69,7 @@ __all__ = [
     "load_train_test",
     "make_scenes",
     "read_idx",
+    "repeat_to",
     "resolve_fashion_mnist_root",
     "split_train_val",
     "standardize",

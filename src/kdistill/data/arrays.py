@@ -15,17 +15,25 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from kdistill.data.augment import Augmentation
 from kdistill.errors import DataError
 
 __all__ = [
+    "UNLABELLED",
     "ArrayDataset",
     "Batch",
     "BatchLoader",
     "IndexedDataset",
+    "hide_labels",
     "move_to",
+    "repeat_to",
     "split_train_val",
     "take",
 ]
+
+#: The target of a sample without a label (PyTorch's ``ignore_index`` default, so `CE` leaves
+#: such samples out of its mean). Only a dataset made with ``partly_labelled=True`` may hold it.
+UNLABELLED = -100
 
 
 @dataclass(eq=False)
@@ -35,12 +43,18 @@ class ArrayDataset:
     ``inputs`` is ``N×C×H×W`` float32 (already normalised), ``targets`` is ``N`` int64 with
     values in ``[0, len(classes))``. The tensors are treated as read-only: subsets and batches are
     new tensors made by indexing, nothing writes into them in place.
+
+    ``partly_labelled``: some samples have no label; their target is `UNLABELLED` (−100), which
+    `CE` leaves out of its mean and which any loss that reads labels without ignoring −100
+    refuses (a label out of range), so an unlabelled sample is never trained on as if labelled.
+    Made by `hide_labels`; without the flag a −100 target is an error like any other.
     """
 
     inputs: Tensor
     targets: Tensor
     classes: list[str]
     name: str = "dataset"
+    partly_labelled: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, Tensor) or not isinstance(self.targets, Tensor):
@@ -63,12 +77,22 @@ class ArrayDataset:
                 f"dataset {self.name!r}: {len(self.inputs)} inputs but {len(self.targets)} targets"
             )
         self.classes = list(self.classes)
-        if len(self.targets) > 0:
-            low, high = int(self.targets.min()), int(self.targets.max())
+        labels = self.targets
+        if self.partly_labelled:
+            labels = labels[labels != UNLABELLED]
+        if len(labels) > 0:
+            low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= len(self.classes):
+                also = f" or {UNLABELLED} (unlabelled)" if self.partly_labelled else ""
+                hint = (
+                    f"; {UNLABELLED} marks unlabelled samples only in a dataset made by "
+                    "hide_labels (partly_labelled=True)"
+                    if low == UNLABELLED and not self.partly_labelled
+                    else ""
+                )
                 raise DataError(
-                    f"dataset {self.name!r}: targets must lie in [0, {len(self.classes)}) "
-                    f"for {len(self.classes)} classes, found values in [{low}, {high}]"
+                    f"dataset {self.name!r}: targets must lie in [0, {len(self.classes)}){also} "
+                    f"for {len(self.classes)} classes, found values in [{low}, {high}]{hint}"
                 )
 
     def __len__(self) -> int:
@@ -83,6 +107,13 @@ class ArrayDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_labelled(self) -> int:
+        """Samples that carry a label (all of them unless `partly_labelled`)."""
+        if not self.partly_labelled:
+            return len(self)
+        return int((self.targets != UNLABELLED).sum())
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -101,6 +132,7 @@ class ArrayDataset:
             targets=self.targets[index],
             classes=list(self.classes),
             name=name if name is not None else f"{self.name}-subset",
+            partly_labelled=self.partly_labelled,
         )
 
     def fingerprint(self) -> str:
@@ -220,6 +252,13 @@ class BatchLoader:
     wrapping around to ``world_size · ceil(N / world_size)`` indices, and rank ``r`` takes
     ``order[r::world_size]``, so every rank gets ``ceil(N / world_size)`` samples.
     ``batch_size`` is the per-rank batch; ``drop_last`` drops this rank's final short batch.
+
+    ``augmentation`` (a `kdistill.data.augment.Augmentation`): each batch's inputs are replaced
+    by their views for the current epoch, a fixed function of ``(augment_seed, epoch, index)``
+    (``augment_seed`` defaults to ``seed``): the same view of a sample whatever batch, order,
+    shard or resume it comes in, so stored teacher outputs can be computed for the views
+    (`kdistill.cache.build_view_cache`). Only inputs change: the dataset's targets must be one
+    label per sample.
     """
 
     def __init__(
@@ -231,6 +270,8 @@ class BatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        augmentation: Augmentation | None = None,
+        augment_seed: int | None = None,
     ):
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -249,6 +290,21 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        if augmentation is not None and not isinstance(augmentation, Augmentation):
+            raise ValueError(
+                f"augmentation must be a kdistill.data.augment.Augmentation, got "
+                f"{type(augmentation).__name__}"
+            )
+        active = augmentation is not None and augmentation.active
+        self.augmentation = augmentation if active else None
+        self.augment_seed = seed if augment_seed is None else augment_seed
+
+    def view_spec(self) -> dict | None:
+        """What decides the views of this loader's batches — ``{"augmentation": {…}, "seed":
+        augment_seed}`` — or None when it does not augment (stored teacher outputs record it)."""
+        if self.augmentation is None:
+            return None
+        return {"augmentation": self.augmentation.describe(), "seed": int(self.augment_seed)}
 
     @property
     def num_samples(self) -> int:
@@ -296,10 +352,35 @@ class BatchLoader:
 
     def _batches(self, order: Tensor, start: int) -> Iterator[Batch]:
         size = self.batch_size
+        epoch = self.epoch
         for step in range(start, len(self)):
             index = order[step * size : (step + 1) * size]
             inputs, target = self.dataset.get_batch(index)
+            if self.augmentation is not None:
+                inputs = self._views(inputs, target, index, epoch)
             yield Batch(inputs=inputs, target=target, index=index)
+
+    def _views(self, inputs: Tensor, target: Any, index: Tensor, epoch: int) -> Tensor:
+        assert self.augmentation is not None
+        if not (isinstance(target, Tensor) and target.dim() == 1):
+            what = (
+                f"a tensor of shape {tuple(target.shape)}"
+                if isinstance(target, Tensor)
+                else f"a {type(target).__name__}"
+            )
+            raise DataError(
+                f"dataset {getattr(self.dataset, 'name', '?')!r}: augmentation changes the "
+                f"inputs only, so the targets must be one label per sample; got {what} (masks "
+                "or boxes would no longer match the cropped / flipped pixels)"
+            )
+        return self.augmentation.apply(
+            inputs,
+            index,
+            epoch,
+            self.augment_seed,
+            partners=lambda positions: self.dataset.get_batch(positions)[0],
+            size=len(self.dataset),
+        )
 
 
 def _stratified_pick(dataset, count: int, seed: int, stratify: bool) -> Tensor:
@@ -379,3 +460,47 @@ def take(
         return dataset
     index = _stratified_pick(dataset, n, seed, stratify)
     return dataset.subset(index, name=f"{dataset.name}-take{n}")
+
+
+def hide_labels(
+    dataset: ArrayDataset, labelled: int, seed: int = 0, *, stratify: bool = True
+) -> tuple[ArrayDataset, Tensor]:
+    """The label-scarce version of `dataset`: the same inputs in the same order, with the labels
+    of all but `labelled` samples replaced by `UNLABELLED`; and the (sorted) positions that keep
+    their label.
+
+    The kept samples are a seeded random draw, stratified by class by default (each class keeps
+    its share, see ``_stratified_pick``). Stored teacher outputs computed on `dataset` still
+    serve it (its inputs are unchanged). Losses that read labels must ignore −100 (`CE` does by
+    default); any other refuses the batch (a label out of range) instead of training on it.
+    """
+    if dataset.partly_labelled:
+        raise DataError(f"dataset {dataset.name!r} already has unlabelled samples")
+    if isinstance(labelled, bool) or not isinstance(labelled, int) or labelled < 1:
+        raise ValueError(f"labelled must be a positive integer, got {labelled!r}")
+    if labelled > len(dataset):
+        raise DataError(
+            f"dataset {dataset.name!r}: cannot keep {labelled} labels of {len(dataset)} samples"
+        )
+    kept = _stratified_pick(dataset, labelled, seed, stratify)
+    targets = torch.full_like(dataset.targets, UNLABELLED)
+    targets[kept] = dataset.targets[kept]
+    scarce = ArrayDataset(
+        dataset.inputs,
+        targets,
+        list(dataset.classes),
+        name=f"{dataset.name}-labelled{labelled}",
+        partly_labelled=True,
+    )
+    return scarce, kept
+
+
+def repeat_to(dataset: ArrayDataset, size: int, name: str | None = None) -> ArrayDataset:
+    """`dataset` repeated (in order, the last copy cut short) to exactly `size` samples: a small
+    labelled set trained for as many steps per epoch as a larger one."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if len(dataset) == 0:
+        raise DataError(f"dataset {dataset.name!r} is empty")
+    index = torch.arange(size) % len(dataset)
+    return dataset.subset(index, name=name or f"{dataset.name}-x{size / len(dataset):.3g}")

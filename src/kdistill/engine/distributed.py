@@ -160,6 +160,8 @@ def shard_loader(loader, world: DistInfo):
         drop_last=loader.drop_last,
         rank=world.rank,
         world_size=world.world_size,
+        augmentation=loader.augmentation,  # the same views on every rank: keyed by sample
+        augment_seed=loader.augment_seed,
     )
 
 

@@ -99,6 +99,12 @@ def lookup_teacher(source, index: Tensor, inputs: Tensor, device: torch.device):
     return output, features
 
 
+def _follow_epoch(source, epoch: int) -> None:
+    """Stored teacher outputs of augmented views are per epoch: tell the source which runs."""
+    if callable(getattr(source, "set_epoch", None)):
+        source.set_epoch(epoch)
+
+
 @dataclass
 class Progress:
     """Where training stands: what a checkpoint must restore for an exact resume."""
@@ -339,6 +345,7 @@ def fit(
     check_precision(config.precision, device)
     train_loader = shard_loader(train_loader, world)
     distiller.to(device)
+    _follow_epoch(teacher_outputs, getattr(train_loader, "epoch", 0))  # the first batch's epoch
     first_batch = _first_batch(train_loader)
     check_loader(train_loader, config, first_batch, label)
     check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
@@ -385,6 +392,7 @@ def fit(
         if config.max_steps is not None:
             budget_left = config.max_steps - epoch * windows_per_epoch
         set_epoch(train_loader, epoch)
+        _follow_epoch(teacher_outputs, epoch)
         distiller.train()
         bar = tqdm(
             iter_batches(train_loader, progress.step),

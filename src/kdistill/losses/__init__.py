@@ -4,7 +4,7 @@ from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
-from kdistill.losses.logit import CE, DIST, DKD, KD, LogitMSE
+from kdistill.losses.logit import CE, DIST, DKD, KD, HardKD, LogitMSE
 from kdistill.losses.relation import CC, CRD, PKT, RKD, SP
 from kdistill.losses.token import (
     TVD,
@@ -41,6 +41,7 @@ __all__ = [
     "GeneralizedJSD",
     "HiddenCosine",
     "HiddenMSE",
+    "HardKD",
     "LogitMSE",
     "PixelKD",
     "ReverseKL",

@@ -90,6 +90,27 @@ class KD(DistillLoss):
         return f"temperature={self.temperature}"
 
 
+@register_loss("hard_kd")
+class HardKD(DistillLoss):
+    """Hard-label distillation (Touvron et al. 2021, "Training data-efficient image transformers
+    & distillation through attention", ICML, §5.2): cross-entropy with the teacher's decision
+    as the label, ``mean_n −log softmax(z_s)[n, argmax_k z_t[n, k]]`` — the teacher's *hard
+    pseudo-labels*, the control that says what the softness of `KD`'s targets adds.
+
+    Ties in the teacher's logits go to the lowest class index (`torch.argmax`). No gradient
+    flows into the teacher side (argmax is piecewise constant).
+    """
+
+    compares_classes = True
+
+    needs = (STUDENT, TEACHER)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        _check_logits(student_logits, teacher_logits)
+        pseudo_labels = teacher_logits.detach().argmax(dim=1)
+        return F.cross_entropy(student_logits, pseudo_labels)
+
+
 @register_loss("ce")
 class CE(DistillLoss):
     """Cross-entropy with the labels: ``Σ_{n ∈ C} −log softmax(z_s)[n, y_n] / |C|`` (may be

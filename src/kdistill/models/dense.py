@@ -200,6 +200,15 @@ class PyramidPooling(nn.Module):
         return self.fuse(torch.cat(pyramid, dim=1))
 
 
+def _fuse_coarse(logits: Tensor, coarse_head: nn.Module | None, context: Tensor) -> Tensor:
+    """`logits` plus, with a `coarse_head`, its class scores on the 1/8 context map upsampled
+    bilinearly: the score fusion of FCN's skip architecture (Long, Shelhamer & Darrell 2015,
+    "Fully Convolutional Networks for Semantic Segmentation")."""
+    if coarse_head is None:
+        return logits
+    return logits + _resize_to(coarse_head(context), logits)
+
+
 class _Decoder(nn.Module):
     """Three upsampling steps back to the input size, each fused with an encoder skip:
     ``up1`` (1/8 → 1/4, + stage2), ``up2`` (→ 1/2, + stage1), ``up3`` (→ 1/1, + stem); each
@@ -241,6 +250,7 @@ class SegNet(nn.Module):
         ppm_channels: int = 96,
         decoder_widths: Sequence[int] = (48, 32, 16),
         bins: Sequence[int] = (1, 2, 4, 8),
+        coarse_head: bool = False,
     ):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -252,12 +262,15 @@ class SegNet(nn.Module):
         self.ppm = PyramidPooling(w3, max(1, ppm_channels // 4), ppm_channels, bins)
         self.decoder = _Decoder(ppm_channels, (w0, w1, w2), decoder_widths)
         self.head = nn.Conv2d(self.decoder.up3.conv.out_channels, num_classes, 1)
+        self.head_coarse = nn.Conv2d(ppm_channels, num_classes, 1) if coarse_head else None
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = _check_input(x, self.in_channels, type(self).__name__)
         features = self.encoder(x)
-        return self.head(self.decoder(self.ppm(features[-1]), features))
+        context = self.ppm(features[-1])
+        logits = self.head(self.decoder(context, features))
+        return _fuse_coarse(logits, self.head_coarse, context)
 
 
 class Detector(nn.Module):
@@ -329,6 +342,7 @@ class MultiTaskNet(nn.Module):
         decoder_widths: Sequence[int] = (48, 32, 16),
         neck_channels: int = 64,
         bins: Sequence[int] = (1, 2, 4, 8),
+        coarse_head: bool = False,
     ):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -346,6 +360,7 @@ class MultiTaskNet(nn.Module):
         self.ppm = PyramidPooling(w3, max(1, ppm_channels // 4), ppm_channels, bins)
         self.decoder = _Decoder(ppm_channels, (w0, w1, w2), decoder_widths)
         self.seg_head = nn.Conv2d(self.decoder.up3.conv.out_channels, seg_classes, 1)
+        self.seg_head_coarse = nn.Conv2d(ppm_channels, seg_classes, 1) if coarse_head else None
         self.det_neck = nn.Sequential(
             OrderedDict(
                 conv1=_conv_bn_relu(w3, neck_channels),
@@ -358,7 +373,10 @@ class MultiTaskNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = _check_input(x, self.in_channels, type(self).__name__)
         features = self.encoder(x)
-        seg = self.seg_head(self.decoder(self.ppm(features[-1]), features))
+        context = self.ppm(features[-1])
+        seg = _fuse_coarse(
+            self.seg_head(self.decoder(context, features)), self.seg_head_coarse, context
+        )
         det = self.det_head(self.det_neck(features[-1]))
         return {"seg": seg, "det": _yolo_layout(det, self.num_anchors, 5 + self.num_classes)}
 

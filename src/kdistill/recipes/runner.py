@@ -29,6 +29,8 @@ from kdistill.cache import (
     MemoryTeacherOutputs,
     TeacherCache,
     build_teacher_cache,
+    build_view_cache,
+    loader_views,
     offline_teacher_outputs,
 )
 from kdistill.data import (
@@ -39,7 +41,9 @@ from kdistill.data import (
     channel_stats,
     dataset_kind,
     fashion_mnist_scenes,
+    hide_labels,
     load_train_test,
+    repeat_to,
     split_train_val,
     standardize,
     take,
@@ -313,6 +317,43 @@ class Experiment:
     def loader(self, data: Data, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
+    def student_loader(self, data: Data, seed: int, batch_size: int) -> BatchLoader:
+        """A student's training batches: shuffled by `seed`, with the recipe's keyed
+        augmentation (`data.augment`, views seeded by `augment.seed` or the recipe's seed)."""
+        spec = self.recipe.data.augment
+        if spec is None:
+            return self.loader(data, seed, batch_size, shuffle=True)
+        return BatchLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=True,
+            seed=seed,
+            augmentation=spec.augmentation(),
+            augment_seed=self.recipe.seed if spec.seed is None else spec.seed,
+        )
+
+    def student_data(self, spec: ModelSpec, seed: int, uses_teacher: bool) -> Data:
+        """The training data of a student: the training split, or for a label-scarce student
+        (`labelled: n`) the split with all but n (stratified, drawn by `seed`) labels hidden
+        when it learns from the teacher, or those n labelled images alone — repeated to the
+        split's size, so that it takes the same steps per epoch — when it does not."""
+        labelled = getattr(spec, "labelled", None)
+        if labelled is None:
+            return self.splits.train
+        train = self.splits.train
+        scarce, kept = hide_labels(train, labelled, seed)
+        if uses_teacher:
+            return scarce
+        return repeat_to(train.subset(kept, name=f"{train.name}-labelled{labelled}"), len(train))
+
+    def view_epochs(self) -> int:
+        """Epochs of views the teacher's outputs must cover: the longest student budget."""
+        budgets = [self.recipe.train.epochs, self.recipe.tune.epochs or 0]
+        compress = self.recipe.compress
+        if compress is not None and compress.finetune is not None:
+            budgets.append(compress.finetune.epochs)
+        return max(budgets)
+
     def evaluator(self, data: Data):
         """model → the task's metrics on `data` (`tasks.evaluate`)."""
         loader = self.loader(data, 0, self.eval_batch, shuffle=False)
@@ -439,11 +480,20 @@ class Experiment:
         on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none.
         Both carry the training inputs' signatures: every batch is checked against them."""
         distill = self.recipe.distill
+        # with data.augment: the teacher's outputs on every view of `view_epochs()` epochs, from
+        # the batches of the first seed's student loader (that run replays them bit for bit)
+        views = None
+        if self.recipe.data.augment is not None:
+            views = self.student_loader(
+                self.splits.train, self.recipe.seed, self.recipe.train.batch_size
+            )
+        epochs = self.view_epochs() if views is not None else None
         if distill.teacher_cache == "memory":
             return MemoryTeacherOutputs.predict(
                 teacher,
-                self.loader(self.splits.train, 0, self.eval_batch, shuffle=False),
+                views or self.loader(self.splits.train, 0, self.eval_batch, shuffle=False),
                 self.recipe.train.device,
+                epochs=epochs,
             )
         if distill.teacher_cache == "off":
             return None
@@ -453,26 +503,36 @@ class Experiment:
             "dtype": distill.teacher_cache_dtype,
             "topk": distill.teacher_cache_topk,
         }
+        wanted = None if views is None else {"epochs": epochs, **loader_views(views)}
         cache = None
         if self.is_main:  # under torchrun rank 0 builds it; the other ranks wait, then read it
             try:
-                cache = TeacherCache.open(directory, teacher, self.splits.train, **settings)
+                cache = TeacherCache.open(
+                    directory, teacher, self.splits.train, views=wanted, **settings
+                )
                 self.say(f"teacher cache: reusing {directory}")
             except CacheError as error:
                 if (directory / "manifest.json").exists():
                     self.say(f"teacher cache: rebuilding ({error})")
-                cache = build_teacher_cache(
-                    teacher,
-                    self.splits.train,
-                    directory,
-                    batch_size=self.eval_batch,
-                    progress=self.progress,
-                    **settings,
-                )
+                if views is not None:
+                    cache = build_view_cache(
+                        teacher, views, directory, epochs, progress=self.progress, **settings
+                    )
+                else:
+                    cache = build_teacher_cache(
+                        teacher,
+                        self.splits.train,
+                        directory,
+                        batch_size=self.eval_batch,
+                        progress=self.progress,
+                        **settings,
+                    )
                 self.say(cache.describe())
         barrier()
         if cache is None:
-            cache = TeacherCache.open(directory, teacher, self.splits.train, **settings)
+            cache = TeacherCache.open(
+                directory, teacher, self.splits.train, views=wanted, **settings
+            )
         return cache
 
     @staticmethod
@@ -519,7 +579,8 @@ class Experiment:
         )
         tapped = [t.teacher for t in terms if t.uses_teacher and t.teacher is not None]
         config = self.train_config(train or self.recipe.train, epochs)
-        loader = self.loader(self.splits.train, seed, config.batch_size, shuffle=True)
+        data = self.student_data(spec, seed, uses_teacher)
+        loader = self.student_loader(data, seed, config.batch_size)
         try:
             result = fit(
                 distiller,

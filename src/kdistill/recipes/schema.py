@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from kdistill.data.augment import Augmentation
 from kdistill.data.sources import ARRAYS, IMAGE_FOLDER, dataset_kind
 from kdistill.data.text import (
     DEFAULT_TEST_BOOKS,
@@ -147,6 +148,31 @@ class NormalizeSpec(Strict):
         return self
 
 
+class AugmentSpec(Strict):
+    """Keyed augmentation of the students' training batches (`kdistill.data.augment`): each
+    view is a fixed function of (seed, epoch, sample index), the same for the teacher and the
+    student, so the teacher's outputs on the views are computed once (`distill.teacher_cache`)
+    and replayed. Students alone and distilled see the same views; the teacher trains on the
+    plain images; validation and test images are never augmented."""
+
+    pad: int = Field(2, ge=0, description="padded random crop: pixels of padding per side")
+    flip: bool = Field(True, description="random horizontal flips")
+    mixup: float = Field(
+        0.0, ge=0, le=10, description="mixup Beta(α, α) (0: off); the dominant image's label"
+    )
+    padding: Literal["edge", "zeros", "reflect"] = Field(
+        "edge", description="padded random crop: how the border is filled"
+    )
+    seed: int | None = Field(
+        None,
+        description="the views' seed (default: the recipe's seed, the same for every "
+        "student seed, so one set of teacher outputs serves them all)",
+    )
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(pad=self.pad, flip=self.flip, mixup=self.mixup, padding=self.padding)
+
+
 class DataSpec(Strict):
     """The data: a registry dataset (`fashion_mnist`, `digits`), `fashion_mnist_scenes`,
     `kjv` (text for causal LMs, settings under `text`; `kdistill.data.text`),
@@ -184,6 +210,9 @@ class DataSpec(Strict):
         None, ge=1, description="use a random subset (quick runs; kjv: of the token blocks)"
     )
     test_limit: int | None = Field(None, ge=1, description="use a random test subset (quick runs)")
+    augment: AugmentSpec | None = Field(
+        None, description="keyed augmentation of the students' training batches (none: off)"
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -263,6 +292,7 @@ class DataSpec(Strict):
         """The fields that decide the data, for matching a saved teacher: fields added after
         the first recipes are left out while at their defaults (older runs stay recognised)."""
         data = self.model_dump(mode="json")
+        del data["augment"]  # the students' views: the teacher trains on the plain images
         for name, default in (("train", None), ("test", None), ("kwargs", {})):
             if data[name] == default:
                 del data[name]
@@ -360,6 +390,14 @@ class StudentSpec(ModelSpec):
         "trust_checkpoint (CLI: --trust-checkpoint)",
     )
     trust_checkpoint: bool = Field(False, description="allow whole_model to be unpickled")
+    labelled: int | None = Field(
+        None,
+        ge=1,
+        description="label-scarce transfer: only this many training images keep their label "
+        "(stratified, drawn per seed); alone trains on them (repeated to the same steps per "
+        "epoch), distilled methods on every training image, the hard loss on the labelled ones "
+        "only (the others' target is −100, which CE ignores)",
+    )
 
 
 class TermSpec(Strict):
@@ -634,6 +672,17 @@ class Recipe(Strict):
                 f"dataset factory `package.module:function`, got {self.data.dataset!r}"
             )
         check_methods(task, self.distill)
+        if dense and self.data.augment is not None:
+            raise ValueError(
+                f"data.augment crops and flips the inputs only; task {self.task}'s masks / boxes "
+                "would no longer match them (augmentation is for classification)"
+            )
+        scarce = [s.name for s in self.students if s.labelled is not None]
+        if dense and scarce:
+            raise ValueError(
+                f"students {scarce}: labelled (label-scarce transfer) hides class labels; task "
+                f"{self.task} has masks / boxes (use it with task classification)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -217,3 +217,50 @@ def plot_tradeoff(
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_label_budget(
+    rows: Sequence, budgets: dict[str, int], path: Path, name: str = "accuracy"
+) -> Path | None:
+    """Label-scarce transfer: the test score (mean ± std over seeds) of each method against the
+    number of labelled training images, log x axis; the teacher (trained on every label) as a
+    dashed line.
+
+    `rows`: `report.table.Row`s; `budgets`: student name → its labelled images (`labelled:` of
+    the recipe's students); students without a budget are left out.
+    """
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    teacher = None
+    for row in rows:
+        if row.model == "teacher":
+            teacher = row.mean
+        elif row.model in budgets:
+            lines.setdefault(row.method, []).append((budgets[row.model], row.mean, row.std))
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for method, points in sorted(lines.items(), key=lambda item: item[0] != "alone"):
+        points.sort()
+        axis.errorbar(
+            [p[0] for p in points],
+            [100 * p[1] for p in points],
+            yerr=[100 * p[2] for p in points],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    if teacher is not None:
+        axis.axhline(100 * teacher, linestyle="--", color="grey", label="teacher (all labels)")
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    axis.set_xticks(sorted({p[0] for points in lines.values() for p in points}))
+    axis.set_xlabel("labelled training images (the rest used without labels)")
+    axis.set_ylabel(f"test {name} (%, mean ± std over seeds)")
+    axis.set_title(f"Label-scarce transfer: test {name} against labelled images")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

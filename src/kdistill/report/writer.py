@@ -12,7 +12,7 @@ from pathlib import Path
 from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE
 from kdistill.report.html import write_html
-from kdistill.report.plots import plot_curves, plot_tradeoff
+from kdistill.report.plots import plot_curves, plot_label_budget, plot_tradeoff
 from kdistill.report.table import (
     DEFAULT_MARK,
     DEFAULT_NOTE,
@@ -149,10 +149,16 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
         name=name,
         percent=metric in percent,
     )
+    budgets = {s.name: s.labelled for s in recipe.students if getattr(s, "labelled", None)}
+    labels_plot = (
+        plot_label_budget(rows, budgets, out_dir / "labels.png", name) if budgets else None
+    )
+    if labels_plot is not None:
+        lines += ["", f"![test {name} against labelled images](labels.png)"]
     if tradeoff is not None:
         lines += ["", COST_NOTE, "", f"![{name} against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     write_html("\n".join(lines) + "\n", out_dir, recipe.name)
     written = ["report.md", "report.html", "results.json"]
-    written += [path.name for path in (curves, tradeoff) if path is not None]
+    written += [path.name for path in (curves, tradeoff, labels_plot) if path is not None]
     return table, written
