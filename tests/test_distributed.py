@@ -113,7 +113,7 @@ def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     run([sys.executable, *args, "--out", str(one)])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     done = run([*launcher, "--nproc_per_node=2", *args, "--out", str(two)])
-    assert done.stdout.count("report.md, results.json") == 1  # only rank 0 prints
+    assert done.stdout.count("report.md, report.html, results.json") == 1  # only rank 0 prints
 
     names = sorted(p.name for p in (one / "models").glob("*.safetensors"))
     assert names == sorted(p.name for p in (two / "models").glob("*.safetensors"))
