@@ -1,7 +1,8 @@
 """Why do the ¼-width segmentation students collapse on some seeds? A probe on short runs.
 
-    python bench/seg_probe.py --variants registered --seeds 0,1,2,3,4 --epochs 3
-    python bench/seg_probe.py --variants registered,linear_head --json runs/seg_probe.json
+    python bench/seg_probe.py --variants no_coarse_head --seeds 0,1,2,3,4 --epochs 3
+    python bench/seg_probe.py --variants no_coarse_head,coarse_head --json runs/seg_probe.json
+    python bench/seg_probe.py --plot docs/seg_probe.png --from runs/seg_probe.json
 
 The data are `recipes/scenes_segmentation.yaml`'s (4 000 training scenes, 500 of them held out
 for validation; `--train-count` for fewer). Each variant of the student is trained alone (CE,
@@ -13,9 +14,10 @@ nowhere is dead.
 `--teacher` (a trained seg_teacher's safetensors) adds the recipe's PixelKD (α = 0.5, T = 1)
 as a distilled objective.
 
-A run counts as collapsed when its validation mIoU ends below 15 % (background alone scores
-10.1–10.2 %, a healthy student 25–30 % after 3 epochs). Variants are model-kwarg overrides of
-`seg_student` (`VARIANTS`).
+A run counts as collapsed when its validation mIoU ends below 15 % (predicting background and
+one or two item classes scores 10–12 %). Variants are model-kwarg overrides of `seg_student`
+(`VARIANTS`): `no_coarse_head` is the student of earlier releases (named `registered` in the
+first probe's output), `coarse_head` the registered one.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "scenes_segmentation.
 
 #: name → keyword arguments of seg_student (on top of its defaults)
 VARIANTS: dict[str, dict] = {
-    "registered": {},
-    "coarse_head": {"coarse_head": True},
-    "wide_last": {"decoder_widths": (12, 8, 8)},
+    "no_coarse_head": {"coarse_head": False},  # the student of earlier releases
+    "coarse_head": {"coarse_head": True},  # the registered student
+    "wide_last": {"decoder_widths": (12, 8, 8), "coarse_head": False},
 }
 
 
@@ -81,9 +83,38 @@ def collapse_stats(model, loader, num_classes: int) -> dict:
     }
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Validation mIoU per epoch, one line per (variant, seed), a panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(row["variant"] for row in results))
+    figure, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), sharey=True)
+    for axis, variant in zip([axes] if len(variants) == 1 else axes, variants):
+        for row in (r for r in results if r["variant"] == variant):
+            epochs = range(1, len(row["val_miou"]) + 1)
+            style = "--" if row["collapsed"] else "-"
+            label = f"seed {row['seed']} {row['method']}" + (
+                " (collapsed)" if row["collapsed"] else ""
+            )
+            axis.plot(epochs, [100 * m for m in row["val_miou"]], style, marker="o", label=label)
+        axis.set_title(variant)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    (axes if len(variants) == 1 else axes[0]).set_ylabel("validation mIoU (%)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="registered")
+    parser.add_argument("--plot", type=Path, help="only plot the --from JSON files to this PNG")
+    parser.add_argument("--from", dest="sources", nargs="*", type=Path, default=[])
+    parser.add_argument("--variants", default="no_coarse_head,coarse_head")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-count", type=int, default=4000)
@@ -91,6 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", help="trained seg_teacher weights: adds PixelKD runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        plot([row for source in args.sources for row in json.loads(source.read_text())], args.plot)
+        return 0
     torch.set_num_threads(args.threads)
     recipe = load_recipe(
         RECIPE, [f"data.scenes.train_count={args.train_count}", "data.scenes.test_count=1"]

@@ -60,9 +60,12 @@ def det_branch_params(w3: int, neck: int, anchors: int, classes: int) -> int:
 
 
 TEACHER, STUDENT_W = (16, 32, 48, 96), (4, 8, 12, 24)
+COARSE_HEAD = conv(24, 11, 1, bias=True)  # the students' 1×1 class scores on the PPM output
 EXPECTED_PARAMS = {
     "seg_teacher": encoder_params(1, TEACHER) + seg_branch_params(TEACHER, 96, (48, 32, 16), 11),
-    "seg_student": encoder_params(1, STUDENT_W) + seg_branch_params(STUDENT_W, 24, (12, 8, 4), 11),
+    "seg_student": encoder_params(1, STUDENT_W)
+    + seg_branch_params(STUDENT_W, 24, (12, 8, 4), 11)
+    + COARSE_HEAD,
     "det_teacher": encoder_params(1, TEACHER) + det_branch_params(96, 64, 3, 10),
     "det_student": encoder_params(1, STUDENT_W) + det_branch_params(24, 16, 3, 10),
     "multitask_teacher": encoder_params(1, TEACHER)
@@ -70,16 +73,17 @@ EXPECTED_PARAMS = {
     + det_branch_params(96, 64, 3, 10),
     "multitask_student": encoder_params(1, STUDENT_W)
     + seg_branch_params(STUDENT_W, 24, (12, 8, 4), 11)
+    + COARSE_HEAD
     + det_branch_params(24, 16, 3, 10),
 }
 # the counts the docstrings state
 STATED = {
     "seg_teacher": 441_611,
-    "seg_student": 27_899,
+    "seg_student": 28_174,
     "det_teacher": 269_021,
     "det_student": 17_609,
     "multitask_teacher": 536_952,
-    "multitask_student": 34_488,
+    "multitask_student": 34_763,
 }
 
 
@@ -354,8 +358,8 @@ def test_coarse_head_adds_upsampled_class_scores_of_the_context_map(name):
     # checked against the same model without the coarse head (its other weights copied) plus
     # the coarse scores computed here from a hook on `ppm`
     torch.manual_seed(0)
-    fused = create_model(name, coarse_head=True).eval()
-    plain = create_model(name).eval()
+    fused = create_model(name).eval()  # the registered students have the coarse head
+    plain = create_model(name, coarse_head=False).eval()
     missing = plain.load_state_dict(fused.state_dict(), strict=False)
     coarse = "head_coarse" if name == "seg_student" else "seg_head_coarse"
     assert missing.unexpected_keys == [f"{coarse}.weight", f"{coarse}.bias"]

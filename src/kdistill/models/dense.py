@@ -237,8 +237,18 @@ class SegNet(nn.Module):
     d3 → num_classes). Output ``N×num_classes×H×W`` logits; ``num_classes`` counts background
     (11 for Fashion-MNIST scenes). Any input size works; multiples of 8 keep the maps aligned.
 
-    Built by `seg_teacher` (441,611 parameters) and `seg_student` (27,899 parameters), both at
-    ``in_channels=1, num_classes=11``.
+    ``coarse_head``: a second 1×1 conv (``head_coarse``, ppm_channels → num_classes) scores the
+    classes on the 1/8 context map; its scores, upsampled bilinearly, are added to ``head``'s
+    (FCN's score fusion, Long et al. 2015). Why the ¼-width student needs it: its last decoder
+    layer has d3 = 4 channels, and every class score had to pass through them. Which of the 10
+    items a foreground pixel belongs to is decided deep in the encoder; squeezed through 4
+    full-resolution channels that also carry the object outlines, that evidence reached the
+    logits so weakly that on 3 of 5 seeds the student settled into background plus one or two
+    item classes (no channel was dead: the capacity was there, the path was not). With the
+    coarse scores the 1/8 map's 24 channels reach the logits directly (`bench/seg_probe.py`).
+
+    Built by `seg_teacher` (441,611 parameters, no coarse head) and `seg_student` (28,174
+    parameters, coarse head), both at ``in_channels=1, num_classes=11``.
     """
 
     def __init__(
@@ -326,8 +336,11 @@ class MultiTaskNet(nn.Module):
     `forward` returns ``{"seg": N×seg_classes×H×W, "det": N×A×S×S×(5+K)}``; ``num_classes`` is
     the object classes K, ``seg_classes`` defaults to K + 1 (background first).
 
-    Built by `multitask_teacher` (536,952 parameters) and `multitask_student` (34,488
-    parameters) at ``in_channels=1, num_classes=10``.
+    ``coarse_head``: as in `SegNet` (``seg_head_coarse`` on the context map), for the
+    segmentation output.
+
+    Built by `multitask_teacher` (536,952 parameters) and `multitask_student` (34,763
+    parameters, coarse head) at ``in_channels=1, num_classes=10``.
     """
 
     def __init__(
@@ -393,8 +406,10 @@ def seg_teacher(*, in_channels: int = 1, num_classes: int = 11, **kwargs) -> Seg
 
 
 def seg_student(*, in_channels: int = 1, num_classes: int = 11, **kwargs) -> SegNet:
-    """Narrow `SegNet`: widths (4, 8, 12, 24), PPM 24, decoder (12, 8, 4); 27,899 params."""
+    """Narrow `SegNet`: widths (4, 8, 12, 24), PPM 24, decoder (12, 8, 4), coarse head;
+    28,174 params (27,899 with ``coarse_head=False``, the student of earlier releases)."""
     kwargs.setdefault("widths", STUDENT_WIDTHS)
+    kwargs.setdefault("coarse_head", True)
     kwargs.setdefault("ppm_channels", 24)
     kwargs.setdefault("decoder_widths", (12, 8, 4))
     return SegNet(in_channels=in_channels, num_classes=num_classes, **kwargs)
@@ -424,8 +439,10 @@ def multitask_teacher(*, in_channels: int = 1, num_classes: int = 10, **kwargs) 
 
 
 def multitask_student(*, in_channels: int = 1, num_classes: int = 10, **kwargs) -> MultiTaskNet:
-    """Narrow `MultiTaskNet` (the students' sizes); 34,488 params."""
+    """Narrow `MultiTaskNet` (the students' sizes), coarse head; 34,763 params (34,488 with
+    ``coarse_head=False``, the student of earlier releases)."""
     kwargs.setdefault("widths", STUDENT_WIDTHS)
+    kwargs.setdefault("coarse_head", True)
     kwargs.setdefault("ppm_channels", 24)
     kwargs.setdefault("decoder_widths", (12, 8, 4))
     kwargs.setdefault("neck_channels", 16)
