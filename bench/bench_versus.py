@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         | {"compile": args.compile, "bf16": args.bf16, "quick": args.quick},
         "python": sys.executable,
         "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
+        "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
         "pairs": {},
         "targets": TARGETS,
     }
