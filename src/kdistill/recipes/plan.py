@@ -43,7 +43,6 @@ from kdistill.data import BatchLoader
 from kdistill.data.arrays import move_to
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import fit
-from kdistill.engine.checkpoint import load_state_dict_file, load_weights
 from kdistill.engine.config import TrainConfig
 from kdistill.engine.distributed import resolve_device
 from kdistill.engine.preflight import check_before_training
@@ -56,6 +55,7 @@ from kdistill.recipes.runner import (
     Splits,
     build_model,
     grid_settings,
+    load_teacher_checkpoint,
 )
 from kdistill.recipes.schema import Recipe
 
@@ -394,14 +394,7 @@ def dry_run(
         teacher = build_model(spec, full.train, recipe.seed, exp.task)
         trains = False
         if spec.checkpoint is not None:
-            weights = load_state_dict_file(
-                spec.checkpoint,
-                trust=spec.trust_checkpoint,
-                key=spec.checkpoint_key,
-                strip_prefix=spec.strip_prefix,
-                field="teacher.",
-            )
-            load_weights(teacher, weights, "teacher", spec.checkpoint, field="teacher.")
+            load_teacher_checkpoint(spec, teacher)
             how = f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
         elif Experiment._saved_teacher_matches(Path(out_dir) / "models", exp.teacher_identity()):
             how = f"reused from {Path(out_dir) / 'models'} (trained by the same recipe)"

@@ -208,6 +208,19 @@ def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
     return Splits(train, val, test, {"mode": "none"}, found.tokenizer, found.info)
 
 
+def load_teacher_checkpoint(spec: TeacherSpec, teacher: nn.Module) -> None:
+    """Load `spec.checkpoint` into `teacher` (its key, prefix and trust settings applied);
+    errors name the `teacher.` fields."""
+    weights = load_state_dict_file(
+        spec.checkpoint,
+        trust=spec.trust_checkpoint,
+        key=spec.checkpoint_key,
+        strip_prefix=spec.strip_prefix,
+        field="teacher.",
+    )
+    load_weights(teacher, weights, "teacher", spec.checkpoint, field="teacher.")
+
+
 def build_model(spec: ModelSpec, data: Data, seed: int, task: Task | None = None) -> nn.Module:
     """Seeded construction: the same seed gives the same initial weights.
 
@@ -420,14 +433,7 @@ class Experiment:
         identity = self.teacher_identity()
         started = time.perf_counter()
         if spec.checkpoint is not None:
-            weights = load_state_dict_file(
-                spec.checkpoint,
-                trust=spec.trust_checkpoint,
-                key=spec.checkpoint_key,
-                strip_prefix=spec.strip_prefix,
-                field="teacher.",
-            )
-            load_weights(teacher, weights, "teacher", spec.checkpoint, field="teacher.")
+            load_teacher_checkpoint(spec, teacher)
             self.say(f"teacher: loaded {spec.checkpoint}")
         elif self._saved_teacher_matches(models_dir, identity):
             tensors, _ = load_checkpoint(models_dir, "teacher")
