@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -426,6 +427,14 @@ class Experiment:
             "seed": self.recipe.seed,
         }
 
+    def teacher_store(self) -> Path:
+        """Where a trained teacher is kept for every recipe: ``<parent of the run
+        folder>/teachers/<digest>``, the digest of `teacher_identity` (model, training, data,
+        seed — not the recipe's name or its students). Another recipe whose teacher has the same
+        identity, run into a folder beside this one, loads it instead of training it again."""
+        identity = json.dumps(self.teacher_identity(), sort_keys=True).encode()
+        return self.out_dir.parent / "teachers" / hashlib.sha256(identity).hexdigest()[:16]
+
     def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
         spec: TeacherSpec = self.recipe.teacher
         teacher = build_model(spec, self.splits.train, self.recipe.seed, self.task)
@@ -439,6 +448,16 @@ class Experiment:
             tensors, _ = load_checkpoint(models_dir, "teacher")
             load_weights(teacher, tensors, "teacher", str(checkpoint_path(models_dir, "teacher")))
             self.say(f"teacher: loaded {models_dir / 'teacher.safetensors'} (same recipe and data)")
+        elif self._saved_teacher_matches(self.teacher_store(), identity):
+            store = checkpoint_path(self.teacher_store(), "teacher")
+            tensors, _ = read_checkpoint_file(store)
+            load_weights(teacher, tensors, "teacher", str(store))
+            if self.is_main:  # the run folder stays complete on its own
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+            self.say(
+                f"teacher: reused {store} (trained by a run with the same teacher, training, "
+                "data and seed)"
+            )
         else:
             self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
             config = self.train_config(spec.train)
@@ -453,7 +472,9 @@ class Experiment:
                 resume=self.resume,
             )
             if self.is_main:
-                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+                state = {"identity": identity}
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), state)
+                save_checkpoint(self.teacher_store(), "teacher", teacher.state_dict(), state)
         teacher.eval()
         metrics = self.evaluator(self.splits.test)(teacher)
         val_metrics = self.evaluator(self.splits.val)(teacher)
