@@ -94,9 +94,7 @@ class TopKDistribution:
                 f"[1, vocab_size = {self.vocab_size}]"
             )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"TopKDistribution.temperature must be > 0, got {self.temperature!r}"
-            )
+            raise ValueError(f"TopKDistribution.temperature must be > 0, got {self.temperature!r}")
 
     @property
     def k(self) -> int:
@@ -168,11 +166,13 @@ class TopKDistribution:
 
     def buckets(self, dtype: torch.dtype | None = None) -> Tensor:
         """``…×(k+1)`` log-probabilities of the k tokens and the rest, in `dtype` (default: the
-        stored one), with −inf (no mass) replaced by the dtype's lowest finite number, so that a
-        p = 0 bucket counts 0 in a divergence (never 0·∞)."""
-        dtype = dtype or self.log_probs.dtype
+        stored one, at least float32), renormalised to sum to 1 (values rounded to float16 by a
+        cache sum to 1 ± 1e-3 only; a divergence needs a distribution), with −inf (no mass)
+        replaced by the dtype's lowest finite number, so that a p = 0 bucket counts 0 in a
+        divergence (never 0·∞)."""
+        dtype = dtype or torch.promote_types(self.log_probs.dtype, torch.float32)
         values = torch.cat([self.log_probs.to(dtype), self.rest_log_mass.to(dtype)[..., None]], -1)
-        return values.clamp(min=torch.finfo(dtype).min)
+        return F.log_softmax(values, dim=-1).clamp(min=torch.finfo(dtype).min)
 
 
 def bucket_log_probs(log_p_student: Tensor, ids: Tensor) -> Tensor:
