@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kdistill as kd
 from kdistill.cache import (
@@ -319,3 +318,76 @@ def test_a_loader_of_dict_batches_builds_the_same_store(tmp_path):
     rows = np.arange(len(blocks))
     assert torch.equal(plain.read(rows).ids, other.read(rows).ids)
     torch.testing.assert_close(plain.read(rows).log_probs, other.read(rows).log_probs)
+
+
+# -- recipes ---------------------------------------------------------------------------------
+LM_RECIPE = """
+name: kjv-topk
+task: {task}
+data:
+  dataset: kjv
+  train_limit: 12
+  test_limit: 4
+  text: {{vocab_size: 300, block_size: 16, text_file: {text}}}
+teacher:
+  model: lm_teacher
+  kwargs: {{width: 16, n_layer: 1, n_head: 2}}
+  train: {{epochs: 1, max_steps: 2, batch_size: 4}}
+students: [{{name: s, model: lm_student, kwargs: {{width: 16, n_head: 2}}}}]
+train: {{epochs: 1, max_steps: 2, batch_size: 4}}
+distill:
+  teacher_cache: {cache}
+  methods:
+    forward_kl: [{{loss: forward_kl, params: {{temperature: {temperature}}}}}]
+tune: {{enabled: false}}
+cost: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def kjv_text(tmp_path_factory):
+    from test_text_data import fake_kjv_lines
+
+    path = tmp_path_factory.mktemp("kjv") / "kjv.txt"
+    path.write_text("\n".join(fake_kjv_lines()) + "\n")
+    return path
+
+
+def _recipe(tmp_path, text, cache="{topk: 8, temperature: 2.0}", temperature=2.0, task=None):
+    from kdistill.recipes import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    body = LM_RECIPE.format(
+        task=task or "language_modeling", text=text, cache=cache, temperature=temperature
+    )
+    path.write_text(body)
+    return load_recipe(path)
+
+
+def test_a_recipe_trains_from_stored_top_k_distributions(tmp_path, kjv_text):
+    from kdistill.recipes.runner import Experiment
+
+    experiment = Experiment(_recipe(tmp_path, kjv_text), tmp_path / "run", progress=False)
+    teacher, _ = experiment.prepare_teacher()
+    cache = experiment.teacher_train_outputs
+    assert isinstance(cache, TokenTeacherCache)
+    assert (cache.topk, cache.temperature, cache.dtype) == (8, 2.0, "float16")
+    terms = experiment.objective("forward_kl")
+    spec = experiment.recipe.students[0]
+    student, metrics, _ = experiment.train_student("s/fkl", spec, 0, terms, "forward_kl",
+                                                   experiment.splits.val)  # fmt: skip
+    assert math.isfinite(metrics["nll"])
+    # a second run reuses it; a changed teacher makes it rebuild
+    assert isinstance(experiment.prepare_teacher_outputs(teacher), TokenTeacherCache)
+    with torch.no_grad():
+        next(teacher.parameters()).view(-1)[0] += 1.0
+    experiment.prepare_teacher_outputs(teacher)
+    TokenTeacherCache.open(tmp_path / "run" / "teacher_cache", teacher)  # rebuilt for it
+
+
+def test_a_recipe_refuses_stored_distributions_at_another_temperature(tmp_path, kjv_text):
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"top-8 .*temperature 2, but it uses temperature 1"):
+        _recipe(tmp_path, kjv_text, temperature=1.0)
+    _recipe(tmp_path, kjv_text, cache="{topk: 300}", temperature=1.0)  # k = V: exact
