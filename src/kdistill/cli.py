@@ -151,13 +151,15 @@ def cache_command(args: argparse.Namespace) -> int:
     from kdistill.errors import CacheError
     from kdistill.recipes import Experiment, load_recipe
 
-    overrides = [*args.overrides, "distill.teacher_cache=off"]  # only the teacher, not a copy
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+    given = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
+    overrides = [*given, "distill.teacher_cache=off"]  # only the teacher, not a copy
     recipe = load_recipe(resolve_recipe(args.recipe), overrides)
     run_dir = args.run_dir or Path("runs") / recipe.name
     experiment = Experiment(recipe, run_dir, resume=True, progress=not args.quiet)
     teacher, _ = experiment.prepare_teacher()  # trained, or loaded from the run folder
+    wanted = load_recipe(resolve_recipe(args.recipe), given).distill.teacher_cache
+    if not isinstance(wanted, str):  # stored top-k token distributions (language_modeling)
+        return _token_cache_command(args, experiment, teacher, wanted, run_dir)
     if args.layers is None:
         layers = experiment.teacher_layers()
     else:
@@ -178,6 +180,38 @@ def cache_command(args: argparse.Namespace) -> int:
             pass
     cache = build_teacher_cache(
         teacher, experiment.splits.train, out, progress=not args.quiet, **settings
+    )
+    print(cache.describe())
+    return 0
+
+
+def _token_cache_command(args, experiment, teacher, spec, run_dir: Path) -> int:
+    """`kdistill cache` for a recipe whose teacher_cache stores top-k token distributions."""
+    from kdistill.cache import TokenTeacherCache, build_token_cache
+    from kdistill.errors import CacheError
+
+    if args.layers:
+        raise KdistillError("--layers: stored token distributions hold no teacher layers")
+    settings = {
+        "topk": args.topk if args.topk is not None else spec.topk,
+        "temperature": spec.temperature,
+        "dtype": args.dtype or spec.dtype,
+    }
+    out = args.out or run_dir / "teacher_cache"
+    if not args.force:
+        try:
+            cache = TokenTeacherCache.open(out, teacher, experiment.splits.train, **settings)
+            print(f"up to date (--force rebuilds it)\n{cache.describe()}")
+            return 0
+        except CacheError:
+            pass
+    cache = build_token_cache(
+        teacher,
+        experiment.splits.train,
+        out,
+        measure_positions=spec.measure_positions,
+        progress=not args.quiet,
+        **settings,
     )
     print(cache.describe())
     return 0

@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from kdistill.cache import (
     MemoryTeacherOutputs,
     TeacherCache,
+    TokenTeacherCache,
     build_teacher_cache,
+    build_token_cache,
     build_view_cache,
     loader_views,
     offline_teacher_outputs,
@@ -74,6 +76,7 @@ from kdistill.recipes.schema import (
     NormalizeSpec,
     Recipe,
     TeacherSpec,
+    TokenCacheSpec,
 )
 from kdistill.tasks import (
     Task,
@@ -502,11 +505,14 @@ class Experiment:
 
     def prepare_teacher_outputs(
         self, teacher: nn.Module
-    ) -> MemoryTeacherOutputs | TeacherCache | None:
+    ) -> MemoryTeacherOutputs | TeacherCache | TokenTeacherCache | None:
         """The teacher's training-set outputs as `distill.teacher_cache` asks: in memory (logits),
-        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none.
-        Both carry the training inputs' signatures: every batch is checked against them."""
+        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), its
+        top-k token distributions on disk (a `TokenCacheSpec`), or none. All carry the training
+        inputs' signatures: every batch is checked against them."""
         distill = self.recipe.distill
+        if isinstance(distill.teacher_cache, TokenCacheSpec):
+            return self.prepare_token_cache(teacher, distill.teacher_cache)
         # with data.augment: the teacher's outputs on every view of `view_epochs()` epochs, from
         # the batches of the first seed's student loader (that run replays them bit for bit)
         views = None
@@ -560,6 +566,36 @@ class Experiment:
             cache = TeacherCache.open(
                 directory, teacher, self.splits.train, views=wanted, **settings
             )
+        return cache
+
+    def prepare_token_cache(self, teacher: nn.Module, spec: TokenCacheSpec) -> TokenTeacherCache:
+        """The teacher's top-k next-token distributions over the training blocks in
+        `<run>/teacher_cache` (`kdistill.cache.tokens`), reused while teacher, data, k, T and
+        dtype match; rank 0 builds, the other ranks wait and read."""
+        directory = self.out_dir / "teacher_cache"
+        wanted = {"topk": spec.topk, "temperature": spec.temperature, "dtype": spec.dtype}
+        cache = None
+        if self.is_main:
+            try:
+                cache = TokenTeacherCache.open(directory, teacher, self.splits.train, **wanted)
+                self.say(f"teacher cache: reusing {directory}")
+            except CacheError as error:
+                if (directory / "manifest.json").exists():
+                    self.say(f"teacher cache: rebuilding ({error})")
+                cache = build_token_cache(
+                    teacher,
+                    self.splits.train,
+                    directory,
+                    batch_size=self.eval_batch,
+                    output=getattr(self.task, "model_output", "logits"),
+                    measure_positions=spec.measure_positions,
+                    progress=self.progress,
+                    **wanted,
+                )
+                self.say(cache.describe())
+        barrier()
+        if cache is None:
+            cache = TokenTeacherCache.open(directory, teacher, self.splits.train, **wanted)
         return cache
 
     @staticmethod
