@@ -1,30 +1,33 @@
-"""`kdistill check`: a self-check of a user's own teacher / student pair and token divergences.
+r"""`kdistill check`: a self-check of a user's own teacher / student pair and token divergences.
 
 Every pitfall below was found in some distillation tool after its release; this check makes them
 findable on your pair, your batch and your losses before a run. For every token divergence term
 (those a recipe configures, and the standard ones: forward KL, reverse KL, JSD β, skew α, TVD)
 it runs, on one or two real batches:
 
-| check                 | figure (what is measured)                                  | passes when      |
-|-----------------------|------------------------------------------------------------|------------------|
-| `identity_loss`       | the loss with the student a copy of the teacher            | ≤ 1e-5           |
-| `identity_gradient`   | max |∂loss/∂θ| over the copy's parameters                  | ≤ 1e-5           |
-| `chunked_dense`       | chunked vs dense loss, relative difference (value, grad)   | ≤ 1e-4           |
-| `padding_side`        | right- vs left-padded batch, relative difference (value,   | ≤ 1e-4           |
-|                       | gradient); left padding with the first token's label -100  |                  |
-| `left_pad_pitfall`    | left padding with the first token's label counted raises   | raised (1)       |
-| `micro_batches`       | one batch vs two micro-batches with the global count       | ≤ 1e-5           |
-|                       | (`Distiller.count_tokens`), relative difference             |                  |
-| `jsd_beta_0`          | JSD_β / β at β = 1e-6 vs forward KL (float64), relative     | ≤ 1e-3           |
-| `jsd_beta_1`          | JSD_β / (1 − β) at β = 1 − 1e-6 vs reverse KL, relative     | ≤ 1e-3           |
-| `skew_alpha_0`        | skew KLs at α = 0 vs the plain KLs, relative               | ≤ 1e-6           |
-| `endpoints_refused`   | β ∈ {0, 1} and α = 1 refused (ValueError), of 4             | = 4              |
-| `teacher_eval`        | teacher modules in training mode                           | = 0              |
-| `teacher_deterministic` | max |Δ logits| between two teacher forwards (eval mode)   | ≤ 1e-5           |
-| `labels_in_vocab`     | counted labels outside [0, V′)                             | = 0              |
-| `vocab_sizes`         | student V vs teacher V (vs the tokenizer's size)           | comparable       |
+| check | figure (what is measured) | passes when |
+|---|---|---|
+| `identity_loss` | the loss with the student a copy of the teacher | ≤ 1e-5 |
+| `identity_gradient` | max \|∂loss/∂θ\| over the copy's parameters | ≤ 1e-5 |
+| `chunked_dense` | chunked vs dense loss, relative (value, gradients) | ≤ 1e-4 |
+| `padding_side` | right- vs left-padded batch (first token's label −100), relative | ≤ 1e-4 |
+| `left_pad_pitfall` | left padding with the first token's label counted raises | raised |
+| `micro_batches` | one batch vs two micro-batches divided by the global count | ≤ 1e-5 |
+| `jsd_beta_0` | JSD_β / β as β → 0 vs forward KL (float64), relative | ≤ 1e-5 |
+| `jsd_beta_1` | JSD_β / (1 − β) as β → 1 vs reverse KL, relative | ≤ 1e-5 |
+| `skew_alpha_0` | skew KLs at α = 0 vs the plain KLs, relative | ≤ 1e-6 |
+| `endpoints_refused` | β ∈ {0, 1} and α = 1 refused (ValueError), of 4 | 4 |
+| `teacher_eval` | the teacher's modules in training mode | 0 |
+| `teacher_deterministic` | max \|Δ logit\| between two teacher forwards (eval mode) | ≤ 1e-5 |
+| `labels_in_vocab` | counted labels outside [0, V′) | 0 |
+| `vocab_sizes` | student V vs teacher V (and `vocab_size`) | comparable |
 
-Relative difference: |a − b| / max(|a|, |b|, 1e-12), for gradients with the L2 norms of the
+The micro-batch check splits a batch whose sequences have different lengths, so that the two
+halves count different numbers of tokens (`Distiller.count_tokens`, as the engine's gradient
+accumulation passes them): a per-micro-batch mean would differ there.
+The limits as β → 0 / 1 are extrapolated from β = 1e-5 and 2e-5 (Richardson: 2·f(ε) − f(2ε),
+error O(ε²)), relative to max(|a|, |b|, 1e-3 nats). Relative difference: |a − b| / max(|a|, |b|,
+1e-12), for gradients with the L2 norms of the
 student's flattened parameter gradients. The losses run as training runs them, through a
 `Distiller` (teacher in eval mode, without gradients; the batch's attention mask passed to the
 loss); the student runs in eval mode during the check (dropout would make two forwards differ)
@@ -52,13 +55,13 @@ from torch import Tensor, nn
 
 from kdistill.distiller import Distiller, Term, select_output
 from kdistill.losses.token import (
+    TVD,
     ForwardKL,
     GeneralizedJSD,
     ReverseKL,
     SkewForwardKL,
     SkewReverseKL,
     TokenDivergence,
-    TVD,
 )
 from kdistill.models.lm import embedding_rows
 
@@ -66,6 +69,7 @@ __all__ = [
     "CHECKS",
     "CheckReport",
     "CheckResult",
+    "check_models",
     "check_pair",
     "check_recipe",
     "standard_divergences",
@@ -84,10 +88,11 @@ TOL_IDENTITY = 1e-5  # nats per token (× T²), and max |gradient|
 TOL_CHUNKED = 1e-4  # relative
 TOL_PADDING = 1e-4  # relative: attention over a masked row sums in another order
 TOL_MICRO = 1e-5  # relative
-TOL_LIMIT = 1e-3  # relative, JSD_β / β at β = 1e-6 (float64)
+TOL_LIMIT = 1e-5  # relative (floor 1e-3 nats), JSD_β / β extrapolated from β = ε, 2ε (float64)
 TOL_SKEW = 1e-6  # relative
 TOL_DETERMINISTIC = 1e-5  # max |Δ logit|
-EPSILON = 1e-6  # β of the endpoint limits
+EPSILON = 1e-5  # β of the endpoint limits
+LIMIT_FLOOR = 1e-3  # nats: below it the endpoint figures are absolute (float64 rounding / ε)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 
@@ -172,12 +177,12 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def _relative(a: float | Tensor, b: float | Tensor) -> float:
-    """|a − b| / max(|a|, |b|, 1e-12); for tensors the L2 norms."""
+def _relative(a: float | Tensor, b: float | Tensor, floor: float = 1e-12) -> float:
+    """|a − b| / max(|a|, |b|, floor); for tensors the L2 norms."""
     if isinstance(a, Tensor):
         a64, b64 = a.detach().double(), b.detach().double()
-        return float((a64 - b64).norm() / max(float(a64.norm()), float(b64.norm()), 1e-12))
-    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+        return float((a64 - b64).norm() / max(float(a64.norm()), float(b64.norm()), floor))
+    return abs(a - b) / max(abs(a), abs(b), floor)
 
 
 def _verdict(figure: float, tolerance: float) -> str:
@@ -391,7 +396,9 @@ class _Checker:
         if status is None:
             status = _verdict(figure, tolerance)
         self.report.results.append(
-            CheckResult(check, term, figure, tolerance, status, detail, fix if status == FAIL else "")
+            CheckResult(
+                check, term, figure, tolerance, status, detail, fix if status == FAIL else ""
+            )
         )
 
     def guarded(self, check: str, term: str, function: Callable[[], None]) -> None:
@@ -427,7 +434,13 @@ class _Checker:
         entry = _chunked_entry()
         assert entry is not None  # check_pair skips this check without it
         figure, detail = _chunked_difference(
-            entry, term.loss, self.teacher, self.student, self.inputs, self.labels, self.output,
+            entry,
+            term.loss,
+            self.teacher,
+            self.student,
+            self.inputs,
+            self.labels,
+            self.output,
             self.device,
         )
         self.add(
@@ -463,8 +476,7 @@ class _Checker:
             "the attention_mask (and position_ids) to both models, label padding -100",
         )
         try:
-            with torch.no_grad():
-                _run_term(self.teacher, self.student, term, [pitfall], self.device)
+            _run_term(self.teacher, self.student, term, [pitfall], self.device)
         except (ValueError, RuntimeError) as error:
             if "padding" not in str(error):
                 raise
@@ -523,8 +535,13 @@ class _Checker:
             return float(loss(s, t, self.labels.to(self.device), attention_mask=mask))
 
         forward, reverse = value(ForwardKL(**common)), value(ReverseKL(**common))
-        near_0 = value(jsd(beta=EPSILON, **common)) / EPSILON
-        near_1 = value(jsd(beta=1 - EPSILON, **common)) / EPSILON
+        # JSD_β / β = KL + O(β): Richardson's 2·f(ε) − f(2ε) leaves O(ε²)
+        near_0 = 2 * value(jsd(beta=EPSILON, **common)) / EPSILON - value(
+            jsd(beta=2 * EPSILON, **common)
+        ) / (2 * EPSILON)
+        near_1 = 2 * value(jsd(beta=1 - EPSILON, **common)) / EPSILON - value(
+            jsd(beta=1 - 2 * EPSILON, **common)
+        ) / (2 * EPSILON)
         fix_jsd = (
             "JSD_beta must weight KL(p_t‖M) by beta and KL(p_s‖M) by 1 − beta with "
             "M = beta·p_t + (1 − beta)·p_s (GKD); the mixture weights look swapped"
@@ -532,17 +549,17 @@ class _Checker:
         self.add(
             "jsd_beta_0",
             f"{jsd.__name__}{suffix}",
-            _relative(near_0, forward),
+            _relative(near_0, forward, LIMIT_FLOOR),
             TOL_LIMIT,
-            detail=f"JSD/β at β=1e-6 {near_0:.6g} vs forward KL {forward:.6g}",
+            detail=f"JSD/β as β→0 {near_0:.6g} vs forward KL {forward:.6g}",
             fix=fix_jsd,
         )
         self.add(
             "jsd_beta_1",
             f"{jsd.__name__}{suffix}",
-            _relative(near_1, reverse),
+            _relative(near_1, reverse, LIMIT_FLOOR),
             TOL_LIMIT,
-            detail=f"JSD/(1−β) at β=1−1e-6 {near_1:.6g} vs reverse KL {reverse:.6g}",
+            detail=f"JSD/(1−β) as β→1 {near_1:.6g} vs reverse KL {reverse:.6g}",
             fix=fix_jsd,
         )
         skew = max(
@@ -691,7 +708,7 @@ def _chunked_difference(entry, loss, teacher, student, inputs, labels, output, d
         else:
             value = loss(h @ w.T, teacher_logits, labels, attention_mask=mask)
         value.backward()
-        results.append((float(value), h.grad, w.grad))
+        results.append((float(value.detach()), h.grad, w.grad))
     (dense, dh, dw), (chunk, ch, cw) = results
     figure = max(_relative(dense, chunk), _relative(dh, ch), _relative(dw, cw))
     return figure, f"dense {dense:.6g} vs chunked {chunk:.6g} (value, gradients)"
@@ -721,8 +738,9 @@ def check_pair(
     at `vocab_size`) when `standard`. `checks`: a subset of `CHECKS`. `output`: the key of the
     logits in the models' outputs (None: the output is the logits tensor).
 
-    The teacher's mode is read first (`teacher_eval`), then the teacher is put in eval mode, as
-    `Distiller` does; the student runs in eval mode and gets its mode and gradients back.
+    The teacher's mode is read first (`teacher_eval`); both models then run in eval mode (the
+    teacher as `Distiller` runs it; the student so that dropout does not make two forwards
+    differ) and get their modes, `requires_grad` flags and gradients back.
     Returns a `CheckReport`; raises only for a batch of the wrong form.
     """
     unknown = sorted(set(checks) - set(CHECKS))
@@ -732,6 +750,7 @@ def check_pair(
     inputs, labels = _split_batch(batch)
     report = CheckReport()
     training_modules = sum(module.training for module in teacher.modules())
+    teacher_mode = {module: module.training for module in teacher.modules()}
     teacher_grad = [p.requires_grad for p in teacher.parameters()]
     student_mode = {module: module.training for module in student.modules()}
     student_grad = [p.grad for p in student.parameters()]
@@ -776,14 +795,14 @@ def check_pair(
     finally:
         for parameter, flag in zip(teacher.parameters(), teacher_grad):
             parameter.requires_grad_(flag)
-        for module, mode in student_mode.items():
+        for module, mode in (*teacher_mode.items(), *student_mode.items()):
             module.training = mode
         for parameter, grad in zip(student.parameters(), student_grad):
             parameter.grad = grad
     if training_modules:
         report.notes.append(
-            f"the teacher came with {training_modules} modules in training mode; the check "
-            "ran it in eval mode, as kd.Distiller does"
+            f"the teacher came with {training_modules} modules in training mode; the other "
+            "checks ran it in eval mode, as kd.Distiller does"
         )
     return report
 
@@ -831,6 +850,7 @@ def check_recipe(
     from kdistill.data import BatchLoader
     from kdistill.engine.checkpoint import checkpoint_path, load_checkpoint, load_weights
     from kdistill.models import model_from_spec
+    from kdistill.recipes.objective import build_objective
     from kdistill.recipes.runner import (
         Experiment,
         build_model,
@@ -839,7 +859,6 @@ def check_recipe(
         load_teacher_checkpoint,
         recipe_task,
     )
-    from kdistill.recipes.objective import build_objective
 
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / recipe.name
     task = recipe_task(recipe)
@@ -877,9 +896,7 @@ def check_recipe(
     students = (
         [(student_spec, model_from_spec(student_spec, {}))]
         if student_spec is not None
-        else [
-            (spec.name, build_model(spec, train, recipe.seed, task)) for spec in recipe.students
-        ]
+        else [(spec.name, build_model(spec, train, recipe.seed, task)) for spec in recipe.students]
     )
     loader = BatchLoader(train, batch_size=samples, shuffle=True, seed=recipe.seed)
     report = CheckReport(notes=notes)
@@ -903,8 +920,10 @@ def check_recipe(
             )
             for result in found.results:
                 prefix = f"{name}, batch {index + 1}" if batches > 1 else name
-                result.term = f"{prefix}: {result.term}" if len(students) > 1 or batches > 1 else (
-                    result.term
+                result.term = (
+                    f"{prefix}: {result.term}"
+                    if len(students) > 1 or batches > 1
+                    else (result.term)
                 )
             report.add(found)
     if tokenizer_size is not None:
@@ -922,3 +941,40 @@ def _device(recipe: Any) -> torch.device:
     from kdistill.engine.distributed import resolve_device
 
     return resolve_device(recipe.train.device)
+
+
+def check_models(
+    teacher_spec: str,
+    student_spec: str,
+    *,
+    vocab_size: int | None = None,
+    samples: int = 4,
+    length: int = 64,
+    checks: Sequence[str] = CHECKS,
+    seed: int = 0,
+) -> CheckReport:
+    """`check_pair` for two model specs (``hf:<folder>``, a registry name, an import path) on a
+    batch of random token ids (seeded by `seed`) below `vocab_size` (default: the teacher's
+    embedding rows), with the standard divergences: without a recipe there is no data and no
+    configured term. Give a recipe for real text and your own terms."""
+    from kdistill.models import model_from_spec
+
+    teacher = model_from_spec(teacher_spec, {})
+    student = model_from_spec(student_spec, {})
+    tokens = vocab_size or embedding_rows(teacher)
+    if tokens is None:
+        raise ValueError(
+            f"check: {teacher_spec} does not say its vocabulary (no get_input_embeddings); "
+            "give vocab_size (--vocab-size)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tokens, (samples, length), generator=generator)
+    report = check_pair(
+        teacher, student, ({"input_ids": ids}, ids), vocab_size=vocab_size, checks=checks
+    )
+    report.notes.insert(
+        0,
+        f"batch: {samples} × {length} random token ids below {tokens} (no recipe: give one to "
+        "check on real text with your own terms)",
+    )
+    return report
