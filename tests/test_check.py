@@ -214,16 +214,17 @@ def test_mismatched_vocabularies_fail_and_padded_heads_pass_with_vocab_size(pair
 
 
 def _chunked_module(scale: float) -> types.ModuleType:
+    """A stand-in for `kdistill.losses.chunked` (its interface): the dense loss over two
+    chunks of positions, times `scale` (1: right; else a wrong normalisation)."""
     module = types.ModuleType("kdistill.losses.chunked")
+    module.HeadInput = lambda hidden, weight, bias=None: (hidden, weight, bias)
 
-    def chunked_divergence(loss, hidden, weight, teacher_logits, labels, attention_mask=None):
-        halves = [hidden[:, :6] @ weight.T, hidden[:, 6:] @ weight.T]  # two chunks of positions
-        value = loss(
-            torch.cat(halves, dim=1), teacher_logits, labels, attention_mask=attention_mask
-        )
-        return value * scale
+    def chunked_token_loss(loss, student, labels, teacher, *, chunk_size, attention_mask=None):
+        hidden, weight, _ = student
+        logits = torch.cat([hidden[:, :6] @ weight.T, hidden[:, 6:] @ weight.T], dim=1)
+        return loss(logits, teacher, labels, attention_mask=attention_mask) * scale
 
-    module.chunked_divergence = chunked_divergence
+    module.chunked_token_loss = chunked_token_loss
     return module
 
 

@@ -669,29 +669,42 @@ class _Checker:
 # -- the chunked loss (kdistill.losses.chunked, when installed) --------------------------------
 
 
-def _chunked_entry() -> Callable | None:
-    """The chunked loss's functional entry point, or None when the module is absent.
+CHUNK_SIZE = 7  # counted positions per chunk of the chunked check: several uneven chunks
 
-    Expected signature: ``entry(loss, hidden, weight, teacher_logits, labels, *,
-    attention_mask=None) -> Tensor``: the value of the token divergence `loss` on the student's
-    last hidden states ``N×L×D`` and head ``V×D`` (logits = hidden @ weightᵀ), computed in chunks.
-    """
+
+def _chunked_entry() -> Callable | None:
+    """``entry(loss, hidden, weight, bias, teacher_logits, labels, attention_mask) -> Tensor``:
+    the chunked loss (`kdistill.losses.chunked.chunked_token_loss` on a `HeadInput`, in chunks
+    of `CHUNK_SIZE` positions), or None when that module is not installed."""
     try:
         module = importlib.import_module("kdistill.losses.chunked")
     except ImportError:
         return None
-    entry = getattr(module, "chunked_divergence", None)
-    return entry if callable(entry) else None
+    chunked, head_input = (getattr(module, n, None) for n in ("chunked_token_loss", "HeadInput"))
+    if not callable(chunked) or head_input is None:
+        return None
+
+    def entry(loss, hidden, weight, bias, teacher_logits, labels, attention_mask):
+        return chunked(
+            loss,
+            head_input(hidden, weight, bias),
+            labels,
+            teacher_logits,
+            chunk_size=CHUNK_SIZE,
+            attention_mask=attention_mask,
+        )
+
+    return entry
 
 
 def _chunked_difference(entry, loss, teacher, student, inputs, labels, output, device):
-    """max relative difference (value, ∂/∂hidden, ∂/∂head) of the chunked against the dense
-    loss, on the student's last hidden states and output head."""
+    """max relative difference (value, ∂/∂hidden, ∂/∂weight, ∂/∂bias) of the chunked against
+    the dense loss, on the student's last hidden states and output head."""
     head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-    if head is None or getattr(head, "bias", None) is not None:
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(
-            "the chunked check needs a student with get_output_embeddings() (a Linear head "
-            "without bias), as Hugging Face causal LMs have"
+            "the chunked check needs a student whose get_output_embeddings() is a linear head "
+            "(weight V×D), as Hugging Face causal LMs have"
         )
     inputs = _to(inputs, device)
     labels = labels.to(device)
@@ -701,17 +714,24 @@ def _chunked_difference(entry, loss, teacher, student, inputs, labels, output, d
         hidden = student(**inputs, output_hidden_states=True).hidden_states[-1]
     results = []
     for chunked in (False, True):
-        h = hidden.detach().clone().requires_grad_(True)
-        w = head.weight.detach().clone().requires_grad_(True)
+        leaves = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+        leaves = [leaf.detach().clone().requires_grad_(True) for leaf in leaves]
+        h, w, b = leaves[0], leaves[1], leaves[2] if len(leaves) > 2 else None
         if chunked:
-            value = entry(loss, h, w, teacher_logits, labels, attention_mask=mask)
+            value = entry(loss, h, w, b, teacher_logits, labels, mask)
         else:
-            value = loss(h @ w.T, teacher_logits, labels, attention_mask=mask)
+            logits = h @ w.T + (b if b is not None else 0)
+            value = loss(logits, teacher_logits, labels, attention_mask=mask)
         value.backward()
-        results.append((float(value.detach()), h.grad, w.grad))
-    (dense, dh, dw), (chunk, ch, cw) = results
-    figure = max(_relative(dense, chunk), _relative(dh, ch), _relative(dw, cw))
-    return figure, f"dense {dense:.6g} vs chunked {chunk:.6g} (value, gradients)"
+        results.append((float(value.detach()), [leaf.grad for leaf in leaves]))
+    (dense, dense_grads), (chunk, chunk_grads) = results
+    figure = max(
+        [_relative(dense, chunk)] + [_relative(a, b) for a, b in zip(dense_grads, chunk_grads)]
+    )
+    return figure, (
+        f"dense {dense:.6g} vs chunked {chunk:.6g} in chunks of {CHUNK_SIZE} positions "
+        "(value, gradients of hidden states and head)"
+    )
 
 
 # -- the API ------------------------------------------------------------------------------------
@@ -776,7 +796,7 @@ def check_pair(
                 None,
                 TOL_CHUNKED,
                 SKIP,
-                "kdistill.losses.chunked (chunked_divergence) is not available in this install",
+                "kdistill.losses.chunked (chunked_token_loss) is not available in this install",
             )
         for name, method in (
             ("identity", checker.identity),
