@@ -245,6 +245,7 @@ def check_command(args: argparse.Namespace) -> int:
             samples=args.samples,
             length=args.length,
             checks=checks,
+            device=args.device,
         )
     else:
         if not (args.teacher and args.student):
@@ -256,6 +257,7 @@ def check_command(args: argparse.Namespace) -> int:
             samples=args.samples,
             length=args.length,
             checks=checks,
+            device=args.device or "cpu",
         )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -591,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--vocab-size", type=int, help="without a recipe: the tokenizer's size")
     check.add_argument("--checks", help="comma-separated subset of: identity, chunked, padding, "
                        "micro_batches, endpoints, teacher")  # fmt: skip
+    check.add_argument("--device", help="cpu or cuda (default: the recipe's device, else cpu)")
     check.add_argument("--json", action="store_true", help="print the results as JSON")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--data-root", help="folder holding the dataset files")

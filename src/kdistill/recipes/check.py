@@ -647,12 +647,9 @@ class _Checker:
             f"every counted label must be a token id below {compared} or {ignore_index}: check "
             "the tokenizer the data was made with against the models' vocabulary",
         )
-        rows = {name: embedding_rows(model) for name, model in (("teacher", self.teacher),)}
         detail = f"student V={v_s}, teacher V={v_t}" + (
             f", vocab_size={vocab_size}" if vocab_size is not None else ""
         )
-        if rows["teacher"] is not None and rows["teacher"] != v_t:
-            detail += f" (teacher embedding rows {rows['teacher']})"
         if vocab_size is not None:
             ok = vocab_size <= min(v_s, v_t)
             fix = f"vocab_size={vocab_size} exceeds a head: set it to the tokenizer's size"
@@ -858,6 +855,7 @@ def check_recipe(
     length: int = 64,
     checks: Sequence[str] = CHECKS,
     standard: bool = True,
+    device: str | torch.device | None = None,
 ) -> CheckReport:
     """`check_pair` for the teacher, each student and every method's token divergences (every
     grid point) of a recipe, built as `kdistill run` builds them, on `batches` batches of
@@ -866,7 +864,8 @@ def check_recipe(
     The teacher: `teacher.checkpoint` (`load_teacher_checkpoint`), else the one a run of the same
     recipe saved in `run_dir` (default ``runs/<name>``), else untrained (noted). The data's
     tokenizer is the run folder's when it has one (read, never written). `teacher_spec` /
-    `student_spec` (e.g. ``hf:<folder>``) replace the recipe's models."""
+    `student_spec` (e.g. ``hf:<folder>``) replace the recipe's models; `device` the recipe's
+    ``train.device``."""
     from kdistill.data import BatchLoader
     from kdistill.engine.checkpoint import checkpoint_path, load_checkpoint, load_weights
     from kdistill.models import model_from_spec
@@ -936,7 +935,7 @@ def check_recipe(
                 standard=standard,
                 checks=checks,
                 output=getattr(task, "model_output", "logits"),
-                device=_device(recipe),
+                device=device if device is not None else _device(recipe),
             )
             for result in found.results:
                 prefix = f"{name}, batch {index + 1}" if batches > 1 else name
@@ -972,6 +971,7 @@ def check_models(
     length: int = 64,
     checks: Sequence[str] = CHECKS,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> CheckReport:
     """`check_pair` for two model specs (``hf:<folder>``, a registry name, an import path) on a
     batch of random token ids (seeded by `seed`) below `vocab_size` (default: the teacher's
@@ -990,7 +990,12 @@ def check_models(
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, tokens, (samples, length), generator=generator)
     report = check_pair(
-        teacher, student, ({"input_ids": ids}, ids), vocab_size=vocab_size, checks=checks
+        teacher,
+        student,
+        ({"input_ids": ids}, ids),
+        vocab_size=vocab_size,
+        checks=checks,
+        device=device,
     )
     report.notes.insert(
         0,
