@@ -124,8 +124,23 @@ def test_the_padded_batches_hold_the_same_tokens_on_either_side(batch):
         counted = right_labels[i][1:] != -100, left_labels[i][1:] != -100
         assert int(counted[0].sum()) == int(counted[1].sum()) == len(r) - 1
         assert int((pitfall[i] != -100).sum()) == len(r)  # the first token's label counted
+    # a prompt's labels (-100) stay -100 on both sides; the pitfall still counts a first token
+    labels = batch[1].clone()
+    labels[:, :3] = -100
+    (_, right_labels), (_, left_labels), (_, pitfall) = padded_batches(batch[0], labels)
+    assert (right_labels[:, :3] == -100).all() and (right_labels[:, 3] != -100).all()
+    assert torch.equal((left_labels != -100).sum(1), (right_labels != -100).sum(1))
+    assert torch.equal((pitfall != -100).sum(1), (right_labels != -100).sum(1) + 1)
     assert len({int(m.sum()) for m in right["attention_mask"]}) > 1  # unequal lengths
     assert torch.equal(left["position_ids"][0][-3:], torch.tensor([9, 10, 11]))
+
+
+def test_prompt_masked_labels_pass_the_padding_checks(pair, batch):
+    labels = batch[1].clone()
+    labels[:, :4] = -100  # a prompt, not counted
+    report = check_pair(*pair, (batch[0], labels), [ForwardKL()], standard=False,
+                        checks=("padding", "micro_batches"))  # fmt: skip
+    assert report.passed, report.table()
 
 
 def test_left_pad_pitfall_fails_when_the_loss_does_not_refuse_padding(pair, batch, monkeypatch):

@@ -283,32 +283,32 @@ def padded_batches(
     ignore_index: int = -100,
     position_ids: bool = True,
 ) -> tuple[tuple[dict, Tensor], tuple[dict, Tensor], tuple[dict, Tensor]]:
-    """The batch's sequences cut to different lengths (row i loses about i/N of its tokens, at
-    least 2 kept), as (right-padded, left-padded with each first token's label `ignore_index`,
-    left-padded with the first token's label counted: the pitfall). `position_ids` (the real
+    """The batch's sequences (its real positions, with their labels) cut to different lengths
+    (row i loses about i/(N+1) of its tokens, at least 2 kept), as (right-padded, left-padded
+    with each first token's label `ignore_index`, left-padded with the first token's label
+    counted: the pitfall). `position_ids` (the real
     position of each token, 0 on padding) are added when asked, so that positions do not
     depend on the padding side."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, length = ids.shape
-    rows = []
+    rows = []  # (tokens, their labels): the real positions, the user's -100s kept (prompts)
     for i in range(n):
-        real = (mask[i] != 0) & (labels[i] != ignore_index)
-        tokens = ids[i][real]
-        keep = max(2, len(tokens) - (i * len(tokens)) // (n + 1))
-        rows.append(tokens[:keep])
-    right = ids.new_full((n, length), pad_id)
-    left = ids.new_full((n, length), pad_id)
-    right_mask = torch.zeros_like(ids)
-    left_mask = torch.zeros_like(ids)
-    for i, tokens in enumerate(rows):
+        real = mask[i] != 0
+        keep = max(2, int(real.sum()) - (i * int(real.sum())) // (n + 1))
+        rows.append((ids[i][real][:keep], labels[i][real][:keep]))
+    right, left = ids.new_full((n, length), pad_id), ids.new_full((n, length), pad_id)
+    right_mask, left_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    right_labels = torch.full_like(labels, ignore_index)
+    pitfall_labels = torch.full_like(labels, ignore_index)
+    for i, (tokens, token_labels) in enumerate(rows):
         size = len(tokens)
-        right[i, :size], right_mask[i, :size] = tokens, 1
-        left[i, length - size :], left_mask[i, length - size :] = tokens, 1
-    right_labels = right.masked_fill(right_mask == 0, ignore_index)
-    pitfall_labels = left.masked_fill(left_mask == 0, ignore_index)
+        right[i, :size], right_mask[i, :size], right_labels[i, :size] = tokens, 1, token_labels
+        start = length - size
+        left[i, start:], left_mask[i, start:], pitfall_labels[i, start:] = tokens, 1, token_labels
     left_labels = pitfall_labels.clone()
-    for i, tokens in enumerate(rows):
+    for i, (tokens, _) in enumerate(rows):
         left_labels[i, length - len(tokens)] = ignore_index
+        pitfall_labels[i, length - len(tokens)] = tokens[0]  # counted, even after a prompt
     made = []
     for tokens, real in ((right, right_mask), (left, left_mask)):
         batch = {"input_ids": tokens, "attention_mask": real}
