@@ -177,6 +177,25 @@ def test_endpoints_fail_for_swapped_jsd_weights(pair, batch):
     assert report.result("skew_alpha_0").status == "PASS"
 
 
+class Sharpened(nn.Module):
+    def __init__(self, inner: nn.Module, scale: float):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, **inputs):
+        return {"logits": self.inner(**inputs).logits * self.scale}
+
+
+def test_endpoints_pass_for_far_apart_distributions(pair, batch):
+    # a teacher 300× sharper: reverse KL of tens of nats, p_s / p_t far beyond 1/β; the limits
+    # are then taken at a raised temperature instead of failing a correct loss
+    teacher = Sharpened(pair[0], 300.0).eval()
+    report = check_pair(teacher, pair[1], batch, [ForwardKL()], standard=False,
+                        checks=("endpoints",))  # fmt: skip
+    assert report.passed, report.table()
+    assert " at T=" in report.result("jsd_beta_1").detail
+
+
 def test_endpoints_fail_when_alpha_1_is_accepted(pair, batch, monkeypatch):
     monkeypatch.setattr(token_module, "_check_skew", float)
     report = check_pair(*pair, batch, [ForwardKL()], standard=False, checks=("endpoints",))
