@@ -30,6 +30,7 @@ from kdistill.taps import Taps
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckReport",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -780,7 +780,8 @@ def check_pair(
     The teacher's mode is read first (`teacher_eval`); both models then run in eval mode (the
     teacher as `Distiller` runs it; the student so that dropout does not make two forwards
     differ) and get their modes, `requires_grad` flags and gradients back.
-    Returns a `CheckReport`; raises only for a batch of the wrong form.
+    Returns a `CheckReport`; raises ValueError only for a batch of the wrong form or an
+    unknown check name (a check that raises is reported as a FAIL).
     """
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
