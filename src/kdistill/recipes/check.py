@@ -417,10 +417,11 @@ class _Checker:
         twin = copy.deepcopy(self.teacher).eval().requires_grad_(True)
         run = _run_term(self.teacher, twin, term, [(self.inputs, self.labels)], self.device)
         label = _label(term.loss)
-        fix = (
-            "the loss is not 0 for identical distributions: check that both sides use "
-            "log_softmax at the same temperature, the same positions and the same vocabulary"
+        same = (
+            "check that both sides use log_softmax at the same temperature, the same positions "
+            "and the same vocabulary"
         )
+        fix = "the loss is not 0 for identical distributions: " + same
         self.add("identity_loss", label, abs(run.loss), TOL_IDENTITY, detail="loss", fix=fix)
         grad = float(run.grad.abs().max()) if run.grad.numel() else 0.0
         self.add(
@@ -429,7 +430,7 @@ class _Checker:
             grad,
             TOL_IDENTITY,
             detail="max |gradient|",
-            fix="the gradient must vanish where the student equals the teacher; " + fix[27:],
+            fix="the gradient must vanish where the student equals the teacher: " + same,
         )
 
     # 2. chunked = dense
