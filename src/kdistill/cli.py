@@ -247,6 +247,59 @@ BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "s
 VERSUS_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "repeats", "device")
 
 
+def check_command(args: argparse.Namespace) -> int:
+    """`kdistill check`: the self-checks of a teacher / student pair (`kdistill.recipes.check`);
+    exit status 1 when a check fails."""
+    import json
+
+    from kdistill.recipes.check import CHECKS, check_models, check_recipe
+
+    checks = list(CHECKS)
+    if args.checks:
+        checks = [name.strip() for name in args.checks.split(",") if name.strip()]
+        unknown = sorted(set(checks) - set(CHECKS))
+        if unknown:
+            raise KdistillError(f"--checks: unknown {unknown}; choose among {list(CHECKS)}")
+    for option in ("batches", "samples", "length"):
+        if getattr(args, option) < 1:
+            raise KdistillError(f"--{option} {getattr(args, option)}: expected a positive number")
+    if args.recipe is not None:
+        from kdistill.recipes import load_recipe
+
+        overrides = list(args.overrides)
+        if args.data_root:
+            overrides.append(f"data.root={args.data_root}")
+        recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+        report = check_recipe(
+            recipe,
+            args.run_dir,
+            teacher_spec=args.teacher,
+            student_spec=args.student,
+            batches=args.batches,
+            samples=args.samples,
+            length=args.length,
+            checks=checks,
+            device=args.device,
+        )
+    else:
+        if not (args.teacher and args.student):
+            raise KdistillError("give a recipe, or both --teacher and --student model specs")
+        report = check_models(
+            args.teacher,
+            args.student,
+            vocab_size=args.vocab_size,
+            samples=args.samples,
+            length=args.length,
+            checks=checks,
+            device=args.device or "cpu",
+        )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.passed else 1
+
+
 def list_recipes(args: argparse.Namespace) -> int:
     for path in sorted(BUILTIN_RECIPES.glob("*.yaml")):
         print(f"{path.stem}\t{path}")
@@ -420,6 +473,10 @@ EXAMPLES = {
     "reference": """examples:
   kdistill reference --out docs/recipe-reference.md   # what make reference does
   kdistill reference | grep batch_size""",
+    "check": """examples:
+  kdistill check recipes/kjv_lm.yaml                   # its teacher, students and divergences
+  kdistill check recipes/kjv_lm.yaml --run-dir runs/kjv_lm --batches 2 --json
+  kdistill check --teacher hf:path/to/teacher --student hf:path/to/student""",
     "recipes": """examples:
   kdistill recipes
   kdistill run fashion_mnist_feature --dry-run""",
@@ -551,6 +608,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     layers.add_argument("--list", action="store_true", help="list the registry's model names")
     layers.set_defaults(handler=layers_command)
+
+    check = _subcommand(
+        commands,
+        "check",
+        "self-check a teacher / student pair: loss 0 at student = teacher, padding side, "
+        "micro-batches, β / α endpoints, teacher mode, vocabularies",
+    )
+    check.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name")
+    check.add_argument("--teacher", help="a teacher model spec (e.g. hf:<folder>), replacing the "
+                       "recipe's")  # fmt: skip
+    check.add_argument("--student", help="a student model spec, replacing the recipe's students")
+    check.add_argument("--run-dir", type=Path, help="run folder holding the recipe's trained "
+                       "teacher and tokenizer (default: runs/<recipe name>)")  # fmt: skip
+    check.add_argument("--batches", type=int, default=1, help="training batches (default 1)")
+    check.add_argument("--samples", type=int, default=4, help="sequences per batch (default 4)")
+    check.add_argument("--length", type=int, default=64, help="tokens per sequence (default 64)")
+    check.add_argument("--vocab-size", type=int, help="without a recipe: the tokenizer's size")
+    check.add_argument("--checks", help="comma-separated subset of: identity, chunked, padding, "
+                       "micro_batches, endpoints, teacher")  # fmt: skip
+    check.add_argument("--device", help="cpu or cuda (default: the recipe's device, else cpu)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--data-root", help="folder holding the dataset files")
+    check.set_defaults(handler=check_command)
 
     recipes = _subcommand(commands, "recipes", "list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)
