@@ -143,7 +143,7 @@ def hf_tokenizer(tokenizer_json: Path | None, vocab_size: int):
     )
 
 
-def load_blocks(args) -> tuple[torch.Tensor, object, str]:
+def load_blocks(args, seq_len: int) -> tuple[torch.Tensor, object, str]:
     """(token blocks ``B×seq_len`` int64, HF tokenizer, description). KJV: the books of the
     recipe's training split encoded with the run folder's tokenizer (read, never written)."""
     vocab = 2048
@@ -166,11 +166,11 @@ def load_blocks(args) -> tuple[torch.Tensor, object, str]:
         tokenizer = Tokenizer.from_file(str(tokenizer_json))
         documents = chapter_documents(train_books[:6])  # Genesis … Joshua: ~250 k tokens
         stream = encode_documents(tokenizer, documents)
-        usable = stream.numel() // args.seq_len * args.seq_len
-        blocks = stream[:usable].view(-1, args.seq_len)
+        usable = stream.numel() // seq_len * seq_len
+        blocks = stream[:usable].view(-1, seq_len)
         return blocks, hf_tokenizer(tokenizer_json, vocab), f"KJV ({len(blocks)} blocks)"
     g = torch.Generator().manual_seed(0)
-    blocks = torch.randint(3, vocab, (512, args.seq_len), generator=g)
+    blocks = torch.randint(3, vocab, (512, seq_len), generator=g)
     return blocks, hf_tokenizer(None, vocab), "random tokens"
 
 
@@ -233,7 +233,7 @@ def value_and_grad(fn, s):
 
 
 def part_losses(args, GKDTrainer) -> dict:
-    blocks, _, data_note = load_blocks(args)
+    blocks, _, data_note = load_blocks(args, 128)  # fixed_batches' layout needs 128
     teacher, student, model_notes = make_models(args)
     batches = fixed_batches(blocks)
     with torch.no_grad():
@@ -427,6 +427,15 @@ class TimedBatches(list):
         self.stamps.append(time.perf_counter())
 
 
+class PassOver(list):
+    """`Batch`es of a whole dataset, for `MemoryTeacherOutputs.predict` (which reads the
+    dataset's size from ``loader.dataset``)."""
+
+    @property
+    def dataset(self) -> range:
+        return range(sum(len(batch.index) for batch in self))
+
+
 def step_times(stamps: list[float], warmup: int) -> list[float]:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return gaps[warmup:]
@@ -446,7 +455,7 @@ def training_batches(blocks, args, on_policy: bool, count: int) -> list[dict]:
     return out
 
 
-def run_kdistill(args, teacher, student, batches, lmbda: float | None) -> dict:
+def run_kdistill(args, teacher, student, batches, lmbda: float | None, cached=False) -> dict:
     config = dict(
         epochs=1,
         optimizer="adamw",
@@ -468,11 +477,24 @@ def run_kdistill(args, teacher, student, batches, lmbda: float | None) -> dict:
     distiller = kd.Distiller(
         teacher, student, [kd.Term(L.GeneralizedJSD(beta=0.5), output="logits")]
     )
+    outputs, build_s = None, None
+    if cached:  # the teacher's logits computed once, before training (kdistill's offline mode)
+        from kdistill.cache import MemoryTeacherOutputs
+        from kdistill.data.batches import as_batch
+
+        batches = [
+            {**b, "index": torch.arange(i * len(b["labels"]), (i + 1) * len(b["labels"]))}
+            for i, b in enumerate(batches)
+        ]
+        source = PassOver([as_batch(b) for b in batches])
+        start = time.perf_counter()
+        outputs = MemoryTeacherOutputs.predict(teacher, source, device=args.device)
+        build_s = time.perf_counter() - start
     loader = TimedBatches(batches)
     start = time.perf_counter()
-    kd.fit(distiller, loader, kd.TrainConfig(**config))
+    kd.fit(distiller, loader, kd.TrainConfig(**config), teacher_outputs=outputs)
     total = time.perf_counter() - start
-    return {"steps": step_times(loader.stamps, args.warmup), "total_s": total}
+    return {"steps": step_times(loader.stamps, args.warmup), "total_s": total, "build_s": build_s}
 
 
 def run_trl(args, GKDTrainer, GKDConfig, tokenizer, teacher, student, batches, lmbda) -> dict:
@@ -582,7 +604,7 @@ def on_policy_available() -> str | None:
 
 def part_speed(args, GKDTrainer, GKDConfig) -> dict:
     torch.set_num_threads(args.threads)
-    blocks, tokenizer, data_note = load_blocks(args)
+    blocks, tokenizer, data_note = load_blocks(args, args.seq_len)
     teacher, student0, _ = make_models(args)
     teacher0 = teacher
     state0 = {k: v.clone() for k, v in student0.state_dict().items()}
@@ -595,6 +617,8 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
         for mode, kd_lmbda, trl_lmbda in modes:
             batches = training_batches(blocks, args, mode == "on_policy", count)
             order = ["trl", "kdistill"] if round_ % 2 == 0 else ["kdistill", "trl"]
+            if mode == "offline":
+                order.append("kdistill_cached")
             for lib in order:
                 key = f"{mode}/{lib}"
                 entry = results.setdefault(key, {"steps": [], "total_s": [], "notes": {}})
@@ -619,7 +643,12 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
                     ]
                     entry["notes"]["num_items_examples"] = got["num_items_examples"]
                 else:
-                    got = run_kdistill(args, teacher, student, batches, kd_lmbda)
+                    cached = lib == "kdistill_cached"
+                    got = run_kdistill(args, teacher, student, batches, kd_lmbda, cached)
+                    if cached:
+                        entry["notes"].setdefault("cache_build_s", []).append(
+                            round(got["build_s"], 2)
+                        )
                 entry["steps"] += got["steps"]
                 entry["total_s"].append(got["total_s"])
                 print(
@@ -634,10 +663,12 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
             entry["median_step_s"] = median
             entry["tokens_per_s"] = tokens_per_step / median
         summary[key] = entry.get("tokens_per_s")
-    ratios = {}
-    for mode, *_ in modes:
-        k, t = summary.get(f"{mode}/kdistill"), summary.get(f"{mode}/trl")
-        ratios[mode] = None if not (k and t) else k / t
+    ratios = {}  # "<mode>/<kdistill row>": its tokens/s ÷ TRL's in the same mode
+    for key, value in summary.items():
+        mode, lib = key.split("/")
+        if lib.startswith("kdistill"):
+            trl = summary.get(f"{mode}/trl")
+            ratios[key] = None if not (value and trl) else value / trl
     return {
         "data": data_note,
         "tokens_per_step": tokens_per_step,
@@ -666,11 +697,11 @@ MEMORY_ROWS = (
     "kdistill_chunked_teacher_logits",
     "kdistill_chunked_teacher_head",
 )
-ESTIMATED_COPIES = {  # peak ÷ one N·L×V float32 tensor, for the skip rule only
-    "trl_dense": 16,
-    "kdistill_dense": 12,
-    "kdistill_chunked_teacher_logits": 3,
-    "kdistill_chunked_teacher_head": 1,
+ESTIMATED_COPIES = {  # peak rise ÷ one N·L×V float32 tensor (measured at 1,024 tokens, + 10 %)
+    "trl_dense": 19,
+    "kdistill_dense": 16,
+    "kdistill_chunked_teacher_logits": 2,
+    "kdistill_chunked_teacher_head": 2,
 }
 
 
@@ -775,23 +806,24 @@ def part_memory(args) -> dict:
         if row == "trl_dense" and have_trl:
             rows[row] = {"skipped": have_trl}
             continue
-        estimate = ESTIMATED_COPIES[row] * logits_bytes
-        free = available_bytes()
-        if args.device == "cpu" and free is not None and estimate > 0.6 * free:
-            rows[row] = {
-                "skipped": f"estimated peak {estimate / 2**30:.1f} GiB > 60 % of the "
-                f"{free / 2**30:.1f} GiB available"
-            }
+        tokens = args.memory_tokens
+        free = available_bytes() if args.device == "cpu" else None
+        while free is not None and ESTIMATED_COPIES[row] * tokens * args.memory_vocab * 4 > (
+            0.6 * free
+        ):
+            tokens //= 2  # measured at fewer tokens, extrapolated linearly (said so)
+        if tokens < 256:
+            rows[row] = {"skipped": f"not enough memory ({free / 2**30:.1f} GiB available)"}
             continue
         spec = {
             "row": row,
-            "tokens": args.memory_tokens,
+            "tokens": tokens,
             "vocab": args.memory_vocab,
             "width": 256,
             "device": args.device,
             "dtype": args.dtype,
             "threads": args.threads,
-            "chunk_size": 1024,
+            "chunk_size": max(1, min(1024, tokens // 8)),
         }
         done = subprocess.run(
             [sys.executable, __file__, "--memory-child", json.dumps(spec)],
@@ -803,6 +835,17 @@ def part_memory(args) -> dict:
             rows[row] = {"error": done.stderr.strip().splitlines()[-1:]}
         else:
             rows[row] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[row]["measured_tokens"] = tokens
+            rows[row]["chunk_size"] = spec["chunk_size"] if "chunked" in row else None
+            rise = rows[row]["peak_rise_bytes"]
+            rows[row]["rise_at_requested_tokens"] = rise * args.memory_tokens / tokens
+            rows[row]["copies"] = rise / (tokens * args.memory_vocab * 4)
+            if tokens != args.memory_tokens:
+                rows[row]["note"] = (
+                    f"measured at {tokens} tokens (the estimate at {args.memory_tokens} exceeds "
+                    f"60 % of the {free / 2**30:.1f} GiB available), scaled ×"
+                    f"{args.memory_tokens / tokens:g}"
+                )
         print(f"  {row}: {rows[row]}", flush=True)
     return {
         "tokens": args.memory_tokens,
@@ -874,12 +917,9 @@ def print_speed(report: dict) -> None:
             f"| {mode} | {lib} | {entry['median_step_s'] * 1e3:.0f} | "
             f"{entry['tokens_per_s']:.0f} | {notes} |"
         )
-    for mode, ratio in report["ratio_kdistill_over_trl"].items():
+    for key, ratio in report["ratio_kdistill_over_trl"].items():
         mark = "—" if ratio is None else ("✓" if ratio >= TARGET_SPEEDUP else "✗")
-        print(
-            f"  {mode}: kdistill / TRL tokens/s = {fmt(ratio, 3)} "
-            f"(target ≥ {TARGET_SPEEDUP}) {mark}"
-        )
+        print(f"  {key} / TRL tokens/s = {fmt(ratio, 3)} (target ≥ {TARGET_SPEEDUP}) {mark}")
 
 
 def print_memory(report: dict) -> None:
@@ -887,15 +927,19 @@ def print_memory(report: dict) -> None:
         f"\n(c) loss peak memory, V = {report['vocab']:,}, {report['tokens']:,} tokens "
         f"(one logits copy = {report['one_logits_copy_bytes'] / 2**30:.2f} GiB)"
     )
-    print("| loss | peak rise (GiB) | × one logits copy | seconds |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| loss | measured at tokens | peak rise (GiB) | × one logits copy | "
+        f"at {report['tokens']:,} tokens (GiB) | seconds |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for row, value in report["rows"].items():
         if "peak_rise_bytes" not in value:
-            print(f"| {row} | — | — | {value.get('skipped') or value.get('error')} |")
+            why = value.get("skipped") or value.get("error")
+            print(f"| {row} | — | — | — | — | {why} |")
             continue
-        rise = value["peak_rise_bytes"]
         print(
-            f"| {row} | {rise / 2**30:.2f} | {rise / report['one_logits_copy_bytes']:.1f} | "
+            f"| {row} | {value['measured_tokens']:,} | {value['peak_rise_bytes'] / 2**30:.2f} | "
+            f"{value['copies']:.1f} | {value['rise_at_requested_tokens'] / 2**30:.2f} | "
             f"{value['seconds']:.1f} |"
         )
 
