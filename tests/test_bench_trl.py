@@ -60,6 +60,7 @@ def test_the_step_clock_takes_the_gaps_between_batch_fetches(monkeypatch):
     assert bench.step_times(batches.stamps, warmup=1) == [1.0, 1.5]
 
 
+@pytest.mark.slow  # two kd.fit runs of the LM pair: ~10 s on a quiet machine
 def test_runs_without_trl_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "import_trl", lambda: (None, None, None, "trl is not installed"))
     out = tmp_path / "trl.json"
