@@ -872,7 +872,9 @@ def part_memory(args) -> dict:
         have_chunked = f"kdistill.losses.chunked does not exist here ({error})"
     have_trl = import_trl()[3]
     logits_bytes = args.memory_tokens * args.memory_vocab * 4
-    for row in MEMORY_ROWS:
+    for row in args.memory_rows.split(","):
+        if row not in MEMORY_ROWS:
+            raise SystemExit(f"--memory-rows: unknown row {row!r}; choose from {MEMORY_ROWS}")
         if row.startswith("kdistill_chunked") and have_chunked is not True:
             rows[row] = {"skipped": have_chunked}
             continue
@@ -1036,6 +1038,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--memory-tokens", type=int, default=8192)
     parser.add_argument("--memory-vocab", type=int, default=32768)
+    parser.add_argument("--memory-rows", default=",".join(MEMORY_ROWS))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
