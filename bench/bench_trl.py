@@ -407,7 +407,7 @@ def fully_masked_rows(GKDTrainer, s, t, labels) -> dict:
     k = L.GeneralizedJSD(beta=0.5)(y, t, none)
     k.backward()
     return {
-        "trl": float(trl),
+        "trl": float(trl.detach()),
         "trl_grad_abs_max": float(x.grad.abs().max()),
         "kdistill": float(k),
         "kdistill_grad_abs_max": float(y.grad.abs().max()),
