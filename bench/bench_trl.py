@@ -659,6 +659,16 @@ def step_breakdown(args, GKDTrainer, teacher, student, batch, repeats: int = 5) 
     return out
 
 
+def kdistill_sampled_steps(lmbda: float, count: int) -> int | None:
+    """How many of the `count` batches kdistill's on-policy mode samples (its coin is a fixed
+    function of the seed and the batch's position), when the mode exists."""
+    try:
+        from kdistill.onpolicy import OnPolicy
+    except ImportError:
+        return None
+    return sum(OnPolicy(lmbda=lmbda, seed=0).draw(key)[0] for key in range(count))
+
+
 def on_policy_available() -> str | None:
     try:
         from kdistill.engine.config import OnPolicyConfig  # noqa: F401
@@ -676,7 +686,11 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
     count = args.warmup + args.steps
     tokens_per_step = args.batch_size * args.seq_len
     results: dict[str, dict] = {}
-    modes = [("offline", None, 0.0), ("on_policy", 0.5, 0.5)]
+    modes = [
+        mode
+        for mode in [("offline", None, 0.0), ("on_policy", 0.5, 0.5)]
+        if mode[0] in args.modes.split(",")
+    ]
     why_not = on_policy_available()
     for round_ in range(args.rounds):
         for mode, kd_lmbda, trl_lmbda in modes:
@@ -716,6 +730,10 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
                         entry["notes"].setdefault("cache_build_s", []).append(
                             round(got["build_s"], 2)
                         )
+                    if kd_lmbda is not None:
+                        entry["notes"].setdefault("sampled_steps", []).append(
+                            kdistill_sampled_steps(kd_lmbda, count)
+                        )
                 entry["steps"] += got["steps"]
                 entry["total_s"].append(got["total_s"])
                 print(
@@ -729,9 +747,11 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
     summary = {}
     for key, entry in results.items():
         if entry["steps"]:
-            median = statistics.median(entry["steps"])
-            entry["median_step_s"] = median
-            entry["tokens_per_s"] = tokens_per_step / median
+            entry["median_step_s"] = statistics.median(entry["steps"])
+            entry["mean_step_s"] = statistics.fmean(entry["steps"])
+            # on-policy steps are bimodal (sampled or not): the mean, not the median, is the rate
+            step = entry["mean_step_s" if key.startswith("on_policy") else "median_step_s"]
+            entry["tokens_per_s"] = tokens_per_step / step
         summary[key] = entry.get("tokens_per_s")
     ratios = {}  # "<mode>/<kdistill row>": its tokens/s ÷ TRL's in the same mode
     for key, value in summary.items():
@@ -978,19 +998,19 @@ def print_speed(report: dict) -> None:
         f"{s['steps']} timed steps × {s['rounds']} rounds, {s['threads']} threads, "
         f"{s['device']} {s['dtype']})"
     )
-    print("| mode | library | median step (ms) | tokens/s | notes |")
-    print("|---|---|---:|---:|---|")
+    print("| mode | library | median step (ms) | mean step (ms) | tokens/s | notes |")
+    print("|---|---|---:|---:|---:|---|")
     for key, entry in report["results"].items():
         mode, lib = key.split("/")
         if "skipped" in entry and not entry["steps"]:
-            print(f"| {mode} | {lib} | — | — | {entry['skipped']} |")
+            print(f"| {mode} | {lib} | — | — | — | {entry['skipped']} |")
             continue
         notes = ", ".join(
             f"{k}={v}" for k, v in entry["notes"].items() if k != "num_items_examples"
         )
         print(
             f"| {mode} | {lib} | {entry['median_step_s'] * 1e3:.0f} | "
-            f"{entry['tokens_per_s']:.0f} | {notes} |"
+            f"{entry['mean_step_s'] * 1e3:.0f} | {entry['tokens_per_s']:.0f} | {notes} |"
         )
     print(
         "  one offline step's pieces, timed alone (median ms): "
@@ -1031,6 +1051,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--modes", default="offline,on_policy", help="speed part's modes")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
