@@ -696,8 +696,9 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
         for mode, kd_lmbda, trl_lmbda in modes:
             batches = training_batches(blocks, args, mode == "on_policy", count)
             order = ["trl", "kdistill"] if round_ % 2 == 0 else ["kdistill", "trl"]
+            order.append("trl_no_checkpointing")  # TRL's default is checkpointing on
             if mode == "offline":
-                order += ["trl_no_checkpointing", "kdistill_cached"]
+                order.append("kdistill_cached")
             for lib in order:
                 key = f"{mode}/{lib}"
                 entry = results.setdefault(key, {"steps": [], "total_s": [], "notes": {}})
