@@ -720,9 +720,9 @@ def part_speed(args, GKDTrainer, GKDConfig) -> dict:
                         checkpointing=lib == "trl",
                     )
                     entry["notes"].setdefault("sampled_steps", []).append(got["sampled_steps"])
-                    entry["notes"]["num_items_in_batch_differs_from_counted"] = got[
-                        "num_items_in_batch_differs_from_counted"
-                    ]
+                    entry["notes"].setdefault("num_items_in_batch_differs_from_counted", []).append(
+                        got["num_items_in_batch_differs_from_counted"]
+                    )
                     entry["notes"]["num_items_examples"] = got["num_items_examples"]
                 else:
                     cached = lib == "kdistill_cached"
