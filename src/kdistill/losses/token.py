@@ -251,9 +251,24 @@ def per_token_mean(total: Tensor, counted: int, num_counted: Count) -> Tensor:
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     """log softmax(z / T), with −inf (p = 0) replaced by the dtype's lowest finite number, so
-    that p·(log p − log q) is 0, never 0·∞ = NaN, for masked-out entries."""
-    log_p = F.log_softmax(logits / temperature, dim=-1)
-    return log_p.clamp(min=torch.finfo(log_p.dtype).min)
+    that p·(log p − log q) is 0, never 0·∞ = NaN, for masked-out entries. Finite logits give
+    finite log-probabilities, so the clamp (a copy of M×V) is only made when a logit is −inf;
+    T = 1 divides by nothing."""
+    scaled = logits if temperature == 1.0 else logits / temperature
+    log_p = F.log_softmax(scaled, dim=-1)
+    if bool(torch.isinf(logits).any()):
+        log_p = log_p.clamp(min=torch.finfo(log_p.dtype).min)
+    return log_p
+
+
+def _counted(logits: Tensor, vocab: int, counted: Tensor, dtype: torch.dtype) -> Tensor:
+    """M×vocab rows of `logits` (N×L×V) where `counted` (N×L): a view, no copy, when every
+    position counts and the whole vocabulary is compared."""
+    if vocab == logits.shape[-1] and bool(counted.all()):
+        rows = logits.reshape(-1, vocab)
+    else:
+        rows = logits[..., :vocab][counted]
+    return rows.to(dtype)
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -351,8 +366,8 @@ class TokenDivergence(DistillLoss):
         if labels.dim() == 2:  # token sequences (N×V logits have no padding positions)
             check_real_positions(counted, attention_mask, self.shift)
         dtype = compute_dtype(student, teacher)
-        student = student[..., :vocab][counted].to(dtype)  # M×V
-        teacher = teacher[..., :vocab][counted].to(dtype)
+        student = _counted(student, vocab, counted, dtype)  # M×V
+        teacher = _counted(teacher, vocab, counted, dtype)
         t = self.temperature
         values = self.divergence(_log_probs(student, t), _log_probs(teacher, t))
         return per_token_mean(values.sum() * (t * t), student.shape[0], num_counted)
