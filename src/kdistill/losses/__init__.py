@@ -1,6 +1,7 @@
 """kdistill losses: pure tensor functions, each also reachable by name (`create_loss("kd")`)."""
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
+from kdistill.losses.chunked import ChunkedTokenLoss, HeadInput, chunked_token_loss
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
@@ -25,6 +26,7 @@ __all__ = [
     "CE",
     "CRD",
     "CWD",
+    "ChunkedTokenLoss",
     "DIST",
     "DKD",
     "KD",
@@ -42,6 +44,7 @@ __all__ = [
     "HiddenCosine",
     "HiddenMSE",
     "HardKD",
+    "HeadInput",
     "LogitMSE",
     "PixelKD",
     "ReverseKL",
@@ -49,6 +52,7 @@ __all__ = [
     "SkewReverseKL",
     "TokenCE",
     "YOLOLoss",
+    "chunked_token_loss",
     "create_loss",
     "encode_targets",
     "register_loss",
