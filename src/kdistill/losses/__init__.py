@@ -1,7 +1,12 @@
 """kdistill losses: pure tensor functions, each also reachable by name (`create_loss("kd")`)."""
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
-from kdistill.losses.chunked import ChunkedTokenLoss, HeadInput, chunked_token_loss
+from kdistill.losses.chunked import (
+    ChunkedTokenCE,
+    ChunkedTokenLoss,
+    HeadInput,
+    chunked_token_loss,
+)
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
@@ -26,6 +31,7 @@ __all__ = [
     "CE",
     "CRD",
     "CWD",
+    "ChunkedTokenCE",
     "ChunkedTokenLoss",
     "DIST",
     "DKD",

@@ -60,7 +60,7 @@ from kdistill.losses.token import (
     per_token_mean,
 )
 
-__all__ = ["ChunkedTokenLoss", "HeadInput", "chunked_token_loss"]
+__all__ = ["ChunkedTokenCE", "ChunkedTokenLoss", "HeadInput", "chunked_token_loss"]
 
 
 @dataclass(frozen=True)
@@ -426,4 +426,27 @@ class ChunkedTokenLoss(DistillLoss):
         return (
             f"chunk_size={self.chunk_size}, student_head={self.student_head!r}, "
             f"teacher_head={self.teacher_head!r}"
+        )
+
+
+@register_loss("chunked_token_ce")
+class ChunkedTokenCE(ChunkedTokenLoss):
+    """`TokenCE` (the next-token cross-entropy, Hugging Face's causal-LM loss) computed chunk
+    by chunk from the hidden states and the output head: ``ChunkedTokenLoss("token_ce", ...)``
+    under its own name, for a recipe's ``hard_loss: chunked_token_ce`` next to chunked
+    divergences (a dense hard loss would read the logits, which a chunked term never builds).
+    """
+
+    def __init__(
+        self,
+        chunk_size: int = 1024,
+        student_head: str = "lm_head",
+        shift: bool = True,
+        ignore_index: int = -100,
+        vocab_size: int | None = None,
+    ):
+        super().__init__(
+            TokenCE(shift=shift, ignore_index=ignore_index, vocab_size=vocab_size),
+            chunk_size=chunk_size,
+            student_head=student_head,
         )
