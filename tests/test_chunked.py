@@ -68,27 +68,31 @@ def _grads(value, params):
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 1000])  # M = 12: divides, does not, bigger
 @pytest.mark.parametrize("teacher_form", ["logits", "head"])
-def test_every_divergence_matches_the_dense_loss(temperature, chunk_size, teacher_form):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_every_divergence_matches_the_dense_loss(temperature, chunk_size, teacher_form, recompute):
     h, w, b, ht, wt, bt, labels = _case()
     teacher_logits = ht @ wt.T + bt
     teacher = teacher_logits if teacher_form == "logits" else HeadInput(ht, wt, bt)
     for loss in divergences(temperature):
         expected = _dense(loss, h, w, b, teacher_logits, labels)
-        got = chunked_token_loss(loss, HeadInput(h, w, b), labels, teacher, chunk_size=chunk_size)
+        got = chunked_token_loss(
+            loss, HeadInput(h, w, b), labels, teacher, chunk_size=chunk_size, recompute=recompute
+        )
         assert got.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12), loss
         for g_dense, g_chunk in zip(_grads(expected, [h, w, b]), _grads(got, [h, w, b])):
             torch.testing.assert_close(g_chunk, g_dense, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_size", [2, 5])
-def test_token_ce_matches_cross_entropy_of_the_shifted_logits(chunk_size):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_token_ce_matches_cross_entropy_of_the_shifted_logits(chunk_size, recompute):
     h, w, b, *_, labels = _case()
     logits = h @ w.T + b
     # independent formula: HF's causal-LM loss, shift by hand
     expected = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
     )
-    got = ChunkedTokenCE(chunk_size=chunk_size)(HeadInput(h, w, b), labels)
+    got = ChunkedTokenCE(chunk_size=chunk_size, recompute=recompute)(HeadInput(h, w, b), labels)
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
     for g_dense, g_chunk in zip(_grads(expected, [h, w, b]), _grads(got, [h, w, b])):
         torch.testing.assert_close(g_chunk, g_dense, rtol=1e-9, atol=1e-12)
@@ -163,17 +167,20 @@ def test_gradcheck_float64():
         )
 
     assert torch.autograd.gradcheck(value, (h, w, b))
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: ChunkedTokenCE(chunk_size=4)(HeadInput(h, w, b), labels), (h, w, b)
-    )
+    for recompute in (True, False):
+        ce = ChunkedTokenCE(chunk_size=4, recompute=recompute)
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, ce=ce: ce(HeadInput(h, w, b), labels), (h, w, b)
+        )
 
 
 @pytest.mark.parametrize("loss", [ForwardKL(), TokenCE()])
-def test_nothing_counted_is_zero_with_zero_gradients(loss):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_nothing_counted_is_zero_with_zero_gradients(loss, recompute):
     h, w, b, ht, wt, bt, _ = _case()
     labels = torch.full((N, L), -100)
     teacher = None if isinstance(loss, TokenCE) else HeadInput(ht, wt, bt)
-    got = chunked_token_loss(loss, HeadInput(h, w, b), labels, teacher)
+    got = chunked_token_loss(loss, HeadInput(h, w, b), labels, teacher, recompute=recompute)
     assert got.item() == 0.0
     for grad in _grads(got, [h, w, b]):
         assert grad.abs().max() == 0
@@ -194,7 +201,8 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_tensor_of_all_positions_by_vocabulary_is_built():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_no_tensor_of_all_positions_by_vocabulary_is_built(recompute):
     torch.manual_seed(0)
     n, length, d, vocab, chunk = 4, 64, 8, 512, 16
     h = torch.randn(n, length, d, requires_grad=True)
@@ -202,7 +210,9 @@ def test_no_tensor_of_all_positions_by_vocabulary_is_built():
     labels = torch.randint(0, vocab, (n, length))
     teacher = HeadInput(torch.randn(n, length, d), torch.randn(vocab, d))
     with _LargestTensor() as seen:
-        value = chunked_token_loss(ForwardKL(), HeadInput(h, w), labels, teacher, chunk_size=chunk)
+        value = chunked_token_loss(
+            ForwardKL(), HeadInput(h, w), labels, teacher, chunk_size=chunk, recompute=recompute
+        )
         value.backward()
     assert seen.largest <= chunk * vocab  # one chunk's logits, never M×V (252×512)
     with _LargestTensor() as dense:  # the check itself sees the dense loss's logits

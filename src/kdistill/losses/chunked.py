@@ -137,8 +137,10 @@ class _Plan:
         positions: tuple[Tensor, Tensor] | None = None,
         teacher_head: HeadInput | None = None,
         targets: Tensor | None = None,
+        recompute: bool = True,
     ):
         self.value = value
+        self.recompute = recompute
         self.vocab = vocab
         self.dtype = dtype
         self.chunk_size = chunk_size
@@ -165,12 +167,68 @@ class _Plan:
         return self.value(student_logits, self.teacher_rows(start, stop), targets)
 
 
+def _chunk_gradients(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: _Plan,
+    needs: tuple[bool, bool, bool],
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(Σ of the plan's value, d/d hidden, d/d weight, d/d bias), chunk by chunk: each chunk's
+    logits, the gradient with respect to them by autograd through the plan's value, then the
+    head's three gradients by hand (``g·W``, ``gᵀ·h``, ``Σ g``), times `scale` when given."""
+    vocab, size, dtype = plan.vocab, plan.chunk_size, plan.dtype
+    need_h, need_w, need_b = needs
+    w = weight[:vocab]
+    b = None if bias is None else bias[:vocab]
+    matmul = torch.promote_types(hidden.dtype, weight.dtype)
+    w_mm = w.to(matmul)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = weight.new_zeros(weight.shape, dtype=dtype) if need_w else None
+    grad_b = bias.new_zeros(bias.shape, dtype=dtype) if need_b and bias is not None else None
+    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], size):
+        stop = min(start + size, hidden.shape[0])
+        h = hidden[start:stop].to(matmul)
+        with torch.enable_grad():
+            z = _head_logits(h, w_mm, b, dtype).detach().requires_grad_(True)
+            value = plan.chunk(z, start, stop)
+            (g,) = torch.autograd.grad(value, z)
+        total += value.detach()
+        if scale is not None:
+            g = g * scale.to(dtype)  # chunk×V, d total / d logits
+        if grad_h is not None:
+            grad_h[start:stop] = (g.to(matmul) @ w_mm).to(hidden.dtype)
+        if grad_w is not None:
+            grad_w[:vocab] += (g.T.to(matmul) @ h).to(dtype)
+        if grad_b is not None:
+            grad_b[:vocab] += g.sum(dim=0)
+        del z, g
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        assert bias is not None
+        grad_b = grad_b.to(bias.dtype)
+    return total, grad_h, grad_w, grad_b
+
+
 class _ChunkedHead(torch.autograd.Function):
     """Σ over the M rows of `hidden` of the plan's value at the logits ``hidden·Wᵀ + b``
-    (``W = weight[:vocab]``), chunk by chunk; backward recomputes each chunk's logits."""
+    (``W = weight[:vocab]``), chunk by chunk. With ``plan.recompute`` the forward keeps no
+    logits and backward recomputes each chunk's; without, the forward computes the gradients
+    too (chunk by chunk) and backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not plan.recompute and any(needs):
+            total, *grads = _chunk_gradients(hidden, weight, bias, plan, needs)
+            ctx.grads = grads
+            return total
+        ctx.grads = None
         vocab, size = plan.vocab, plan.chunk_size
         w = weight[:vocab]
         b = None if bias is None else bias[:vocab]
@@ -180,44 +238,20 @@ class _ChunkedHead(torch.autograd.Function):
             z = _head_logits(hidden[start:stop], w, b, plan.dtype)
             total += plan.chunk(z, start, stop)
             del z
-        ctx.plan = plan
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, *(() if bias is None else (bias,)))
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
+        if ctx.grads is not None:  # computed in forward: d total / d input × grad_total
+            scaled = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads]
+            return (*scaled, None)
         hidden, weight, *rest = ctx.saved_tensors
         bias = rest[0] if ctx.has_bias else None
-        plan: _Plan = ctx.plan
-        vocab, size, dtype = plan.vocab, plan.chunk_size, plan.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight[:vocab]
-        b = None if bias is None else bias[:vocab]
-        matmul = torch.promote_types(hidden.dtype, weight.dtype)
-        w_mm = w.to(matmul)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = weight.new_zeros(weight.shape, dtype=dtype) if need_w else None
-        grad_b = bias.new_zeros(bias.shape, dtype=dtype) if need_b and bias is not None else None
-        for start in range(0, hidden.shape[0], size):
-            stop = min(start + size, hidden.shape[0])
-            h = hidden[start:stop].to(matmul)
-            with torch.enable_grad():
-                z = _head_logits(h, w_mm, b, dtype).detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(plan.chunk(z, start, stop), z)
-            g = g * grad_total.to(dtype)  # chunk×V, d total / d logits
-            if grad_h is not None:
-                grad_h[start:stop] = (g.to(matmul) @ w_mm).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w[:vocab] += (g.T.to(matmul) @ h).to(dtype)
-            if grad_b is not None:
-                grad_b[:vocab] += g.sum(dim=0)
-            del z, g
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            assert bias is not None
-            grad_b = grad_b.to(bias.dtype)
+        needs = tuple(ctx.needs_input_grad[:3])
+        _, grad_h, grad_w, grad_b = _chunk_gradients(
+            hidden, weight, bias, ctx.plan, needs, grad_total
+        )
         return grad_h, grad_w, grad_b, None
 
 
@@ -261,6 +295,7 @@ def chunked_token_loss(
     chunk_size: int = 1024,
     num_counted: Count = None,
     attention_mask: Tensor | None = None,
+    recompute: bool = True,
 ) -> Tensor:
     """The value of `loss` (a `TokenDivergence` or `TokenCE`, with its temperature, shift,
     ``ignore_index`` and ``vocab_size``) at the logits ``student.hidden @ student.weight.T +
@@ -274,6 +309,11 @@ def chunked_token_loss(
     gradients. `num_counted`, `attention_mask`: as `kdistill.losses.token`. Returns a 0-dim
     tensor in nats per counted token (× T² for divergences), float32 (float64 for float64
     inputs). Raises ValueError for shapes that do not fit, naming both.
+
+    `recompute` (default True): backward recomputes each chunk's logits (the forward keeps
+    nothing of size V). False: the forward also computes the gradients, chunk by chunk, and
+    keeps them (``M×D`` + ``V×D`` in float32) until backward — one head product and one pass
+    of the loss's formula less per chunk, the same values and gradients.
     """
     check_positive_int(chunk_size, "chunk_size")
     student.check("student")
@@ -320,6 +360,7 @@ def chunked_token_loss(
         else:
             positions = tuple(counted.nonzero().unbind(dim=1))
             plan = _Plan(value, vocab, dtype, chunk_size, teacher_logits, positions)  # type: ignore[arg-type]
+    plan.recompute = bool(recompute)
     total = _ChunkedHead.apply(hidden[counted], student.weight, student.bias, plan)
     return per_token_mean(total, int(counted.sum()), num_counted)
 
@@ -347,6 +388,9 @@ class ChunkedTokenLoss(DistillLoss):
     does the same for the teacher (its logits are then made per chunk too); ``None`` takes the
     teacher's dense output. Teacher outputs from a cache are read as dense logits.
 
+    `recompute` (default True, as above): False computes the gradients during the forward
+    instead (`chunked_token_loss`): faster, the same values.
+
     `forward(student, teacher, labels)` for divergences, `forward(student, labels)` for
     `TokenCE` (``needs`` follows the wrapped loss): `student` a `HeadInput`; `teacher` dense
     logits ``N×L×V`` or a `HeadInput`; plus `num_counted` and `attention_mask` as the token
@@ -364,10 +408,14 @@ class ChunkedTokenLoss(DistillLoss):
         chunk_size: int = 1024,
         student_head: str = "lm_head",
         teacher_head: str | None = "lm_head",
+        recompute: bool = True,
         **params,
     ):
         super().__init__()
         check_positive_int(chunk_size, "chunk_size")
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
+        self.recompute = recompute
         self.inner = _as_inner(loss, params)
         self.chunk_size = chunk_size
         if not isinstance(student_head, str) or not student_head:
@@ -420,12 +468,13 @@ class ChunkedTokenLoss(DistillLoss):
             chunk_size=self.chunk_size,
             num_counted=num_counted,
             attention_mask=attention_mask,
+            recompute=self.recompute,
         )
 
     def extra_repr(self) -> str:
         return (
             f"chunk_size={self.chunk_size}, student_head={self.student_head!r}, "
-            f"teacher_head={self.teacher_head!r}"
+            f"teacher_head={self.teacher_head!r}, recompute={self.recompute}"
         )
 
 
@@ -441,6 +490,7 @@ class ChunkedTokenCE(ChunkedTokenLoss):
         self,
         chunk_size: int = 1024,
         student_head: str = "lm_head",
+        recompute: bool = True,
         shift: bool = True,
         ignore_index: int = -100,
         vocab_size: int | None = None,
@@ -449,4 +499,5 @@ class ChunkedTokenCE(ChunkedTokenLoss):
             TokenCE(shift=shift, ignore_index=ignore_index, vocab_size=vocab_size),
             chunk_size=chunk_size,
             student_head=student_head,
+            recompute=recompute,
         )
