@@ -2,7 +2,7 @@
 backward at V = 32,768 and 8,192 tokens.
 
     OMP_NUM_THREADS=2 nice -n 10 python bench/bench_chunked.py            # the issue's sizes
-    python bench/bench_chunked.py --chunk-size 2048 --repeats 5
+    python bench/bench_chunked.py --chunk-size 2048 --repeats 3 --configs dense,chunked_head
     python bench/bench_chunked.py --quick                                   # smoke run
     python bench/bench_chunked.py --device cuda --dtype bf16                # on a GPU
 
@@ -24,14 +24,22 @@ Configurations, per loss (forward KL, JSD β = 0.5, and CE, which has no teacher
 - ``chunked_head``    `chunked_token_loss` with the teacher as hidden states + head (its logits
   made per chunk, twice: forward and the recomputation in backward): neither side's ``N×L×V``
   exists.
+- ``chunked_logits_fwdgrad`` / ``chunked_head_fwdgrad``: the same with ``recompute=False``.
+
+Default configurations: dense, chunked_logits, chunked_head, chunked_logits_fwdgrad
+(`--configs`); CE, which reads no teacher, runs dense and the chunked_logits ones.
 
 Memory: each configuration runs in a fresh subprocess. After its inputs are built, the
 process's peak resident set is reset (``/proc/self/clear_refs`` ← 5), one forward + backward
 runs, and the peak is read from ``VmHWM`` of ``/proc/self/status``; reported is that peak minus
 the resident set just before (``VmRSS``): the memory the loss computation itself adds, on top of
 its inputs. (CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated memory before.)
-Time: the same process then times `--repeats` more forward + backward passes; the median is
-reported. Ratios (chunked ÷ dense) are taken within one run of this script. Results go to
+Time: the first step's (default, ``--repeats 0``: one full-size step per configuration keeps
+the run short on a shared 2-core machine), or the median of `--repeats` more steps timed after
+it. `*_fwdgrad` configurations use ``recompute=False`` (gradients computed during the forward,
+no recomputation in backward); the others recompute in backward, as the issue asks.
+
+Ratios (chunked ÷ dense) are taken within one run of this script. Results go to
 ``bench/results/chunked-<date>.json`` (or `--json`) and a table is printed. Targets (issue 16):
 peak ≤ 25 % of dense at ≤ 1.3× its time; printed as ✓/✗, never asserted.
 """
@@ -57,7 +65,15 @@ LOSSES = {
     "jsd": lambda: GeneralizedJSD(beta=0.5),
     "ce": lambda: TokenCE(),
 }
-CONFIGS = ("dense", "dense_head", "chunked_logits", "chunked_head")
+CONFIGS = (
+    "dense",
+    "dense_head",
+    "chunked_logits",
+    "chunked_head",
+    "chunked_logits_fwdgrad",
+    "chunked_head_fwdgrad",
+)
+DEFAULT_CONFIGS = "dense,chunked_logits,chunked_head,chunked_logits_fwdgrad"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -107,8 +123,16 @@ def _step(args, loss_name: str, config: str, inputs) -> None:
         del logits, teacher_logits
     else:
         side = None if loss_name == "ce" else teacher
-        side = teacher_logits if config == "chunked_logits" and loss_name != "ce" else side
-        value = chunked_token_loss(loss, student, labels, side, chunk_size=args.chunk_size)
+        if config.startswith("chunked_logits") and loss_name != "ce":
+            side = teacher_logits
+        value = chunked_token_loss(
+            loss,
+            student,
+            labels,
+            side,
+            chunk_size=args.chunk_size,
+            recompute=not config.endswith("_fwdgrad"),
+        )
     value.backward()
     for tensor in (student.hidden, student.weight, student.bias):
         tensor.grad = None
@@ -118,7 +142,8 @@ def measure(args, loss_name: str, config: str) -> dict:
     """Run in a fresh process: the peak memory of one step over its inputs, then the time."""
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    inputs = _inputs(args, config in ("dense", "chunked_logits") and loss_name != "ce")
+    dense_teacher = config == "dense" or config.startswith("chunked_logits")
+    inputs = _inputs(args, dense_teacher and loss_name != "ce")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         sync()
@@ -148,20 +173,23 @@ def measure(args, loss_name: str, config: str) -> dict:
     }
 
 
-def configs_for(loss_name: str) -> list[str]:
-    if loss_name == "ce":
-        return ["dense", "chunked_head"]  # CE reads no teacher: one chunked configuration
-    return list(CONFIGS)
+def configs_for(loss_name: str, configs: list[str]) -> list[str]:
+    if loss_name == "ce":  # CE reads no teacher: the teacher's form makes no difference
+        kept = [c for c in configs if c in ("dense", "chunked_logits", "chunked_logits_fwdgrad")]
+        return kept or ["dense", "chunked_logits"]
+    return configs
 
 
-def baseline_of(config: str) -> str:
-    return "dense_head" if config == "chunked_head" else "dense"
+def baseline_of(config: str, measured: set[str]) -> str:
+    if config.startswith("chunked_head") and "dense_head" in measured:
+        return "dense_head"
+    return "dense"
 
 
 def run_all(args) -> dict:
     rows = []
     for loss_name in args.losses:
-        for config in configs_for(loss_name):
+        for config in configs_for(loss_name, args.configs):
             command = [sys.executable, __file__, "--child", loss_name, config, *args.forward]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -176,7 +204,8 @@ def run_all(args) -> dict:
     by_key = {(r["loss"], r["config"]): r for r in rows}
     for row in rows:
         if row["config"].startswith("chunked"):
-            base_config = "dense" if row["loss"] == "ce" else baseline_of(row["config"])
+            measured = {r["config"] for r in rows if r["loss"] == row["loss"]}
+            base_config = baseline_of(row["config"], measured)
             base = by_key[(row["loss"], base_config)]
             row["baseline"] = base_config
             row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
@@ -198,6 +227,7 @@ def run_all(args) -> dict:
         "threads": args.threads,
         "repeats": args.repeats,
         "torch": torch.__version__,
+        "configs": args.configs,
         "memory": "peak RSS (VmHWM after clear_refs) minus RSS before the step"
         if args.device == "cpu"
         else "torch.cuda.max_memory_allocated minus memory_allocated before the step",
@@ -233,7 +263,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="timed steps after the first (0: the first step, which also gives the memory)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -248,6 +284,9 @@ def main() -> None:
         print(json.dumps(measure(args, *args.child)))
         return
     args.losses = [name.strip() for name in args.losses.split(",")]
+    args.configs = [name.strip() for name in args.configs.split(",")]
+    if not set(args.configs) <= set(CONFIGS) or "dense" not in args.configs:
+        parser.error(f"--configs must include dense and be among {', '.join(CONFIGS)}")
     unknown = sorted(set(args.losses) - set(LOSSES))
     if unknown:
         parser.error(f"unknown losses {unknown}; choose from {sorted(LOSSES)}")
