@@ -364,3 +364,33 @@ def test_recipe_term_passes_its_params_to_the_wrapped_loss():
     assert spec.params["beta"] == 0.1
     with pytest.raises(ValueError, match="beta"):
         TermSpec(loss="chunked", params={"loss": "forward_kl", "beta": 0.1})
+
+
+def test_a_recipe_objective_with_chunked_terms_equals_the_dense_one():
+    from kdistill.models.lm import gpt2_lm
+    from kdistill.recipes.objective import build_objective
+    from kdistill.recipes.schema import DistillSpec
+    from kdistill.tasks import LanguageModelingTask
+
+    torch.manual_seed(0)
+    teacher = gpt2_lm(V, n_layer=1, n_embd=16, n_head=2)
+    student = gpt2_lm(V, n_layer=1, n_embd=8, n_head=2)
+    inputs, labels = _batch()
+    task = LanguageModelingTask()
+
+    def run(hard: str, soft: dict) -> tuple[float, torch.Tensor]:
+        spec = DistillSpec(alpha=0.6, hard_loss=hard, methods={"m": [soft]})
+        distiller = kd.Distiller(teacher, student, build_objective(task, spec, "m"))
+        out = distiller(inputs, target=labels)
+        out.loss.backward()
+        grad = student.transformer.wte.weight.grad.clone()  # tied with lm_head
+        student.zero_grad()
+        return out.loss.item(), grad
+
+    dense = run("token_ce", {"loss": "jsd", "params": {"beta": 0.3, "temperature": 2.0}})
+    chunked = run(
+        "chunked_token_ce",
+        {"loss": "chunked", "params": {"loss": "jsd", "beta": 0.3, "temperature": 2.0}},
+    )
+    assert chunked[0] == pytest.approx(dense[0], rel=1e-5)
+    torch.testing.assert_close(chunked[1], dense[1], rtol=1e-4, atol=1e-6)
