@@ -19,6 +19,13 @@ by `build(example_inputs)`, which must run before an optimiser reads the paramet
 a forward would create is an error (`LateParameterError`, naming the term, the layers and the
 fix), never a parameter the optimiser silently does not train.
 
+A chunked vocabulary term (`kdistill.losses.chunked.ChunkedTokenLoss`) reads the input of a
+model's output head instead of its logits (`kdistill.taps.HeadCapture`): during that model's
+forward the head records its input and returns a zero-stride placeholder, so the ``N×L×V``
+logits are never built — `DistillOutput.student_output` (and `teacher_output`) then hold that
+placeholder of zeros. A term reading the placeholder as logits, or a model whose output is not
+the head's own (post-processed logits), is an error naming the head and the fix.
+
 The taps' hooks stay on the models while the distiller works; `detach()` (or `close()`) removes
 them, and the next forward puts them back. `kd.fit` detaches on return, so a trained student
 pickles and scripts as if it was never tapped.
