@@ -398,6 +398,7 @@ class ChunkedTokenLoss(DistillLoss):
     not fit.
     """
 
+    needs = (STUDENT, TEACHER, TARGET)  # (STUDENT, TARGET) for a wrapped TokenCE
     counts_tokens = True
     class_dim = -1
     count_from = TARGET
@@ -485,6 +486,8 @@ class ChunkedTokenCE(ChunkedTokenLoss):
     under its own name, for a recipe's ``hard_loss: chunked_token_ce`` next to chunked
     divergences (a dense hard loss would read the logits, which a chunked term never builds).
     """
+
+    needs = (STUDENT, TARGET)
 
     def __init__(
         self,
