@@ -394,3 +394,15 @@ def test_a_recipe_objective_with_chunked_terms_equals_the_dense_one():
     )
     assert chunked[0] == pytest.approx(dense[0], rel=1e-5)
     torch.testing.assert_close(chunked[1], dense[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_head_gets_its_forward_back_when_the_model_fails():
+    teacher, student = _TinyLM(DT), _TinyLM(D, post=lambda z: z[..., :-1] + "bad")
+    inputs, labels = _batch()
+    distiller = kd.Distiller(
+        teacher, student, [kd.Term(ChunkedTokenLoss("forward_kl"), output="logits")]
+    )
+    with pytest.raises(TypeError):
+        distiller(inputs, target=labels)
+    assert "forward" not in vars(student.lm_head) and "forward" not in vars(teacher.lm_head)
+    assert student.lm_head(torch.zeros(2, D)).shape == (2, V)
