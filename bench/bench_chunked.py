@@ -225,6 +225,7 @@ def run_all(args) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats,
         "torch": torch.__version__,
         "configs": args.configs,
@@ -295,6 +296,9 @@ def main() -> None:
         for key in ("batch", "length", "width", "vocab", "chunk_size", "repeats", "threads")
     ] + [f"--device={args.device}", f"--dtype={args.dtype}"]
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # OpenMP threads that spin at every barrier lose their core to other jobs on a shared
+    # machine (10–100× slower steps, see bench/README.md): passive waiting by default
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sizes = f"N={args.batch} L={args.length} D={args.width} V={args.vocab}"
     print(f"chunked vs dense, {sizes}, chunk {args.chunk_size}, {args.device} {args.dtype}")
     result = run_all(args)
