@@ -192,12 +192,14 @@ class _LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.shapes: set[tuple[str, tuple[int, ...]]] = set()  # (operation, output shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, tuple | list) else (out,):
             if isinstance(value, torch.Tensor):
                 self.largest = max(self.largest, value.numel())
+                self.shapes.add((func.__name__.split(".")[0], tuple(value.shape)))
         return out
 
 
@@ -406,3 +408,20 @@ def test_the_head_gets_its_forward_back_when_the_model_fails():
         distiller(inputs, target=labels)
     assert "forward" not in vars(student.lm_head) and "forward" not in vars(teacher.lm_head)
     assert student.lm_head(torch.zeros(2, D)).shape == (2, V)
+
+
+def test_under_no_grad_the_forward_makes_no_gradients():
+    h, w, b, ht, wt, bt, labels = _case()
+    teacher = HeadInput(ht, wt, bt)
+    with torch.no_grad(), _LargestTensor() as seen:
+        value = chunked_token_loss(
+            ForwardKL(), HeadInput(h, w, b), labels, teacher, chunk_size=4, recompute=False
+        )
+    expected = _dense(ForwardKL(), h, w, b, ht @ wt.T + bt, labels)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert ("mm", (V, D)) not in seen.shapes  # no weight gradient gᵀ·h was made
+    with _LargestTensor() as seen:  # the check sees it when gradients are on
+        chunked_token_loss(
+            ForwardKL(), HeadInput(h, w, b), labels, teacher, chunk_size=4, recompute=False
+        )
+    assert ("mm", (V, D)) in seen.shapes

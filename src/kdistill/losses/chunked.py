@@ -141,6 +141,7 @@ class _Plan:
     ):
         self.value = value
         self.recompute = recompute
+        self.grad_enabled = True
         self.vocab = vocab
         self.dtype = dtype
         self.chunk_size = chunk_size
@@ -224,7 +225,7 @@ class _ChunkedHead(torch.autograd.Function):
         ctx.plan = plan
         ctx.has_bias = bias is not None
         needs = tuple(ctx.needs_input_grad[:3])
-        if not plan.recompute and any(needs):
+        if not plan.recompute and plan.grad_enabled and any(needs):
             total, *grads = _chunk_gradients(hidden, weight, bias, plan, needs)
             ctx.grads = grads
             return total
@@ -361,6 +362,7 @@ def chunked_token_loss(
             positions = tuple(counted.nonzero().unbind(dim=1))
             plan = _Plan(value, vocab, dtype, chunk_size, teacher_logits, positions)  # type: ignore[arg-type]
     plan.recompute = bool(recompute)
+    plan.grad_enabled = torch.is_grad_enabled()  # no gradients made in forward under no_grad
     total = _ChunkedHead.apply(hidden[counted], student.weight, student.bias, plan)
     return per_token_mean(total, int(counted.sum()), num_counted)
 
