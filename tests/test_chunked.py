@@ -425,3 +425,23 @@ def test_under_no_grad_the_forward_makes_no_gradients():
             ForwardKL(), HeadInput(h, w, b), labels, teacher, chunk_size=4, recompute=False
         )
     assert ("mm", (V, D)) in seen.shapes
+
+
+@pytest.mark.parametrize("k", [4, V])
+def test_a_stored_top_k_teacher_matches_the_dense_top_k_loss(k):
+    from kdistill.losses.topk import topk_distribution
+
+    h, w, b, ht, wt, bt, labels = _case()
+    stored = topk_distribution(ht @ wt.T + bt, k, temperature=2.0)
+    for loss in divergences(2.0):
+        expected = _dense(loss, h, w, b, stored, labels)  # token.py's top-k path on logits
+        got = chunked_token_loss(loss, HeadInput(h, w, b), labels, stored, chunk_size=5)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12), loss
+        for g_dense, g_chunk in zip(_grads(expected, [h, w, b]), _grads(got, [h, w, b])):
+            torch.testing.assert_close(g_chunk, g_dense, rtol=1e-8, atol=1e-12)
+    if k == V:  # every token kept: the full divergence
+        full = chunked_token_loss(
+            ForwardKL(temperature=2.0), HeadInput(h, w, b), labels, HeadInput(ht, wt, bt)
+        )
+        topk = chunked_token_loss(ForwardKL(temperature=2.0), HeadInput(h, w, b), labels, stored)
+        assert topk.item() == pytest.approx(full.item(), rel=1e-9)

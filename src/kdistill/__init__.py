@@ -30,6 +30,7 @@ from kdistill.taps import Taps
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckReport",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -44,8 +45,18 @@ __all__ = [
     "Term",
     "TrainConfig",
     "build_teacher_cache",
+    "check_pair",
     "fit",
     "losses",
     "multitask_terms",
     "retain_freed_memory",
 ]
+
+
+def __getattr__(name: str):
+    """`kd.check_pair` / `kd.CheckReport` (`kdistill.recipes.check`), imported on first use."""
+    if name in ("check_pair", "CheckReport"):
+        from kdistill.recipes import check
+
+        return getattr(check, name)
+    raise AttributeError(f"module 'kdistill' has no attribute {name!r}")

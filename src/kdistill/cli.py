@@ -14,7 +14,7 @@ from kdistill.allocator import retain_freed_memory
 from kdistill.errors import KdistillError
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes" / "builtin"
-DEFAULT_RECIPE = "fashion_mnist"
+DEFAULT_RECIPE = "demo"
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -151,13 +151,15 @@ def cache_command(args: argparse.Namespace) -> int:
     from kdistill.errors import CacheError
     from kdistill.recipes import Experiment, load_recipe
 
-    overrides = [*args.overrides, "distill.teacher_cache=off"]  # only the teacher, not a copy
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+    given = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
+    overrides = [*given, "distill.teacher_cache=off"]  # only the teacher, not a copy
     recipe = load_recipe(resolve_recipe(args.recipe), overrides)
     run_dir = args.run_dir or Path("runs") / recipe.name
     experiment = Experiment(recipe, run_dir, resume=True, progress=not args.quiet)
     teacher, _ = experiment.prepare_teacher()  # trained, or loaded from the run folder
+    wanted = load_recipe(resolve_recipe(args.recipe), given).distill.teacher_cache
+    if not isinstance(wanted, str):  # stored top-k token distributions (language_modeling)
+        return _token_cache_command(args, experiment, teacher, wanted, run_dir)
     if args.layers is None:
         layers = experiment.teacher_layers()
     else:
@@ -178,6 +180,38 @@ def cache_command(args: argparse.Namespace) -> int:
             pass
     cache = build_teacher_cache(
         teacher, experiment.splits.train, out, progress=not args.quiet, **settings
+    )
+    print(cache.describe())
+    return 0
+
+
+def _token_cache_command(args, experiment, teacher, spec, run_dir: Path) -> int:
+    """`kdistill cache` for a recipe whose teacher_cache stores top-k token distributions."""
+    from kdistill.cache import TokenTeacherCache, build_token_cache
+    from kdistill.errors import CacheError
+
+    if args.layers:
+        raise KdistillError("--layers: stored token distributions hold no teacher layers")
+    settings = {
+        "topk": args.topk if args.topk is not None else spec.topk,
+        "temperature": spec.temperature,
+        "dtype": args.dtype or spec.dtype,
+    }
+    out = args.out or run_dir / "teacher_cache"
+    if not args.force:
+        try:
+            cache = TokenTeacherCache.open(out, teacher, experiment.splits.train, **settings)
+            print(f"up to date (--force rebuilds it)\n{cache.describe()}")
+            return 0
+        except CacheError:
+            pass
+    cache = build_token_cache(
+        teacher,
+        experiment.splits.train,
+        out,
+        measure_positions=spec.measure_positions,
+        progress=not args.quiet,
+        **settings,
     )
     print(cache.describe())
     return 0
@@ -211,6 +245,59 @@ def bench_command(args: argparse.Namespace) -> int:
 
 BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples", "repeats")
 VERSUS_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "repeats", "device")
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """`kdistill check`: the self-checks of a teacher / student pair (`kdistill.recipes.check`);
+    exit status 1 when a check fails."""
+    import json
+
+    from kdistill.recipes.check import CHECKS, check_models, check_recipe
+
+    checks = list(CHECKS)
+    if args.checks:
+        checks = [name.strip() for name in args.checks.split(",") if name.strip()]
+        unknown = sorted(set(checks) - set(CHECKS))
+        if unknown:
+            raise KdistillError(f"--checks: unknown {unknown}; choose among {list(CHECKS)}")
+    for option in ("batches", "samples", "length"):
+        if getattr(args, option) < 1:
+            raise KdistillError(f"--{option} {getattr(args, option)}: expected a positive number")
+    if args.recipe is not None:
+        from kdistill.recipes import load_recipe
+
+        overrides = list(args.overrides)
+        if args.data_root:
+            overrides.append(f"data.root={args.data_root}")
+        recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+        report = check_recipe(
+            recipe,
+            args.run_dir,
+            teacher_spec=args.teacher,
+            student_spec=args.student,
+            batches=args.batches,
+            samples=args.samples,
+            length=args.length,
+            checks=checks,
+            device=args.device,
+        )
+    else:
+        if not (args.teacher and args.student):
+            raise KdistillError("give a recipe, or both --teacher and --student model specs")
+        report = check_models(
+            args.teacher,
+            args.student,
+            vocab_size=args.vocab_size,
+            samples=args.samples,
+            length=args.length,
+            checks=checks,
+            device=args.device or "cpu",
+        )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.passed else 1
 
 
 def list_recipes(args: argparse.Namespace) -> int:
@@ -363,7 +450,7 @@ EXAMPLES = {
   kdistill run my_recipe.yaml --resume                    # continue an interrupted run""",
     "demo": """examples:
   kdistill demo --dry-run     # what the demo will do and how long it will take here
-  kdistill demo               # teacher, two students alone and with KD, 3 seeds (about 11 min)
+  kdistill demo               # all labels vs 1,000 labels: alone, KD, pseudo-labels, 3 seeds
   kdistill demo --seeds 1 --no-tune --set train.epochs=2   # a quick look""",
     "init": """examples:
   kdistill init --teacher mypkg.models:Big --student mypkg.models:Small --data data/images
@@ -386,6 +473,10 @@ EXAMPLES = {
     "reference": """examples:
   kdistill reference --out docs/recipe-reference.md   # what make reference does
   kdistill reference | grep batch_size""",
+    "check": """examples:
+  kdistill check recipes/kjv_lm.yaml                   # its teacher, students and divergences
+  kdistill check recipes/kjv_lm.yaml --run-dir runs/kjv_lm --batches 2 --json
+  kdistill check --teacher hf:path/to/teacher --student hf:path/to/student""",
     "recipes": """examples:
   kdistill recipes
   kdistill run fashion_mnist_feature --dry-run""",
@@ -517,6 +608,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     layers.add_argument("--list", action="store_true", help="list the registry's model names")
     layers.set_defaults(handler=layers_command)
+
+    check = _subcommand(
+        commands,
+        "check",
+        "self-check a teacher / student pair: loss 0 at student = teacher, padding side, "
+        "micro-batches, β / α endpoints, teacher mode, vocabularies",
+    )
+    check.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name")
+    check.add_argument("--teacher", help="a teacher model spec (e.g. hf:<folder>), replacing the "
+                       "recipe's")  # fmt: skip
+    check.add_argument("--student", help="a student model spec, replacing the recipe's students")
+    check.add_argument("--run-dir", type=Path, help="run folder holding the recipe's trained "
+                       "teacher and tokenizer (default: runs/<recipe name>)")  # fmt: skip
+    check.add_argument("--batches", type=int, default=1, help="training batches (default 1)")
+    check.add_argument("--samples", type=int, default=4, help="sequences per batch (default 4)")
+    check.add_argument("--length", type=int, default=64, help="tokens per sequence (default 64)")
+    check.add_argument("--vocab-size", type=int, help="without a recipe: the tokenizer's size")
+    check.add_argument("--checks", help="comma-separated subset of: identity, chunked, padding, "
+                       "micro_batches, endpoints, teacher")  # fmt: skip
+    check.add_argument("--device", help="cpu or cuda (default: the recipe's device, else cpu)")
+    check.add_argument("--json", action="store_true", help="print the results as JSON")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--data-root", help="folder holding the dataset files")
+    check.set_defaults(handler=check_command)
 
     recipes = _subcommand(commands, "recipes", "list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)

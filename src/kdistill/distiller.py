@@ -47,6 +47,7 @@ from kdistill.connectors import align_spatial, build_connector, widths_match
 from kdistill.data.batches import call_model
 from kdistill.errors import LateParameterError, NonFiniteLossError
 from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
+from kdistill.losses.topk import TopKDistribution
 from kdistill.taps import HeadCapture, Taps
 from kdistill.teacher_speedup import FastTeacher, SpeedupReport, parse_speedup
 
@@ -162,7 +163,7 @@ def select_output(output: Any, key: str | int | None, side: str) -> Tensor:
                 f"{type(output).__name__} (its only output, position 0); use output=None or 0"
             )
         value = output
-    if not isinstance(value, Tensor):
+    if not isinstance(value, Tensor | TopKDistribution):  # or a stored top-k teacher
         where = "" if key is None else f" at output={key!r}"
         raise TypeError(
             f"the {side} gives {type(value).__name__}{where}; a term needs a tensor (a model "

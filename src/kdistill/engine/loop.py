@@ -48,6 +48,7 @@ from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.errors import ConfigError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
+from kdistill.losses.topk import TopKDistribution
 
 log = logging.getLogger("kdistill")
 
@@ -92,7 +93,7 @@ def lookup_teacher(source, index: Tensor, inputs: Tensor, device: torch.device):
     output, features = source.lookup(index, inputs)
     if isinstance(output, dict):
         output = {key: value.to(device) for key, value in output.items()}
-    elif isinstance(output, Tensor):
+    elif isinstance(output, Tensor | TopKDistribution):
         output = output.to(device)
     if features is not None:
         features = {key: value.to(device) for key, value in features.items()}

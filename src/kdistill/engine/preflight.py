@@ -32,6 +32,7 @@ from kdistill.distiller import Distiller, select_output, select_target
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError, DataError
 from kdistill.losses.base import INDEX, TARGET
+from kdistill.losses.topk import TopKDistribution
 
 log = logging.getLogger("kdistill")
 
@@ -124,6 +125,8 @@ def _stored_teacher_output(teacher_outputs, batch) -> Any:
 def _classes(value: Any, loss: Any = None) -> int | None:
     """The class count of an `N×K[×…]` tensor (dimension 1), or of token logits `N×L×V` (the
     last dimension) for a loss with ``class_dim = -1``; None for anything else."""
+    if isinstance(value, TopKDistribution):  # stored top-k teacher: over its vocabulary
+        return value.vocab_size
     if not (isinstance(value, Tensor) and value.dim() >= 2):
         return None
     return int(value.shape[getattr(loss, "class_dim", 1)])

@@ -59,6 +59,7 @@ from kdistill.losses.token import (
     next_token_labels,
     per_token_mean,
 )
+from kdistill.losses.topk import TopKDistribution, bucket_log_probs
 
 __all__ = ["ChunkedTokenCE", "ChunkedTokenLoss", "HeadInput", "chunked_token_loss"]
 
@@ -111,7 +112,7 @@ class HeadInput:
             )
 
 
-Teacher = Tensor | HeadInput
+Teacher = Tensor | HeadInput | TopKDistribution
 
 
 def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype) -> Tensor:
@@ -137,6 +138,7 @@ class _Plan:
         positions: tuple[Tensor, Tensor] | None = None,
         teacher_head: HeadInput | None = None,
         targets: Tensor | None = None,
+        teacher_topk: tuple[Tensor, Tensor] | None = None,
         recompute: bool = True,
     ):
         self.value = value
@@ -149,9 +151,13 @@ class _Plan:
         self.positions = positions  # (sample, position) of the M counted rows
         self.teacher_head = teacher_head  # hidden M×D_t (counted rows) + weight / bias
         self.targets = targets  # M labels (CE)
+        self.teacher_topk = teacher_topk  # M×k ids and (k + 1) buckets at the loss's T
 
     @torch.no_grad()
-    def teacher_rows(self, start: int, stop: int) -> Tensor | None:
+    def teacher_rows(self, start: int, stop: int) -> Tensor | tuple[Tensor, Tensor] | None:
+        if self.teacher_topk is not None:  # (ids, buckets) of the chunk's rows
+            ids, buckets = self.teacher_topk
+            return ids[start:stop], buckets[start:stop]
         if self.teacher_logits is not None:
             assert self.positions is not None
             n, i = self.positions[0][start:stop], self.positions[1][start:stop]
@@ -275,8 +281,11 @@ def _as_inner(loss: str | nn.Module, params: dict) -> TokenDivergence | TokenCE:
 def _divergence_value(loss: TokenDivergence):
     t = loss.temperature
 
-    def value(student: Tensor, teacher: Tensor | None, _targets) -> Tensor:
-        assert teacher is not None
+    def value(student: Tensor, teacher, _targets) -> Tensor:
+        if isinstance(teacher, tuple):  # a stored top-k teacher: the (k + 1) buckets
+            ids, buckets = teacher
+            log_p_student = bucket_log_probs(_log_probs(student, t), ids)
+            return loss.divergence(log_p_student, buckets).sum() * (t * t)
         return loss.divergence(_log_probs(student, t), _log_probs(teacher, t)).sum() * (t * t)
 
     return value
@@ -320,7 +329,7 @@ def chunked_token_loss(
     student.check("student")
     hidden, rows = as_sequences(student.hidden, labels, loss.shift, "student hidden states")
     inputs = [hidden, student.weight]
-    teacher_logits = teacher_head = None
+    teacher_logits = teacher_head = teacher_topk = None
     if isinstance(loss, TokenCE):
         if teacher is not None:
             raise ValueError("token_ce reads no teacher; call it without one")
@@ -335,14 +344,30 @@ def chunked_token_loss(
         teacher_head, _ = as_sequences(teacher.hidden, labels, loss.shift, "teacher hidden states")
         vocab = compared_vocab(student.vocab, teacher.vocab, loss.vocab_size)
         inputs += [teacher.hidden, teacher.weight]
+    elif isinstance(teacher, TopKDistribution):
+        teacher_topk = teacher.unsqueeze(1) if teacher.ids.dim() == 2 else teacher
+        if teacher_topk.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"the teacher's top-k distributions cover positions of shape "
+                f"{tuple(teacher_topk.shape)} but the student hidden states "
+                f"{tuple(student.hidden.shape)}; they must be of the same sequences"
+            )
+        if teacher.vocab_size != (loss.vocab_size or student.vocab):
+            raise ValueError(
+                f"the teacher's stored distributions are over {teacher.vocab_size} tokens, the "
+                f"student head has {student.vocab} rows (vocab_size={loss.vocab_size}); store "
+                "them over the compared vocabulary, or set vocab_size=<tokenizer size>"
+            )
+        vocab = compared_vocab(student.vocab, teacher.vocab_size, loss.vocab_size)
+        inputs.append(teacher.log_probs)
     elif isinstance(teacher, Tensor):
         teacher_logits, _ = as_sequences(teacher, labels, loss.shift, "teacher logits")
         vocab = compared_vocab(student.vocab, teacher_logits.shape[-1], loss.vocab_size)
         inputs.append(teacher_logits)
     else:
         raise ValueError(
-            f"{type(loss).__name__} needs the teacher: its dense logits N×L×V or a HeadInput "
-            f"(hidden states + head), got {type(teacher).__name__}"
+            f"{type(loss).__name__} needs the teacher: its dense logits N×L×V, a HeadInput "
+            f"(hidden states + head) or a TopKDistribution, got {type(teacher).__name__}"
         )
     check_token_range(rows, vocab, loss.ignore_index, loss.vocab_size)
     aligned = next_token_labels(rows, loss.shift, loss.ignore_index)
@@ -354,7 +379,19 @@ def chunked_token_loss(
         plan = _Plan(_ce_value, vocab, dtype, chunk_size, targets=aligned[counted])
     else:
         value = _divergence_value(loss)
-        if teacher_head is not None:
+        if teacher_topk is not None:
+            chosen = teacher_topk.rows(counted).at_temperature(loss.temperature)
+            if (
+                chosen.ids.numel()
+                and not 0 <= int(chosen.ids.min()) <= int(chosen.ids.max()) < vocab
+            ):
+                raise ValueError(
+                    f"the teacher's stored top-k token ids must lie in [0, {vocab}), got "
+                    f"[{int(chosen.ids.min())}, {int(chosen.ids.max())}]"
+                )
+            buckets = chosen.buckets(dtype)  # M×(k+1), made once
+            plan = _Plan(value, vocab, dtype, chunk_size, teacher_topk=(chosen.ids, buckets))
+        elif teacher_head is not None:
             assert isinstance(teacher, HeadInput)
             rows_t = HeadInput(teacher_head[counted], teacher.weight, teacher.bias)
             plan = _Plan(value, vocab, dtype, chunk_size, teacher_head=rows_t)

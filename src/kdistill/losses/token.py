@@ -31,6 +31,11 @@ Conventions, identical for every class here and on every code path:
   that is padding is an error: with left padding and ``shift=True`` the pad position before a
   sequence would be scored on its first token (Hugging Face's loss counts it silently); label
   each sequence's first token ``ignore_index`` or pad on the right.
+- **Stored top-k teachers.** The divergences also take the teacher as a `TopKDistribution`
+  (its k most likely tokens per position and the log-mass of the rest, at a stored temperature;
+  `kdistill.losses.topk`, `kdistill.cache.tokens`) in place of its logits: the value is then the
+  divergence between the (k + 1)-bucket coarse-grainings of both distributions, ≤ the full one
+  (data-processing inequality), exactly the dense value for k = V. Same conventions otherwise.
 
 The hidden-state losses (`HiddenMSE`, `HiddenCosine`) follow the same normalisation over the real
 positions given by the attention mask (the distiller passes the batch's ``attention_mask``).
@@ -47,6 +52,7 @@ from torch import Tensor
 
 from kdistill._checks import check_positive, check_positive_int, check_same_shape
 from kdistill.losses.base import MASK, STUDENT, TARGET, TEACHER, DistillLoss, register_loss
+from kdistill.losses.topk import TopKDistribution, bucket_log_probs
 
 Count = float | Tensor | None
 
@@ -320,14 +326,23 @@ class TokenDivergence(DistillLoss):
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | TopKDistribution,
         labels: Tensor,
         num_counted: Count = None,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """`num_counted`: the count to divide by (default: this batch's). `attention_mask`
         (N×L, optional; the distiller passes the batch's): a counted position that is padding
-        is an error (`check_real_positions`)."""
+        is an error (`check_real_positions`).
+
+        `teacher_logits` may be a `TopKDistribution` (positions ``N×L``, or ``N`` for ``N×V``
+        student logits), e.g. stored by `kdistill.cache.tokens`: the divergence is then taken
+        between the (k + 1)-bucket distributions — the teacher's top k tokens and the rest —
+        which is ≤ the full divergence and equal to it for k = V (`kdistill.losses.topk`)."""
+        if isinstance(teacher_logits, TopKDistribution):
+            return self._forward_topk(
+                student_logits, teacher_logits, labels, num_counted, attention_mask
+            )
         student, rows = as_sequences(student_logits, labels, self.shift, "student logits")
         teacher, _ = as_sequences(teacher_logits, labels, self.shift, "teacher logits")
         vocab = compared_vocab(student.shape[-1], teacher.shape[-1], self.vocab_size)
@@ -340,6 +355,55 @@ class TokenDivergence(DistillLoss):
         teacher = teacher[..., :vocab][counted].to(dtype)
         t = self.temperature
         values = self.divergence(_log_probs(student, t), _log_probs(teacher, t))
+        return per_token_mean(values.sum() * (t * t), student.shape[0], num_counted)
+
+    def _forward_topk(
+        self,
+        student_logits: Tensor,
+        teacher: TopKDistribution,
+        labels: Tensor,
+        num_counted: Count,
+        attention_mask: Tensor | None,
+    ) -> Tensor:
+        """`forward` with the teacher's top-k distribution: the divergence of the buckets."""
+        student, rows = as_sequences(student_logits, labels, self.shift, "student logits")
+        if student_logits.dim() == 2 and teacher.ids.dim() == 2:
+            teacher = teacher.unsqueeze(1)  # N positions → N×1, as the N×V logits
+        if teacher.shape != student.shape[:-1]:
+            raise ValueError(
+                f"the teacher's top-k distributions cover positions of shape "
+                f"{tuple(teacher.shape)} (ids {tuple(teacher.ids.shape)}) but the student "
+                f"logits {tuple(student_logits.shape)}; they must be of the same sequences"
+            )
+        if self.vocab_size is None and student.shape[-1] != teacher.vocab_size:
+            raise ValueError(
+                f"the student's logits have {student.shape[-1]} vocabulary entries and the "
+                f"teacher's stored distributions are over {teacher.vocab_size} tokens: if the "
+                "extra rows are padding, set vocab_size=<tokenizer size> (and store the "
+                "teacher's distributions over that vocabulary)"
+            )
+        if self.vocab_size is not None and teacher.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"vocab_size={self.vocab_size}, but the teacher's stored distributions are over "
+                f"{teacher.vocab_size} tokens; store them over the compared vocabulary "
+                f"(vocab_size={self.vocab_size} when building them)"
+            )
+        vocab = compared_vocab(student.shape[-1], teacher.vocab_size, self.vocab_size)
+        check_token_range(rows, vocab, self.ignore_index, self.vocab_size)
+        counted = next_token_labels(rows, self.shift, self.ignore_index) != self.ignore_index
+        if labels.dim() == 2:
+            check_real_positions(counted, attention_mask, self.shift)
+        dtype = compute_dtype(student, teacher.log_probs)
+        t = self.temperature
+        chosen = teacher.rows(counted).at_temperature(t)  # M×k (ValueError: T cannot be met)
+        if chosen.ids.numel() and (int(chosen.ids.min()) < 0 or int(chosen.ids.max()) >= vocab):
+            raise ValueError(
+                f"the teacher's stored top-k token ids must lie in [0, {vocab}), got "
+                f"[{int(chosen.ids.min())}, {int(chosen.ids.max())}]"
+            )
+        student = student[..., :vocab][counted].to(dtype)  # M×V
+        log_p_student = bucket_log_probs(_log_probs(student, t), chosen.ids)
+        values = self.divergence(log_p_student, chosen.buckets(dtype))
         return per_token_mean(values.sum() * (t * t), student.shape[0], num_counted)
 
     def extra_repr(self) -> str:

@@ -255,6 +255,19 @@ class _Rehearsal(Experiment):
         self.last_loader = TimedLoader(loader, self.timed_steps, self.checked_dataset)
         return self.last_loader
 
+    def student_data(self, spec, seed: int, uses_teacher: bool):
+        """A label-scarce student's data as the run makes it — labels hidden on the whole
+        training split, so `labelled: n` is checked against it — then its first samples."""
+        if getattr(spec, "labelled", None) is None or self.checked_dataset is None:
+            return super().student_data(spec, seed, uses_teacher)
+        rehearsal = self.splits
+        self.splits = dataclasses.replace(rehearsal, train=self.checked_dataset)
+        try:
+            data = super().student_data(spec, seed, uses_teacher)
+        finally:
+            self.splits = rehearsal
+        return _first_samples(data, len(rehearsal.train))
+
 
 def check_every_training(exp: Experiment, teacher: nn.Module, methods: list[str], train) -> None:
     """One batch of `train` through every student alone and with each method's terms (the
@@ -398,6 +411,11 @@ def dry_run(
             how = f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
         elif Experiment._saved_teacher_matches(Path(out_dir) / "models", exp.teacher_identity()):
             how = f"reused from {Path(out_dir) / 'models'} (trained by the same recipe)"
+        elif Experiment._saved_teacher_matches(
+            Path(out_dir).parent / "teachers" / exp.teacher_store().name, exp.teacher_identity()
+        ):
+            store = Path(out_dir).parent / "teachers" / exp.teacher_store().name
+            how = f"reused from {store} (trained by a run with the same teacher, data and seed)"
         else:
             trains = True
             how = f"trained by the run, {spec.train.epochs} epochs"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -28,7 +29,9 @@ from tqdm.auto import tqdm
 from kdistill.cache import (
     MemoryTeacherOutputs,
     TeacherCache,
+    TokenTeacherCache,
     build_teacher_cache,
+    build_token_cache,
     build_view_cache,
     loader_views,
     offline_teacher_outputs,
@@ -73,6 +76,7 @@ from kdistill.recipes.schema import (
     NormalizeSpec,
     Recipe,
     TeacherSpec,
+    TokenCacheSpec,
 )
 from kdistill.tasks import (
     Task,
@@ -426,6 +430,14 @@ class Experiment:
             "seed": self.recipe.seed,
         }
 
+    def teacher_store(self) -> Path:
+        """Where a trained teacher is kept for every recipe: ``<parent of the run
+        folder>/teachers/<digest>``, the digest of `teacher_identity` (model, training, data,
+        seed — not the recipe's name or its students). Another recipe whose teacher has the same
+        identity, run into a folder beside this one, loads it instead of training it again."""
+        identity = json.dumps(self.teacher_identity(), sort_keys=True).encode()
+        return self.out_dir.parent / "teachers" / hashlib.sha256(identity).hexdigest()[:16]
+
     def prepare_teacher(self) -> tuple[nn.Module, RunRecord]:
         spec: TeacherSpec = self.recipe.teacher
         teacher = build_model(spec, self.splits.train, self.recipe.seed, self.task)
@@ -439,6 +451,16 @@ class Experiment:
             tensors, _ = load_checkpoint(models_dir, "teacher")
             load_weights(teacher, tensors, "teacher", str(checkpoint_path(models_dir, "teacher")))
             self.say(f"teacher: loaded {models_dir / 'teacher.safetensors'} (same recipe and data)")
+        elif self._saved_teacher_matches(self.teacher_store(), identity):
+            store = checkpoint_path(self.teacher_store(), "teacher")
+            tensors, _ = read_checkpoint_file(store)
+            load_weights(teacher, tensors, "teacher", str(store))
+            if self.is_main:  # the run folder stays complete on its own
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+            self.say(
+                f"teacher: reused {store} (trained by a run with the same teacher, training, "
+                "data and seed)"
+            )
         else:
             self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
             config = self.train_config(spec.train)
@@ -453,7 +475,9 @@ class Experiment:
                 resume=self.resume,
             )
             if self.is_main:
-                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+                state = {"identity": identity}
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), state)
+                save_checkpoint(self.teacher_store(), "teacher", teacher.state_dict(), state)
         teacher.eval()
         metrics = self.evaluator(self.splits.test)(teacher)
         val_metrics = self.evaluator(self.splits.val)(teacher)
@@ -481,11 +505,14 @@ class Experiment:
 
     def prepare_teacher_outputs(
         self, teacher: nn.Module
-    ) -> MemoryTeacherOutputs | TeacherCache | None:
+    ) -> MemoryTeacherOutputs | TeacherCache | TokenTeacherCache | None:
         """The teacher's training-set outputs as `distill.teacher_cache` asks: in memory (logits),
-        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), or none.
-        Both carry the training inputs' signatures: every batch is checked against them."""
+        on disk (`<run>/teacher_cache`, reused while teacher, data and settings match), its
+        top-k token distributions on disk (a `TokenCacheSpec`), or none. All carry the training
+        inputs' signatures: every batch is checked against them."""
         distill = self.recipe.distill
+        if isinstance(distill.teacher_cache, TokenCacheSpec):
+            return self.prepare_token_cache(teacher, distill.teacher_cache)
         # with data.augment: the teacher's outputs on every view of `view_epochs()` epochs, from
         # the batches of the first seed's student loader (that run replays them bit for bit)
         views = None
@@ -539,6 +566,36 @@ class Experiment:
             cache = TeacherCache.open(
                 directory, teacher, self.splits.train, views=wanted, **settings
             )
+        return cache
+
+    def prepare_token_cache(self, teacher: nn.Module, spec: TokenCacheSpec) -> TokenTeacherCache:
+        """The teacher's top-k next-token distributions over the training blocks in
+        `<run>/teacher_cache` (`kdistill.cache.tokens`), reused while teacher, data, k, T and
+        dtype match; rank 0 builds, the other ranks wait and read."""
+        directory = self.out_dir / "teacher_cache"
+        wanted = {"topk": spec.topk, "temperature": spec.temperature, "dtype": spec.dtype}
+        cache = None
+        if self.is_main:
+            try:
+                cache = TokenTeacherCache.open(directory, teacher, self.splits.train, **wanted)
+                self.say(f"teacher cache: reusing {directory}")
+            except CacheError as error:
+                if (directory / "manifest.json").exists():
+                    self.say(f"teacher cache: rebuilding ({error})")
+                cache = build_token_cache(
+                    teacher,
+                    self.splits.train,
+                    directory,
+                    batch_size=self.eval_batch,
+                    output=getattr(self.task, "model_output", "logits"),
+                    measure_positions=spec.measure_positions,
+                    progress=self.progress,
+                    **wanted,
+                )
+                self.say(cache.describe())
+        barrier()
+        if cache is None:
+            cache = TokenTeacherCache.open(directory, teacher, self.splits.train, **wanted)
         return cache
 
     @staticmethod

@@ -487,6 +487,24 @@ class MultiTaskSpec(Strict):
         return self
 
 
+class TokenCacheSpec(Strict):
+    """Stored top-k teacher distributions per token (`kdistill.cache.tokens`), for task
+    language_modeling: the teacher's k most likely next tokens per position, their
+    log-probabilities at `temperature` and the rest's mass, in <run>/teacher_cache; the token
+    divergences then compare (k + 1)-bucket distributions (`kdistill.losses.topk`)."""
+
+    topk: int = Field(ge=1, description="tokens kept per position (the vocabulary size: exact)")
+    temperature: float = Field(
+        1.0, gt=0, description="the temperature stored; the divergences must use the same"
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage dtype of the log-probabilities"
+    )
+    measure_positions: int = Field(
+        4096, ge=0, description="positions the storage error (KL to the full) is measured on"
+    )
+
+
 class DistillSpec(Strict):
     """The distillation methods and how their terms are mixed with the hard loss:
     loss = (1 − α)·hard + α·Σ_i w_i·soft_i."""
@@ -503,11 +521,13 @@ class DistillSpec(Strict):
         description="method name → its soft terms; each method is trained and reported beside "
         "the student alone",
     )
-    teacher_cache: Literal["memory", "disk", "off"] = Field(
+    teacher_cache: Literal["memory", "disk", "off"] | TokenCacheSpec = Field(
         "memory",
         description="teacher outputs over the training set, computed once: 'memory' (logits in "
         "RAM; methods tapping teacher layers run it online), 'disk' (kdistill.cache in "
-        "<run>/teacher_cache, taps included), 'off' (the teacher runs every step)",
+        "<run>/teacher_cache, taps included), 'off' (the teacher runs every step), or for "
+        "language_modeling {topk: k, temperature: T, dtype: float16}: the teacher's top-k "
+        "next-token distributions on disk (kdistill.cache.tokens)",
     )
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="storage dtype of a disk cache (float32 is exact)"
@@ -694,6 +714,47 @@ class Recipe(Strict):
                 f"students {scarce}: labelled (label-scarce transfer) hides class labels; task "
                 f"{self.task} has masks / boxes (use it with task classification)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def token_cache_fits(self) -> Recipe:
+        """Stored top-k distributions: token sequences only, and every token divergence at the
+        stored temperature (a top-k distribution cannot be re-tempered unless k = V)."""
+        spec = self.distill.teacher_cache
+        if not isinstance(spec, TokenCacheSpec):
+            return self
+        task = get_task(self.task)
+        if not getattr(task, "reads_text", False):
+            raise ValueError(
+                f"distill.teacher_cache: stored top-k token distributions need token sequences "
+                f"(task language_modeling); task {self.task} stores outputs with memory or disk"
+            )
+        vocab = self.data.text.vocab_size if self.data.dataset == KJV_DATASET else None
+        if vocab is not None and spec.topk >= vocab:
+            return self  # every token kept: any temperature is exact
+        from kdistill.losses.token import TokenDivergence
+
+        for method, terms in self.distill.methods.items():
+            for term in terms:
+                if not issubclass(type(create_loss(term.loss, **term.params)), TokenDivergence):
+                    continue
+                temperature = float(term.params.get("temperature", 1.0))
+                tuned = [
+                    key for key in self.tune.grid if key in ("temperature", f"{method}.temperature")
+                ]
+                if temperature != spec.temperature or (tuned and self.tune.enabled):
+                    what = (
+                        f"tune.grid.{tuned[0]} varies it"
+                        if tuned and self.tune.enabled
+                        else f"it uses temperature {temperature:g}"
+                    )
+                    raise ValueError(
+                        f"distill.methods.{method}: {term.loss} reads the stored top-"
+                        f"{spec.topk} teacher distributions at temperature "
+                        f"{spec.temperature:g}, but {what}; a top-k distribution cannot be "
+                        f"re-tempered: set distill.teacher_cache.temperature to the loss's, or "
+                        f"topk to the vocabulary size"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -67,6 +67,10 @@ a float32 view cache replays the online teacher bit for bit; views of a sample d
 the batch, so another shuffling still gets the right views (to the last bit of a CPU kernel's
 batch-dependent rounding). `MemoryTeacherOutputs.predict(teacher, loader, epochs=E)` keeps the
 same rows in memory.
+
+Token sequences (language models): `kdistill.cache.tokens` stores each position's top-k
+next-token distribution (`TopKDistribution`) instead of N×L×V logits — `build_token_cache`,
+`TokenTeacherCache` — with the same teacher / data checks and the same `TeacherSource` lookup.
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ __all__ = [
     "loader_views",
     "offline_teacher_outputs",
     "TeacherSource",
+    "TokenTeacherCache",
+    "build_token_cache",
     "rebuild_topk_logits",
     "teacher_digest",
 ]
@@ -1068,6 +1074,11 @@ class TeacherCache(_EpochRows):
             manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise CacheError(f"{manifest_path}: unreadable manifest ({error}); {rebuild}") from None
+        if isinstance(manifest, dict) and manifest.get("kind") == "token_topk":
+            raise CacheError(
+                f"{where}: holds stored top-k token distributions, not teacher outputs; open "
+                "it with kdistill.cache.TokenTeacherCache.open"
+            )
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             why = (
@@ -1401,3 +1412,7 @@ class MemoryTeacherOutputs(_EpochRows):
         if isinstance(self.outputs, dict):
             return {key: value[picked] for key, value in self.outputs.items()}, None
         return self.outputs[picked], None
+
+
+# stored top-k distributions of token sequences (imported last: it builds on the helpers above)
+from kdistill.cache.tokens import TokenTeacherCache, build_token_cache  # noqa: E402

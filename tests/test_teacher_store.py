@@ -1,0 +1,63 @@
+"""A trained teacher is kept beside the run folders (`<parent>/teachers/<digest>`) and reused by
+any recipe whose teacher has the same identity (model, training, data, seed); anything else
+trains its own."""
+
+import textwrap
+
+import torch
+
+from kdistill.recipes.runner import Experiment
+from kdistill.recipes.schema import load_recipe
+
+RECIPE = """
+name: {name}
+seed: {seed}
+data: {{dataset: digits, val_size: 200, train_limit: 400, test_limit: 100}}
+teacher: {{model: middle_student, train: {{epochs: 1, progress: false}}}}
+students:
+  - {{name: small, model: middle_student, kwargs: {{channels: [2, 2]}}}}
+train: {{epochs: 1, progress: false}}
+distill:
+  teacher_cache: "off"
+  methods:
+    kd: [{{loss: kd}}]
+tune: {{enabled: false}}
+"""
+
+
+def experiment(tmp_path, name, seed=0):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(RECIPE.format(name=name, seed=seed)))
+    return Experiment(load_recipe(path), tmp_path / "runs" / name, progress=False)
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_another_recipe_reuses_the_stored_teacher(tmp_path, monkeypatch):
+    first = experiment(tmp_path, "first")
+    teacher, _ = first.prepare_teacher()
+    store = first.teacher_store()
+    assert store.parent == tmp_path / "runs" / "teachers"
+    assert (store / "teacher.safetensors").exists()
+
+    second = experiment(tmp_path, "second")  # another name and students, the same teacher
+    assert second.teacher_store() == store
+    trained = []
+    monkeypatch.setattr("kdistill.recipes.runner.fit", lambda *a, **k: trained.append(a))
+    reused, _ = second.prepare_teacher()
+    assert trained == []  # loaded, not trained
+    assert torch.equal(weights(reused), weights(teacher))
+    assert (tmp_path / "runs/second/models/teacher.safetensors").exists()  # complete run folder
+
+
+def test_a_teacher_with_another_identity_is_trained(tmp_path, monkeypatch):
+    first = experiment(tmp_path, "first")
+    first.prepare_teacher()
+    other = experiment(tmp_path, "other", seed=1)  # another seed: another teacher
+    assert other.teacher_store() != first.teacher_store()
+    trained = []
+    monkeypatch.setattr("kdistill.recipes.runner.fit", lambda *a, **k: trained.append(a))
+    other.prepare_teacher()
+    assert len(trained) == 1
