@@ -10,7 +10,7 @@ accepts (N×K logits, then N×C×H×W maps, then N×D×L), the labels in [0, K),
 0…N−1, an attention mask of ones. A loss whose classes are the last dimension (`class_dim = -1`,
 token losses on N×L×V) gets labels N×L in [0, V). A loss that accepts none of these layouts
 fails `test_every_loss_has_a_known_input_layout` until it gets an entry in LAYOUTS. A loss that
-reads an output head (the chunked losses: a `student_head`) gets each side as
+reads an output head (the chunked losses: `reads_head`) gets each side as
 `HeadInput(tensor, identity V×V)`, whose logits are the tensor itself. A loss whose
 target is not class indices (`target_is_class_index = False`, e.g. "yolo") gets padded
 ground-truth boxes instead (`random_boxes`, `boxes`).
@@ -125,7 +125,7 @@ def make_inputs(loss, shape: tuple[int, ...], student, teacher, target) -> list:
         INDEX: torch.arange(shape[0]),
         MASK: torch.ones(shape[:2], dtype=torch.long),
     }
-    if getattr(loss, "student_head", None) is not None:  # logits = tensor · Iᵀ: the tensor
+    if getattr(loss, "reads_head", False):  # logits = tensor · Iᵀ: the tensor
         eye = torch.eye(shape[-1], dtype=student.dtype)
         values[STUDENT], values[TEACHER] = HeadInput(student, eye), HeadInput(teacher, eye)
     return [values[need] for need in loss.needs]

@@ -273,6 +273,15 @@ def token_shape(inputs: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _head_name(loss: nn.Module, side: str) -> str | None:
+    """The head module a chunked loss reads on `side` (``"student_head"`` / ``"teacher_head"``),
+    or None: only a loss that says ``reads_head = True`` has one (CRD's `student_head` is a
+    projection it owns, not a model's head)."""
+    if not getattr(loss, "reads_head", False):
+        return None
+    return getattr(loss, side, None)
+
+
 @contextlib.contextmanager
 def _capturing(captures):
     """Every capture in `captures` active (its head records its input instead of running)."""
@@ -343,15 +352,15 @@ class Distiller(nn.Module):
         self.student_heads: dict[str, HeadCapture] = {}
         self.teacher_heads: dict[str, HeadCapture] = {}
         for term in self.terms:
-            head = getattr(term.loss, "student_head", None)
+            head = _head_name(term.loss, "student_head")
             if head is not None and head not in self.student_heads:
                 self.student_heads[head] = HeadCapture(student, head, "student")
-            head = getattr(term.loss, "teacher_head", None)
+            head = _head_name(term.loss, "teacher_head")
             if head is not None and term.uses_teacher and head not in self.teacher_heads:
                 assert teacher is not None
                 self.teacher_heads[head] = HeadCapture(teacher, head, "teacher")
         for name, term in zip(self.term_names, self.terms):
-            chunked = getattr(term.loss, "student_head", None) is not None
+            chunked = _head_name(term.loss, "student_head") is not None
             if chunked and (term.student is not None or term.teacher is not None):
                 raise ValueError(
                     f"term {name!r}: a chunked loss reads the input of the output head "
@@ -684,7 +693,7 @@ class Distiller(nn.Module):
             if term.student is not None
             else select_output(student_output, term.output, "student")
         )
-        head = getattr(term.loss, "student_head", None)
+        head = _head_name(term.loss, "student_head")
         if head is not None:  # a chunked loss: the head's input instead of the logits
             where = "output" if term.output is None else f"output {term.output!r}"
             student_value = self.student_heads[head].take(student_value, where)
@@ -697,7 +706,7 @@ class Distiller(nn.Module):
             if term.teacher is not None
             else select_output(teacher_output, term.output, "teacher")
         )
-        head = getattr(term.loss, "teacher_head", None)
+        head = _head_name(term.loss, "teacher_head")
         if head is not None and self.teacher_heads[head].placeholder is not None:
             where = "output" if term.output is None else f"output {term.output!r}"
             teacher_value = self.teacher_heads[head].take(teacher_value, where)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -438,6 +439,8 @@ class ChunkedTokenLoss(DistillLoss):
     """
 
     needs = (STUDENT, TEACHER, TARGET)  # (STUDENT, TARGET) for a wrapped TokenCE
+    # the Distiller hands it the input of the model's head (`student_head`, `teacher_head`)
+    reads_head: ClassVar[bool] = True
     counts_tokens = True
     class_dim = -1
     count_from = TARGET
