@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 KJV_PACKAGES := bible-kjv bible-kjv-text
 
-.PHONY: setup data demo test test-slow lint bench reference clean
+.PHONY: setup data demo test test-slow lint bench bench-trl reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,21 @@ test-slow: setup
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# kdistill side by side with TRL's GKD trainer (bench/bench_trl.py): TRL lives in its own virtual
+# environment (never the project's); kdistill runs there from src/ through PYTHONPATH.
+TRL_VENV ?= /work/venv-trl
+TRL_PACKAGES := torch==$(TORCH_VERSION) trl==1.16.0 transformers==5.24.0 tokenizers pyyaml \
+	pydantic safetensors numpy tqdm matplotlib
+
+$(TRL_VENV)/.installed:
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install --quiet $(TRL_PACKAGES)
+	touch $@
+
+bench-trl: $(TRL_VENV)/.installed
+	PYTHONPATH=$(CURDIR)/src nice -n 10 $(TRL_VENV)/bin/python bench/bench_trl.py \
+		--json bench/results/trl-$$(date +%F).json
 
 reference: $(VENV)/.installed
 	$(BIN)/kdistill reference --out docs/recipe-reference.md
