@@ -9,7 +9,9 @@ Inputs are built from each loss's `needs`: student / teacher tensors of the firs
 accepts (N×K logits, then N×C×H×W maps, then N×D×L), the labels in [0, K), dataset indices
 0…N−1, an attention mask of ones. A loss whose classes are the last dimension (`class_dim = -1`,
 token losses on N×L×V) gets labels N×L in [0, V). A loss that accepts none of these layouts
-fails `test_every_loss_has_a_known_input_layout` until it gets an entry in LAYOUTS. A loss whose
+fails `test_every_loss_has_a_known_input_layout` until it gets an entry in LAYOUTS. A loss that
+reads an output head (the chunked losses: `reads_head`) gets each side as
+`HeadInput(tensor, identity V×V)`, whose logits are the tensor itself. A loss whose
 target is not class indices (`target_is_class_index = False`, e.g. "yolo") gets padded
 ground-truth boxes instead (`random_boxes`, `boxes`).
 """
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 
 from kdistill.losses import LOSSES, create_loss
 from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
+from kdistill.losses.chunked import HeadInput
 
 # Shapes tried in order for the student/teacher tensors: (N, K), (N, C, H, W), (N, D, L).
 DEFAULT_LAYOUTS = [(6, 5), (3, 4, 3, 3), (4, 3, 5)]
@@ -122,6 +125,9 @@ def make_inputs(loss, shape: tuple[int, ...], student, teacher, target) -> list:
         INDEX: torch.arange(shape[0]),
         MASK: torch.ones(shape[:2], dtype=torch.long),
     }
+    if getattr(loss, "reads_head", False):  # logits = tensor · Iᵀ: the tensor
+        eye = torch.eye(shape[-1], dtype=student.dtype)
+        values[STUDENT], values[TEACHER] = HeadInput(student, eye), HeadInput(teacher, eye)
     return [values[need] for need in loss.needs]
 
 
@@ -227,9 +233,15 @@ def layout_or_skip(name: str) -> tuple[int, ...]:
 
 
 def value_and_grads(loss, inputs: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
+    def leaf(x):
+        if isinstance(x, HeadInput):
+            return HeadInput(x.hidden.clone().requires_grad_(True), x.weight, x.bias)
+        return x.clone().requires_grad_(True) if x.is_floating_point() else x
+
+    leaves = [leaf(x) for x in inputs]
     value = loss(*leaves)
-    differentiable = [x for x in leaves if x.requires_grad]
+    tensors = [x.hidden if isinstance(x, HeadInput) else x for x in leaves]
+    differentiable = [x for x in tensors if x.requires_grad]
     grads = (
         torch.autograd.grad(value, differentiable, allow_unused=True) if value.requires_grad else []
     )

@@ -19,6 +19,13 @@ by `build(example_inputs)`, which must run before an optimiser reads the paramet
 a forward would create is an error (`LateParameterError`, naming the term, the layers and the
 fix), never a parameter the optimiser silently does not train.
 
+A chunked vocabulary term (`kdistill.losses.chunked.ChunkedTokenLoss`) reads the input of a
+model's output head instead of its logits (`kdistill.taps.HeadCapture`): during that model's
+forward the head records its input and returns a zero-stride placeholder, so the ``N×L×V``
+logits are never built — `DistillOutput.student_output` (and `teacher_output`) then hold that
+placeholder of zeros. A term reading the placeholder as logits, or a model whose output is not
+the head's own (post-processed logits), is an error naming the head and the fix.
+
 The taps' hooks stay on the models while the distiller works; `detach()` (or `close()`) removes
 them, and the next forward puts them back. `kd.fit` detaches on return, so a trained student
 pickles and scripts as if it was never tapped.
@@ -26,6 +33,7 @@ pickles and scripts as if it was never tapped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,7 +48,7 @@ from kdistill.data.batches import call_model
 from kdistill.errors import LateParameterError, NonFiniteLossError
 from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
 from kdistill.losses.topk import TopKDistribution
-from kdistill.taps import Taps
+from kdistill.taps import HeadCapture, Taps
 from kdistill.teacher_speedup import FastTeacher, SpeedupReport, parse_speedup
 
 ModelOutput = Tensor | Mapping[str, Tensor] | Sequence[Tensor]
@@ -177,14 +185,15 @@ def select_target(target: Any, key: str | int | None) -> Tensor:
     return target
 
 
-def _clone_tree(output: Any) -> Any:
-    """Normal tensors from inference-mode ones, so autograd may save them."""
+def _clone_tree(output: Any, keep: Sequence[Tensor] = ()) -> Any:
+    """Normal tensors from inference-mode ones, so autograd may save them; the tensors in `keep`
+    (a head's zero-stride placeholder logits, already normal: cloning would build them) stay."""
     if isinstance(output, Tensor):
-        return output.clone()
+        return output if any(output is kept for kept in keep) else output.clone()
     if isinstance(output, Mapping):
-        return {key: _clone_tree(value) for key, value in output.items()}
+        return {key: _clone_tree(value, keep) for key, value in output.items()}
     if isinstance(output, list | tuple):
-        values = [_clone_tree(value) for value in output]
+        values = [_clone_tree(value, keep) for value in output]
         return type(output)(*values) if hasattr(output, "_fields") else type(output)(values)
     return output
 
@@ -264,6 +273,24 @@ def token_shape(inputs: Any) -> tuple[int, ...] | None:
     return None
 
 
+def _head_name(loss: nn.Module, side: str) -> str | None:
+    """The head module a chunked loss reads on `side` (``"student_head"`` / ``"teacher_head"``),
+    or None: only a loss that says ``reads_head = True`` has one (CRD's `student_head` is a
+    projection it owns, not a model's head)."""
+    if not getattr(loss, "reads_head", False):
+        return None
+    return getattr(loss, side, None)
+
+
+@contextlib.contextmanager
+def _capturing(captures):
+    """Every capture in `captures` active (its head records its input instead of running)."""
+    with contextlib.ExitStack() as stack:
+        for capture in captures:
+            stack.enter_context(capture.capturing())
+        yield
+
+
 def _unique_names(terms: Sequence[Term]) -> list[str]:
     names: list[str] = []
     for term in terms:
@@ -321,6 +348,35 @@ class Distiller(nn.Module):
         if teacher_layers:
             assert teacher is not None
             self.teacher_taps = Taps(teacher, teacher_layers, "teacher")
+        # chunked vocabulary losses: the output heads whose input is captured instead of run
+        self.student_heads: dict[str, HeadCapture] = {}
+        self.teacher_heads: dict[str, HeadCapture] = {}
+        for term in self.terms:
+            head = _head_name(term.loss, "student_head")
+            if head is not None and head not in self.student_heads:
+                self.student_heads[head] = HeadCapture(student, head, "student")
+            head = _head_name(term.loss, "teacher_head")
+            if head is not None and term.uses_teacher and head not in self.teacher_heads:
+                assert teacher is not None
+                self.teacher_heads[head] = HeadCapture(teacher, head, "teacher")
+        for name, term in zip(self.term_names, self.terms):
+            chunked = _head_name(term.loss, "student_head") is not None
+            if chunked and (term.student is not None or term.teacher is not None):
+                raise ValueError(
+                    f"term {name!r}: a chunked loss reads the input of the output head "
+                    f"(ChunkedTokenLoss(student_head=..., teacher_head=...)), not a tapped layer; "
+                    f"drop Term(student={term.student!r}, teacher={term.teacher!r})"
+                )
+            for side, layer, heads in (
+                ("student", term.student, self.student_heads),
+                ("teacher", term.teacher, self.teacher_heads),
+            ):
+                if layer is not None and layer in heads:
+                    raise ValueError(
+                        f"term {name!r} taps the {side}'s {layer!r}, whose output a chunked "
+                        "loss never builds (the head records its input instead); tap another "
+                        "layer, or make that term chunked too"
+                    )
 
     # -- modes and parameters -------------------------------------------------------------
     def train(self, mode: bool = True) -> Distiller:
@@ -395,6 +451,8 @@ class Distiller(nn.Module):
         if self.teacher_speedup:
             fast = self._fast_teacher
             if fast is None or fast.stale():  # the first forward, or the weights changed
+                for capture in self.teacher_heads.values():
+                    capture.clear()  # the fast teacher runs its head: dense teacher logits
                 if self.teacher_taps is not None:
                     self.teacher_taps.detach()
                 if fast is not None:
@@ -405,17 +463,20 @@ class Distiller(nn.Module):
                 self._fast_teacher = fast
                 return _clone_tree(output), features  # the eager teacher's, on this batch
             if fast.runner is not None:
+                for capture in self.teacher_heads.values():
+                    capture.clear()
                 with torch.inference_mode():
                     output, features = fast(inputs)
                 return _clone_tree(output), FastTeacher.normal(features)
         if self.teacher_taps is not None:
             self.teacher_taps.attach()
             self.teacher_taps.clear()
-        with torch.inference_mode():
+        with torch.inference_mode(), _capturing(self.teacher_heads.values()):
             output = call_model(self.teacher, inputs)
             # the taps hand over copies that are already normal (not inference-mode) tensors
             features = self.teacher_taps.collect() if self.teacher_taps is not None else {}
-        return _clone_tree(output), features
+        keep = [c.placeholder for c in self.teacher_heads.values() if c.placeholder is not None]
+        return _clone_tree(output, keep), features
 
     @torch.no_grad()
     def build(self, inputs: Inputs, *, optimiser_follows: bool = False) -> None:
@@ -598,11 +659,15 @@ class Distiller(nn.Module):
             have_features = teacher_features is not None or self.teacher_taps is None
             if teacher_output is None or not have_features:
                 teacher_output, teacher_features = self.run_teacher(inputs)
+            else:  # outputs from a cache: the teacher's heads did not run on this batch
+                for capture in self.teacher_heads.values():
+                    capture.clear()
         if self.student_taps is not None:
             self.student_taps.attach()
             self.student_taps.clear()
         try:
-            student_output = call_model(self.student, inputs)
+            with _capturing(self.student_heads.values()):
+                student_output = call_model(self.student, inputs)
         except RuntimeError as error:
             explained = _dtype_error(self.student, "student", inputs, error)
             if explained is None:
@@ -628,6 +693,12 @@ class Distiller(nn.Module):
             if term.student is not None
             else select_output(student_output, term.output, "student")
         )
+        head = _head_name(term.loss, "student_head")
+        if head is not None:  # a chunked loss: the head's input instead of the logits
+            where = "output" if term.output is None else f"output {term.output!r}"
+            student_value = self.student_heads[head].take(student_value, where)
+        else:
+            self._refuse_placeholder(name, term, student_value, self.student_heads, "student")
         if not term.uses_teacher:
             return student_value, None
         teacher_value = (
@@ -635,10 +706,29 @@ class Distiller(nn.Module):
             if term.teacher is not None
             else select_output(teacher_output, term.output, "teacher")
         )
+        head = _head_name(term.loss, "teacher_head")
+        if head is not None and self.teacher_heads[head].placeholder is not None:
+            where = "output" if term.output is None else f"output {term.output!r}"
+            teacher_value = self.teacher_heads[head].take(teacher_value, where)
+        else:
+            self._refuse_placeholder(name, term, teacher_value, self.teacher_heads, "teacher")
         if getattr(term.loss, "uses_connector", False):
             student_value = self._connect(name, term, student_value, teacher_value)
             student_value, teacher_value = align_spatial(student_value, teacher_value)
         return student_value, teacher_value
+
+    @staticmethod
+    def _refuse_placeholder(name, term, value, heads: Mapping[str, HeadCapture], side) -> None:
+        """A term that reads logits a chunked term never built (the zero placeholder) would
+        silently train on zeros: an error naming both and the fix."""
+        for head, capture in heads.items():
+            if capture.is_placeholder(value):
+                raise ValueError(
+                    f"term {name!r} ({type(term.loss).__name__}) reads the {side}'s logits, but "
+                    f"a chunked term captures the input of its head {head!r}, so the logits are "
+                    "never built; make this term chunked too (e.g. ChunkedTokenLoss('token_ce') "
+                    "or ChunkedTokenCE(), hard_loss: chunked_token_ce in a recipe)"
+                )
 
     def _connect(
         self, name: str, term: Term, student_value: Tensor, teacher_value: Tensor

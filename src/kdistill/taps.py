@@ -20,12 +20,14 @@ names and can be attached again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from kdistill.errors import LayerNotFoundError
+from kdistill.losses.chunked import HeadInput
 from kdistill.registry import close_matches
 
 
@@ -130,3 +132,85 @@ class Taps:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class HeadCapture:
+    """The input of a model's linear output head, captured instead of running the head.
+
+    Inside `capturing()`, the module named `name` (e.g. ``"lm_head"``, an ``nn.Linear`` or any
+    module with a ``V×D`` `weight` and an optional `bias`) does not compute its output: it
+    records its input (the last hidden states ``…×D``) and returns a zero-stride placeholder
+    ``hidden.new_zeros(()).expand(…, V)`` of the logits' shape, which takes no memory. Leaving
+    the block restores the module's own forward, also on an error. `take(output)` then checks
+    that the model's output *is* that placeholder — a model that post-processes its logits
+    (softcapping, scaling, slicing) would make a loss computed from the head's input silently
+    differ, so that is an error naming the head — and returns
+    `kdistill.losses.chunked.HeadInput` (hidden states, weight, bias). Used by the `Distiller`
+    for `ChunkedTokenLoss` terms.
+    """
+
+    def __init__(self, model: nn.Module, name: str, model_label: str = "model"):
+        self.name = name
+        self.model_label = model_label
+        self.module = find_modules(model, [name], model_label)[name]
+        weight = getattr(self.module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise TypeError(
+                f"{model_label} module {name!r} ({type(self.module).__name__}) must be a linear "
+                f"output head with a V×D weight (e.g. nn.Linear), got weight {got}; name the "
+                "module that maps the last hidden states to the logits"
+            )
+        self.hidden: Tensor | None = None
+        self.placeholder: Tensor | None = None
+        self.calls = 0
+
+    def clear(self) -> None:
+        self.hidden = self.placeholder = None
+        self.calls = 0
+
+    def _stub(self, hidden: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs or not isinstance(hidden, Tensor):
+            raise TypeError(
+                f"{self.model_label} head {self.name!r} was called with other arguments than "
+                "one tensor of hidden states; a chunked loss needs a plain linear head"
+            )
+        self.calls += 1
+        self.hidden = snapshot(hidden)  # as a tap: later in-place changes cannot reach it
+        vocab = self.module.weight.shape[0]
+        with torch.inference_mode(False):
+            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+            self.placeholder = zero.expand(*hidden.shape[:-1], vocab)
+        return self.placeholder
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Within the block, the head records its input instead of running."""
+        self.clear()
+        self.module.forward = self._stub  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+    def take(self, output: Tensor, where: str = "output") -> HeadInput:
+        """The captured hidden states and the head's parameters; `output` (the tensor the
+        model returned for the logits) must be the head's placeholder."""
+        if self.calls != 1 or self.hidden is None:
+            raise RuntimeError(
+                f"{self.model_label} head {self.name!r} was called {self.calls} times in the "
+                "forward pass; a chunked loss needs a head called exactly once on the hidden "
+                "states (name the model's output head)"
+            )
+        if output is not self.placeholder:
+            raise ValueError(
+                f"the {self.model_label}'s {where} is not what its head {self.name!r} returned: "
+                "the model changes the logits after the head (softcapping, scaling, slicing, a "
+                "cast), so a loss computed from the head's input would be wrong; use the dense "
+                "loss on the logits (e.g. ForwardKL instead of ChunkedTokenLoss), or name the "
+                "module whose output is the model's logits"
+            )
+        return HeadInput.of(self.hidden, self.module)
+
+    def is_placeholder(self, value: object) -> bool:
+        return self.placeholder is not None and value is self.placeholder

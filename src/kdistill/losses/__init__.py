@@ -1,6 +1,12 @@
 """kdistill losses: pure tensor functions, each also reachable by name (`create_loss("kd")`)."""
 
 from kdistill.losses.base import LOSSES, DistillLoss, create_loss, register_loss
+from kdistill.losses.chunked import (
+    ChunkedTokenCE,
+    ChunkedTokenLoss,
+    HeadInput,
+    chunked_token_loss,
+)
 from kdistill.losses.dense import CWD, DetLogitMSE, PixelKD
 from kdistill.losses.detection import YOLOLoss, encode_targets
 from kdistill.losses.feature import AT, FeatureCosine, FeatureL1, FitNet
@@ -25,6 +31,8 @@ __all__ = [
     "CE",
     "CRD",
     "CWD",
+    "ChunkedTokenCE",
+    "ChunkedTokenLoss",
     "DIST",
     "DKD",
     "KD",
@@ -42,6 +50,7 @@ __all__ = [
     "HiddenCosine",
     "HiddenMSE",
     "HardKD",
+    "HeadInput",
     "LogitMSE",
     "PixelKD",
     "ReverseKL",
@@ -49,6 +58,7 @@ __all__ = [
     "SkewReverseKL",
     "TokenCE",
     "YOLOLoss",
+    "chunked_token_loss",
     "create_loss",
     "encode_targets",
     "register_loss",

@@ -428,7 +428,7 @@ class TermSpec(Strict):
             raise ValueError(unknown_name_message("loss", self.loss, LOSSES.names()))
         accepted = loss_parameters(self.loss)
         unknown = sorted(set(self.params) - set(accepted))
-        if unknown:
+        if unknown and not passes_on_parameters(self.loss):
             raise ValueError(
                 f"loss {self.loss!r} has no parameter(s) {unknown}; it takes {sorted(accepted)}"
             )
@@ -448,7 +448,18 @@ def check_loss_params(name: str, params: dict[str, Any]) -> None:
 
 def loss_parameters(name: str) -> list[str]:
     signature = inspect.signature(LOSSES.get(name).__init__)
-    return [p for p in signature.parameters if p != "self"]
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
+
+
+def passes_on_parameters(name: str) -> bool:
+    """True when the loss takes ``**params`` for a loss it wraps (``chunked``): its parameters
+    are then checked by building it (`check_loss_params`), not by name."""
+    signature = inspect.signature(LOSSES.get(name).__init__)
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
 
 
 class MultiTaskSpec(Strict):
