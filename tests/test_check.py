@@ -57,6 +57,7 @@ def test_every_check_passes_on_a_correct_pair(pair, batch):
         "identity_loss", "identity_gradient", "padding_side", "left_pad_pitfall",
         "micro_batches", "jsd_beta_0", "jsd_beta_1", "skew_alpha_0", "endpoints_refused",
         "teacher_eval", "teacher_deterministic", "labels_in_vocab", "vocab_sizes",
+        "chunked_dense",
     }  # fmt: skip
     assert set(statuses(report, "identity_loss")) == {"forward_kl", "jsd(beta=0.3, T=2)"}
     endpoints = {r.term for r in report.results if r.check == "jsd_beta_0"}
