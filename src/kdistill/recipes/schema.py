@@ -716,10 +716,14 @@ class Recipe(Strict):
         text = self.data.dataset in TEXT_DATASETS
         wanted = getattr(task, "text_dataset", KJV_DATASET)
         if text != bool(getattr(task, "reads_text", False)) and ":" not in self.data.dataset:
+            blocks = self.data.dataset == KJV_DATASET
             raise ValueError(
-                f"task: dataset {self.data.dataset} holds text for causal language models; "
-                "choose task "
-                + ("language_modeling" if self.data.dataset == KJV_DATASET else "completion")
+                f"task: dataset {self.data.dataset} holds "
+                + (
+                    "token blocks for causal language models; choose task language_modeling"
+                    if blocks
+                    else "prompt → completion sequences for causal LMs; choose task completion"
+                )
                 if text
                 else f"task: {self.task} needs text: data.dataset: {wanted} (or a factory "
                 f"returning its kind of data), got {self.data.dataset!r}"
