@@ -238,3 +238,20 @@ def test_a_completion_recipe_runs_every_kind_of_method(tmp_path, text_file):
         if '"s/gkd/seed0"' in line
     ]
     assert shares and '"on_policy_share": 1.0' in shares[0]
+
+
+def test_the_builtin_completion_recipe_compares_the_four_ways():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "kjv_completion.yaml"
+    spec = load_recipe(path)
+    assert (spec.task, spec.data.dataset, spec.seeds) == ("completion", "kjv_completions", 3)
+    distill = spec.distill
+    assert {name: c.lmbda for name, c in distill.on_policy.items()} == {
+        "on_policy_0.5": 0.5,
+        "on_policy_1": 1.0,
+    }
+    assert list(distill.sequence_level) == ["seq_kd"]
+    assert "supervised_kd" in distill.methods and "supervised_kd" not in distill.on_policy
+    # λ = 0 and λ > 0 use the same divergence, so only the data differs
+    assert distill.methods["supervised_kd"] == distill.methods["on_policy_0.5"]
