@@ -331,10 +331,14 @@ class OnPolicy:
         sampling_seed = int(torch.randint(0, 2**62, (), generator=generator))
         return coin < self.lmbda, sampling_seed
 
-    def apply(self, student: nn.Module, batch: Batch, key: int) -> tuple[Batch, bool]:
+    def apply(
+        self, student: nn.Module, batch: Batch, key: int, rank: int = 0
+    ) -> tuple[Batch, bool]:
         """`batch` as it is, or (probability λ) with the student's completions; and whether it
-        sampled. See the module doc for the layout of the new batch."""
+        sampled. See the module doc for the layout of the new batch. `rank`: under DDP every
+        rank draws the same coin for a key (all sample or none) but its own samples."""
         sample, sampling_seed = self.draw(key)
+        sampling_seed = (sampling_seed + rank) % 2**63
         if not sample:
             return batch, False
         prompts = batch_prompts(batch.inputs, batch.target)

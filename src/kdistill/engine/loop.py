@@ -442,7 +442,7 @@ def fit(
                 for position, (number, _) in enumerate(window):
                     key = epoch * steps_per_epoch + number
                     batches[position], sampled = on_policy.apply(
-                        distiller.student, batches[position], key
+                        distiller.student, batches[position], key, world.rank
                     )
                     progress.sampled_batches += int(sampled)
             token_counts = _window_token_counts(distiller, batches) if exact_counts else None
