@@ -255,3 +255,16 @@ def test_the_builtin_completion_recipe_compares_the_four_ways():
     assert "supervised_kd" in distill.methods and "supervised_kd" not in distill.on_policy
     # λ = 0 and λ > 0 use the same divergence, so only the data differs
     assert distill.methods["supervised_kd"] == distill.methods["on_policy_0.5"]
+
+
+def test_completions_can_end_with_the_newline_an_lm_ends_a_verse_with(tokenizer):
+    from kdistill.data.completions import end_token_id
+
+    newline = end_token_id(tokenizer, "newline")
+    assert tokenizer.decode([newline]) == "\n" and end_token_id(tokenizer, "eos") == EOS_ID
+    data, _ = encode_completions(tokenizer, VERSES, max_length=64, name="t", end_id=newline)
+    for row in range(len(data)):
+        ids = data.input_ids[row][data.attention_mask[row] == 1]
+        assert int(ids[-1]) == newline and int(data.labels[row, len(ids) - 1]) == newline
+    assert data.end_id == newline and data.subset([0]).end_id == newline
+    assert data.with_sequences([torch.tensor([5])] * 3, "x").end_id == newline

@@ -362,3 +362,18 @@ def test_sequences_batch_is_right_padded():
     )
     assert batch.inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert batch.target.tolist() == [[-100, -100, EOS_ID], [-100, -100, -100]]
+
+
+def test_sampling_and_teacher_sequences_stop_at_the_data_end_token(tmp_path):
+    # end token 6 instead of <eos>: row 0 (… 3) gives 4 5 6, row 1 (… 5) gives 6
+    got = generate_completions(ScriptedLM(), PROMPTS, max_new_tokens=8, eos_id=6)
+    assert [g.tolist() for g in got] == [[4, 5, 6], [6]]
+    new, _ = OnPolicy(lmbda=1.0, max_new_tokens=8, eos_id=6).apply(
+        ScriptedLM(), batch_of(PROMPTS, REFERENCE), key=0
+    )
+    x = IGNORE_INDEX
+    assert new.target.tolist() == [[x, x, 4, 5, 6], [x, x, x, 6, x]]
+    data = scripted_data()
+    data.end_id = 6
+    made, _ = teacher_sequences(ScriptedLM(), data, tmp_path, max_new_tokens=8)
+    assert made.labels.tolist() == [[x, x, 4, 5, 6], [x, x, x, 6, x]]

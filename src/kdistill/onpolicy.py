@@ -125,7 +125,8 @@ def generate_completions(
     argmax. The model runs in eval mode without gradients; its mode is restored. `seed` fixes the
     draws (the global RNG is not consumed). `vocab_size`: sample only ids below it (a head padded
     past the tokenizer). `use_generate`: Hugging Face ``generate`` (default: when the model has
-    it and its head has no rows past `vocab_size`) or the plain loop.
+    it and its head has no rows past `vocab_size`) or the plain loop. `eos_id`: the token that
+    ends a completion (the data's `end_id`).
 
     ValueError for an empty prompt, a non-positive temperature or `max_new_tokens`, or prompts
     that with `max_new_tokens` exceed the model's positions.
@@ -314,6 +315,7 @@ class OnPolicy:
     max_new_tokens: int = 32
     seed: int = 0
     vocab_size: int | None = None
+    eos_id: int = EOS_ID  # the token that ends a completion (kept, counted)
 
     def __post_init__(self) -> None:
         if not 0 <= self.lmbda <= 1:
@@ -349,6 +351,7 @@ class OnPolicy:
             temperature=self.temperature,
             seed=sampling_seed,
             vocab_size=self.vocab_size,
+            eos_id=self.eos_id,
         )
         return sequences_batch(prompts, completions, batch.index), True
 
@@ -373,7 +376,13 @@ def teacher_sequences(
     import safetensors.torch
 
     directory = Path(directory)
-    settings = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "vocab_size": vocab_size}
+    eos_id = int(getattr(data, "end_id", EOS_ID))
+    settings = {
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+        "vocab_size": vocab_size,
+        "end_id": eos_id,
+    }
     identity = {
         "format": SEQUENCES_FORMAT,
         "teacher_sha256": tensors_digest(teacher.state_dict()),
@@ -403,6 +412,7 @@ def teacher_sequences(
             max_new_tokens=max_new_tokens,
             greedy=True,
             vocab_size=vocab_size,
+            eos_id=eos_id,
         )
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.int64)
     tokens = torch.cat(completions) if completions else torch.zeros(0, dtype=torch.int64)
@@ -410,11 +420,12 @@ def teacher_sequences(
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
     meta = {**identity, "key": key, "sha256": hashlib.sha256(blob).hexdigest()}
-    with_eos = int(sum(1 for c in completions if len(c) and int(c[-1]) == EOS_ID))
+    with_eos = int(sum(1 for c in completions if len(c) and int(c[-1]) == eos_id))
     meta["ended_with_eos"] = with_eos
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
     status = (
-        f"generated {len(completions)} greedy teacher completions ({with_eos} ended with <eos>, "
+        f"generated {len(completions)} greedy teacher completions ({with_eos} ended with the end "
+        f"token {eos_id}, "
         f"mean {float(lengths.double().mean()):.1f} tokens) into {path}"
     )
     return data.with_sequences(completions, name), status

@@ -10,6 +10,9 @@ the byte-level BPE saw it inside the verse) — and put together as
 
 ``<start>`` is ``<bos>`` by default (`start_id`; the LM recipes' teachers were trained on
 chapters that follow an ``<eos>``, so ``start_id=EOS_ID`` gives them the context they know).
+``<eos>`` ends the completion by default (`end_id`); an LM trained on ``kjv`` chapters ends a
+verse with a newline, not ``<eos>``, so ``end_token="newline"`` ends each completion with the
+newline token instead (what such a teacher predicts, and where its generations stop).
 ``labels`` are ``input_ids`` on the completion tokens and the ``<eos>`` and −100 on the start
 token, the prompt and the padding; ``attention_mask`` is 1 up to the ``<eos>`` and 0 on the
 padding, which is on the right. So with the causal shift the counted targets are exactly the
@@ -60,6 +63,7 @@ __all__ = [
     "CompletionSplits",
     "PromptCompletions",
     "encode_completions",
+    "end_token_id",
     "kjv_completion_splits",
     "sequences_from_parts",
     "split_verse",
@@ -128,6 +132,7 @@ class PromptCompletions:
     token_bytes: Tensor
     name: str = "completions"
     texts: list[tuple[str, str]] = field(default_factory=list)  # (prompt, completion) per row
+    end_id: int = EOS_ID  # the token that ends a completion (generation stops there)
 
     def __post_init__(self) -> None:
         where = f"prompt/completion data {self.name!r}"
@@ -236,6 +241,7 @@ class PromptCompletions:
             self.token_bytes,
             name=name if name is not None else f"{self.name}-subset",
             texts=[self.texts[i] for i in index.tolist()] if self.texts else [],
+            end_id=self.end_id,
         )
 
     def with_sequences(self, completions: Sequence[Tensor], name: str) -> PromptCompletions:
@@ -249,7 +255,13 @@ class PromptCompletions:
                 self.prompts(), completions, width=2
             )
         return PromptCompletions(
-            input_ids, attention_mask, labels, self.prompt_lengths.clone(), self.token_bytes, name
+            input_ids,
+            attention_mask,
+            labels,
+            self.prompt_lengths.clone(),
+            self.token_bytes,
+            name,
+            end_id=self.end_id,
         )
 
     def fingerprint(self) -> str:
@@ -268,6 +280,7 @@ def encode_completions(
     max_length: int,
     name: str,
     start_id: int = BOS_ID,
+    end_id: int = EOS_ID,
 ) -> tuple[PromptCompletions, int]:
     """The verses as `PromptCompletions` (the module doc's rule and layout) and the number of
     verses left out for being longer than `max_length` tokens (with start token and ``<eos>``).
@@ -294,16 +307,36 @@ def encode_completions(
             dropped += 1
             continue
         kept_prompts.append(torch.cat([torch.tensor([start_id]), p_ids]))
-        kept_completions.append(torch.cat([c_ids, torch.tensor([EOS_ID])]))
+        kept_completions.append(torch.cat([c_ids, torch.tensor([end_id])]))
         texts.append((prompt, completion))
     if not kept_prompts:
         raise DataError(f"{name}: no verse fits in max_length={max_length} tokens")
     input_ids, attention_mask, labels = sequences_from_parts(kept_prompts, kept_completions)
     lengths = torch.tensor([len(p) for p in kept_prompts], dtype=torch.int64)
     data = PromptCompletions(
-        input_ids, attention_mask, labels, lengths, token_bytes, name=name, texts=texts
+        input_ids,
+        attention_mask,
+        labels,
+        lengths,
+        token_bytes,
+        name=name,
+        texts=texts,
+        end_id=end_id,
     )
     return data, dropped
+
+
+def end_token_id(tokenizer: Any, end_token: str) -> int:
+    """The id that ends a completion: ``"eos"`` → ``<eos>``; ``"newline"`` → the tokenizer's
+    single token for ``"\n"`` (DataError when it encodes to several)."""
+    if end_token == "eos":
+        return EOS_ID
+    if end_token != "newline":
+        raise ValueError(f"end_token must be 'eos' or 'newline', got {end_token!r}")
+    ids = tokenizer.encode("\n", add_special_tokens=False).ids
+    if len(ids) != 1:
+        raise DataError(f"the tokenizer encodes a newline as {len(ids)} tokens, not one")
+    return int(ids[0])
 
 
 @dataclass
@@ -335,6 +368,7 @@ def kjv_completion_splits(
     test_limit: int | None = None,
     val_limit: int | None = None,
     start_id: int = BOS_ID,
+    end_token: str = "eos",
     seed: int = 0,
 ) -> CompletionSplits:
     """The KJV as prompt → completion verses, split by book like `kjv_splits` (same books, the
@@ -346,12 +380,18 @@ def kjv_completion_splits(
     tokenizer, status = load_or_train_tokenizer(
         tokenizer_dir, chapter_documents(train_books), vocab_size, min_frequency
     )
+    end_id = end_token_id(tokenizer, end_token)
     chosen = {"train": train_books, "val": val_books_, "test": test_books_}
     limits = {"train": train_limit, "val": val_limit, "test": test_limit}
     data, info_splits = {}, {}
     for split, split_books_ in chosen.items():
         encoded, dropped = encode_completions(
-            tokenizer, _verses(split_books_), max_length, f"kjv-completions-{split}", start_id
+            tokenizer,
+            _verses(split_books_),
+            max_length,
+            f"kjv-completions-{split}",
+            start_id,
+            end_id,
         )
         full = len(encoded)
         limit = limits[split]
@@ -372,6 +412,7 @@ def kjv_completion_splits(
         "rule": "prompt = first floor(n/2) words of a verse of n words, completion = the rest; "
         "<start> prompt completion <eos>, labels on completion + <eos>, right padding",
         "start_token": SPECIAL_TOKENS[start_id],
+        "end_token": end_token,
         "max_length": max_length,
         "text_sha256": text_digest(_verses(books), {}),
         "tokenizer": {"status": status, "vocab_size": tokenizer.get_vocab_size()},

@@ -266,8 +266,9 @@ def _accumulate_window(
 
 def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPolicy | None:
     """`config.on_policy` as an `OnPolicy` sampling ids below the loader's dataset's
-    `vocab_size` (when it has one), or None; ConfigError with stored teacher outputs (they were
-    computed on the data's completions, not on the student's samples)."""
+    `vocab_size` and stopping at its `end_id` (when it has them; else <eos>), or None;
+    ConfigError with stored teacher outputs (they were computed on the data's completions, not
+    on the student's samples)."""
     spec = config.on_policy
     if spec is None:
         return None
@@ -276,13 +277,16 @@ def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPo
             f"{label}: train.on_policy replaces completions by the student's samples, which "
             "stored teacher outputs do not cover; run the teacher online (teacher_cache: off)"
         )
-    vocab_size = getattr(getattr(loader, "dataset", None), "vocab_size", None)
+    dataset = getattr(loader, "dataset", None)
+    vocab_size = getattr(dataset, "vocab_size", None)
+    end_id = getattr(dataset, "end_id", None)
     return OnPolicy(
         spec.lmbda,
         spec.temperature,
         spec.max_new_tokens,
         spec.seed,
         vocab_size if isinstance(vocab_size, int) else None,
+        **({"eos_id": end_id} if isinstance(end_id, int) else {}),
     )
 
 

@@ -213,6 +213,7 @@ def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
             train_limit=spec.train_limit,
             test_limit=spec.test_limit,
             start_id=BOS_ID if text.start_token == "bos" else EOS_ID,
+            end_token=text.end_token,
             seed=recipe.seed,
         )
         train, val, test = (task.prepare(data) for data in (found.train, found.val, found.test))

@@ -100,6 +100,11 @@ class TextSpec(Strict):
         description="kjv_completions: longest sequence (start token, prompt, completion, <eos>); "
         "longer verses are left out (counted in data.json)",
     )
+    end_token: Literal["eos", "newline"] = Field(
+        "eos",
+        description="kjv_completions: the token that ends each completion (newline: how an LM "
+        "trained on kjv chapters ends a verse; generation stops there)",
+    )
     start_token: Literal["bos", "eos"] = Field(
         "bos",
         description="kjv_completions: the token before each prompt (eos: what an LM trained on "
@@ -299,12 +304,17 @@ class DataSpec(Strict):
                     f"{', '.join(given)}: not read by dataset kjv (token ids are not normalised; "
                     "validation is whole books: data.text.val_books)"
                 )
-            other = {"max_length", "start_token"} if self.dataset == KJV_DATASET else {"block_size"}
+            other = (
+                {"max_length", "start_token", "end_token"}
+                if self.dataset == KJV_DATASET
+                else {"block_size"}
+            )
             unread = sorted(other & self.text.model_fields_set)
             if unread:
                 raise ValueError(
                     f"data.text.{', '.join(unread)}: not read by dataset {self.dataset} "
-                    f"(block_size is kjv's, max_length and start_token {KJV_COMPLETIONS_DATASET}'s)"
+                    f"(block_size is kjv's; max_length, start_token, end_token "
+                    f"{KJV_COMPLETIONS_DATASET}'s)"
                 )
         elif "text" in self.model_fields_set:
             raise ValueError(

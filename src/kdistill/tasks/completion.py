@@ -64,7 +64,8 @@ class CompletionTask(LanguageModelingTask):
             "## Sampled completions (held-out prompts)",
             "",
             f"Each model samples at temperature {self.sample_temperature:g} (no top-k / top-p, "
-            f"at most {self.sample_max_new_tokens} tokens, stopped at `<eos>`), seed 0 for all.",
+            f"at most {self.sample_max_new_tokens} tokens, stopped at the completion's end "
+            "token), seed 0 for all.",
         ]
         samples = {
             label: generate_completions(
@@ -74,6 +75,7 @@ class CompletionTask(LanguageModelingTask):
                 temperature=self.sample_temperature,
                 seed=0,
                 vocab_size=vocab,
+                eos_id=test.end_id,
             )
             for label, model in models.items()
         }
