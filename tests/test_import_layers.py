@@ -4,7 +4,8 @@
     1 data      data/
     2 models    models/
     3 losses    losses/
-    4 distill   taps, connectors, distiller, multitask, cache (teacher outputs), teacher_speedup
+    4 distill   taps, connectors, distiller, multitask, cache (teacher outputs), teacher_speedup,
+                onpolicy
     5 engine    engine/
     6 tasks     tasks/
     7 recipes   recipes/
@@ -28,7 +29,7 @@ LAYERS = {
     "models": 2,
     "losses": 3,
     "taps": 4, "connectors": 4, "distiller": 4, "multitask": 4, "cache": 4, "distill": 4,
-    "teacher_speedup": 4,
+    "teacher_speedup": 4, "onpolicy": 4,
     "engine": 5,
     "tasks": 6,
     "recipes": 7,

@@ -49,6 +49,7 @@ from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.errors import ConfigError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 from kdistill.losses.topk import TopKDistribution
+from kdistill.onpolicy import OnPolicy
 
 log = logging.getLogger("kdistill")
 
@@ -116,6 +117,7 @@ class Progress:
     steps_seen: int = 0  # optimiser steps taken in the current epoch
     history: list[dict] = field(default_factory=list)
     skipped_batches: int = 0
+    sampled_batches: int = 0  # on-policy batches of the current epoch (the student's samples)
 
 
 def _collapse_sums(progress: Progress, names: list[str], everywhere: bool = False) -> None:
@@ -263,6 +265,32 @@ def _accumulate_window(
     return parts, None, 0
 
 
+def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPolicy | None:
+    """`config.on_policy` as an `OnPolicy` sampling ids below the loader's dataset's
+    `vocab_size` and stopping at its `end_id` (when it has them; else <eos>), or None;
+    ConfigError with stored teacher outputs (they were computed on the data's completions, not
+    on the student's samples)."""
+    spec = config.on_policy
+    if spec is None:
+        return None
+    if teacher_outputs is not None:
+        raise ConfigError(
+            f"{label}: train.on_policy replaces completions by the student's samples, which "
+            "stored teacher outputs do not cover; run the teacher online (teacher_cache: off)"
+        )
+    dataset = getattr(loader, "dataset", None)
+    vocab_size = getattr(dataset, "vocab_size", None)
+    end_id = getattr(dataset, "end_id", None)
+    return OnPolicy(
+        spec.lmbda,
+        spec.temperature,
+        spec.max_new_tokens,
+        spec.seed,
+        vocab_size if isinstance(vocab_size, int) else None,
+        **({"eos_id": end_id} if isinstance(end_id, int) else {}),
+    )
+
+
 def _gradient_sync(model, sync: bool):
     """DDP's `no_sync()` for a micro-batch that is not the window's last (its gradients are
     summed locally and reduced with the last one's); nothing for a single process."""
@@ -331,6 +359,12 @@ def fit(
     ranks (`Distiller.count_tokens`, summed before the window's first forward); every other
     term is divided by the number of micro-batches (exact for equal-sized micro-batches).
 
+    `config.on_policy` (GKD's mixed data, `kdistill.onpolicy`): before each micro-batch is
+    counted and run, with probability λ its completions are replaced by the student's samples
+    (keyed by the batch's position, epoch · batches per epoch + batch, so a resume draws the
+    same); the epoch's record gives the share of such batches (``on_policy_share``). It needs
+    prompt → completion batches and the live teacher (`teacher_outputs` is refused).
+
     Before the first step the models run once on the first batch (`engine.preflight`): wrong
     input channels, teacher/student class-count mismatches and out-of-range labels fail here.
     `config.precision` bf16/fp16 runs the forward under autocast (`engine.precision`).
@@ -344,6 +378,7 @@ def fit(
     world = info()
     device = resolve_device(config.device)
     check_precision(config.precision, device)
+    on_policy = _on_policy(config, teacher_outputs, label, train_loader)
     train_loader = shard_loader(train_loader, world)
     distiller.to(device)
     _follow_epoch(teacher_outputs, getattr(train_loader, "epoch", 0))  # the first batch's epoch
@@ -408,6 +443,13 @@ def fit(
             step = window[0][0]  # the window's first batch
             distiller.set_progress(epoch + step / steps_per_epoch)
             batches = [as_batch(item) for _, item in window]
+            if on_policy is not None:
+                for position, (number, _) in enumerate(window):
+                    key = epoch * steps_per_epoch + number
+                    batches[position], sampled = on_policy.apply(
+                        distiller.student, batches[position], key, world.rank
+                    )
+                    progress.sampled_batches += int(sampled)
             token_counts = _window_token_counts(distiller, batches) if exact_counts else None
             optimizer.zero_grad(set_to_none=True)
             parts, error, failed = _accumulate_window(
@@ -468,10 +510,14 @@ def fit(
             "train_parts": {k: v / seen for k, v in progress.part_sums.items()},
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if on_policy is not None:
+            batches_run = max(min(progress.step, steps_per_epoch), 1)
+            record["on_policy_share"] = progress.sampled_batches / batches_run
         if evaluate is not None:
             record.update({f"val_{k}": v for k, v in evaluate(distiller.student).items()})
         progress.history.append(record)
         progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
+        progress.sampled_batches = 0
         if budget_left is not None and budget_left <= windows_per_epoch:
             progress.epoch = config.epochs  # the step budget is spent: training is over
         if metrics_log is not None and world.is_main:

@@ -51,7 +51,12 @@ from kdistill.data import (
     standardize,
     take,
 )
-from kdistill.data.text import KJV_DATASET, TokenBlocks, kjv_splits
+from kdistill.data.completions import (
+    KJV_COMPLETIONS_DATASET,
+    PromptCompletions,
+    kjv_completion_splits,
+)
+from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
@@ -68,9 +73,11 @@ from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
+from kdistill.onpolicy import teacher_sequences
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,
+    TEXT_DATASETS,
     DistillSpec,
     ModelSpec,
     NormalizeSpec,
@@ -91,7 +98,7 @@ from kdistill.tasks import (
 EVAL_BATCH = 1000  # a task may ask for fewer (`eval_batch_size`: N×L×V logits)
 
 
-Data = ArrayDataset | SceneDataset | TokenBlocks
+Data = ArrayDataset | SceneDataset | TokenBlocks | PromptCompletions
 
 
 @dataclass
@@ -150,7 +157,7 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
     unless ``data.text.tokenizer_dir`` says; None and no folder given: not saved)."""
     task = task or recipe_task(recipe)
     spec = recipe.data
-    if spec.dataset == KJV_DATASET:
+    if spec.dataset in TEXT_DATASETS:
         return text_splits(recipe, task, out_dir)
     builtin = dataset_kind(spec.dataset) == "registry"
     if spec.dataset == SCENES_DATASET:
@@ -192,9 +199,29 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
 
 
 def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
-    """`data.dataset: kjv`: token blocks split by book (`kdistill.data.text.kjv_splits`)."""
+    """`data.dataset: kjv`: token blocks split by book (`kdistill.data.text.kjv_splits`);
+    `kjv_completions`: its verses as prompt → completion sequences, split by the same books
+    (`kdistill.data.completions.kjv_completion_splits`)."""
     spec, text = recipe.data, recipe.data.text
     folder = text.tokenizer_dir or (Path(out_dir) / "tokenizer" if out_dir is not None else None)
+    if spec.dataset == KJV_COMPLETIONS_DATASET:
+        found = kjv_completion_splits(
+            vocab_size=text.vocab_size,
+            max_length=text.max_length,
+            val_books=text.val_books,
+            test_books=text.test_books,
+            tokenizer_dir=folder,
+            min_frequency=text.min_frequency,
+            program=text.program,
+            text_file=text.text_file,
+            train_limit=spec.train_limit,
+            test_limit=spec.test_limit,
+            start_id=BOS_ID if text.start_token == "bos" else EOS_ID,
+            end_token=text.end_token,
+            seed=recipe.seed,
+        )
+        train, val, test = (task.prepare(data) for data in (found.train, found.val, found.test))
+        return Splits(train, val, test, {"mode": "none"}, found.tokenizer, found.info)
     found = kjv_splits(
         vocab_size=text.vocab_size,
         block_size=text.block_size,
@@ -302,6 +329,7 @@ class Experiment:
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
+        self._sequences: dict[str, Data] = {}  # method → sequence-level training data
 
     @property
     def eval_batch(self) -> int:
@@ -643,6 +671,12 @@ class Experiment:
         tapped = [t.teacher for t in terms if t.uses_teacher and t.teacher is not None]
         config = self.train_config(train or self.recipe.train, epochs)
         data = self.student_data(spec, seed, uses_teacher)
+        distill = self.recipe.distill
+        generated = method in distill.on_policy or method in distill.sequence_level
+        if method in distill.on_policy:
+            config = config.model_copy(update={"on_policy": distill.on_policy[method]})
+        if method in distill.sequence_level:
+            data = self.sequence_level_data(method)
         loader = self.student_loader(data, seed, config.batch_size)
         try:
             result = fit(
@@ -655,7 +689,10 @@ class Experiment:
                 checkpoint_dir=self.out_dir / "checkpoints" / label if keep_checkpoint else None,
                 resume=self.resume and keep_checkpoint,
                 teacher_outputs=offline_teacher_outputs(
-                    self.teacher_train_outputs if uses_teacher else None, loader, label, tapped
+                    self.teacher_train_outputs if uses_teacher and not generated else None,
+                    loader,
+                    label,
+                    tapped,
                 ),
             )
         finally:
@@ -668,6 +705,28 @@ class Experiment:
         if evaluate_on is self.splits.val and val_metrics:
             return student, val_metrics, val_metrics
         return student, self.evaluator(evaluate_on)(student), val_metrics
+
+    def sequence_level_data(self, method: str) -> Data:
+        """The training prompts with the teacher's completions (`distill.sequence_level`,
+        Kim & Rush 2016), generated once into ``<run>/teacher_sequences`` and reused while the
+        teacher, the data and the settings match (`kdistill.onpolicy.teacher_sequences`)."""
+        spec = self.recipe.distill.sequence_level[method]
+        if self.teacher is None:
+            raise RuntimeError("sequence-level data needs the teacher: prepare_teacher() first")
+        cached = self._sequences.get(method)
+        if cached is None:
+            train = self.splits.train
+            cached, status = teacher_sequences(
+                self.teacher.to(self.recipe.train.device),
+                train,
+                self.out_dir / "teacher_sequences",
+                max_new_tokens=spec.max_new_tokens,
+                batch_size=self.eval_batch,
+                vocab_size=getattr(train, "vocab_size", None),
+            )
+            self.say(f"{method}: teacher sequences: {status}")
+            self._sequences[method] = cached
+        return cached
 
     def initial_student(self, spec: ModelSpec, seed: int) -> nn.Module:
         """`spec`'s model built with `seed`, or its `whole_model` file (the same weights for

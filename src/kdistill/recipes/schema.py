@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from kdistill.data.augment import Augmentation
+from kdistill.data.completions import KJV_COMPLETIONS_DATASET
 from kdistill.data.sources import ARRAYS, IMAGE_FOLDER, dataset_kind
 from kdistill.data.text import (
     DEFAULT_TEST_BOOKS,
@@ -37,7 +38,7 @@ from kdistill.data.text import (
     SPECIAL_TOKENS,
     resolve_book,
 )
-from kdistill.engine.config import TrainConfig
+from kdistill.engine.config import OnPolicyConfig, TrainConfig
 from kdistill.errors import ConfigError
 from kdistill.importpath import import_callable
 from kdistill.losses import LOSSES, create_loss
@@ -57,7 +58,8 @@ class Strict(BaseModel):
 
 
 SCENES_DATASET = "fashion_mnist_scenes"
-BUILT_ELSEWHERE = (SCENES_DATASET, KJV_DATASET)  # built by the runner, not DATASETS
+TEXT_DATASETS = (KJV_DATASET, KJV_COMPLETIONS_DATASET)  # data.text settings apply
+BUILT_ELSEWHERE = (SCENES_DATASET, *TEXT_DATASETS)  # built by the runner, not DATASETS
 
 
 class ScenesSpec(Strict):
@@ -82,14 +84,32 @@ class ScenesSpec(Strict):
 
 class TextSpec(Strict):
     """`kjv`: the King James Bible as token blocks for causal LMs (`kdistill.data.text`), split
-    by book, with a byte-level BPE trained on the training books."""
+    by book, with a byte-level BPE trained on the training books; `kjv_completions`: its verses
+    as prompt → completion sequences, the same books and tokenizer
+    (`kdistill.data.completions`)."""
 
     vocab_size: int = Field(
         2048,
         ge=256 + len(SPECIAL_TOKENS),
         description="tokens of the byte-level BPE: 256 bytes, <pad> 0, <bos> 1, <eos> 2, merges",
     )
-    block_size: int = Field(128, ge=2, description="tokens per block (the models' context)")
+    block_size: int = Field(128, ge=2, description="kjv: tokens per block (the models' context)")
+    max_length: int = Field(
+        128,
+        ge=4,
+        description="kjv_completions: longest sequence (start token, prompt, completion, <eos>); "
+        "longer verses are left out (counted in data.json)",
+    )
+    end_token: Literal["eos", "newline"] = Field(
+        "eos",
+        description="kjv_completions: the token that ends each completion (newline: how an LM "
+        "trained on kjv chapters ends a verse; generation stops there)",
+    )
+    start_token: Literal["bos", "eos"] = Field(
+        "bos",
+        description="kjv_completions: the token before each prompt (eos: what an LM trained on "
+        "kjv chapters saw before a chapter's first verse)",
+    )
     val_books: list[str] = Field(
         default_factory=lambda: list(DEFAULT_VAL_BOOKS),
         min_length=1,
@@ -275,7 +295,7 @@ class DataSpec(Strict):
             )
         if kind == "scenes" and self.normalize != "auto":
             raise ValueError(f"normalize: {SCENES_DATASET} has its own normalisation; use auto")
-        if self.dataset == KJV_DATASET:
+        if self.dataset in TEXT_DATASETS:
             given = sorted({"root", "val_size"} & self.model_fields_set)
             if self.normalize != "auto":
                 given.append("normalize")
@@ -284,8 +304,23 @@ class DataSpec(Strict):
                     f"{', '.join(given)}: not read by dataset kjv (token ids are not normalised; "
                     "validation is whole books: data.text.val_books)"
                 )
+            other = (
+                {"max_length", "start_token", "end_token"}
+                if self.dataset == KJV_DATASET
+                else {"block_size"}
+            )
+            unread = sorted(other & self.text.model_fields_set)
+            if unread:
+                raise ValueError(
+                    f"data.text.{', '.join(unread)}: not read by dataset {self.dataset} "
+                    f"(block_size is kjv's; max_length, start_token, end_token "
+                    f"{KJV_COMPLETIONS_DATASET}'s)"
+                )
         elif "text" in self.model_fields_set:
-            raise ValueError(f"text: settings of dataset kjv; dataset is {self.dataset!r}")
+            raise ValueError(
+                f"text: settings of dataset {' or '.join(TEXT_DATASETS)}; dataset is "
+                f"{self.dataset!r}"
+            )
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -298,7 +333,7 @@ class DataSpec(Strict):
                 del data[name]
         if data["normalize"] == "auto":
             del data["normalize"]
-        if self.dataset == KJV_DATASET:
+        if self.dataset in TEXT_DATASETS:
             del data["text"]["tokenizer_dir"]  # where it is kept; its content follows from text
         else:
             del data["text"]
@@ -542,6 +577,18 @@ class DistillSpec(Strict):
         "channels_last, bf16, compile; checked against the eager teacher on the first batch "
         "(kdistill.teacher_speedup)",
     )
+    on_policy: dict[str, OnPolicyConfig] = Field(
+        default_factory=dict,
+        description="method name → GKD's mixed data for that method (Agarwal et al. 2024): "
+        "with probability lmbda per batch the completions are the student's samples "
+        "(train.on_policy of its runs); prompt → completion data only",
+    )
+    sequence_level: dict[str, SequenceLevelSpec] = Field(
+        default_factory=dict,
+        description="method name → sequence-level KD for that method (Kim & Rush 2016): it "
+        "trains on the teacher's greedy completions of the training prompts (its terms: "
+        "token_ce alone, or with a token divergence)",
+    )
     ignore_index: int | None = Field(
         None,
         description="label of void pixels in the masks (255 for VOC / Cityscapes): left out of "
@@ -578,7 +625,33 @@ class DistillSpec(Strict):
                 raise ValueError(f"method {name!r} has no terms")
         if self.hard_loss is not None and self.hard_loss not in LOSSES:
             raise ValueError(unknown_name_message("loss", self.hard_loss, LOSSES.names()))
+        for field_name in ("on_policy", "sequence_level"):
+            unknown = sorted(set(getattr(self, field_name)) - set(self.methods))
+            if unknown:
+                raise ValueError(
+                    f"distill.{field_name}: {unknown} are not methods of distill.methods "
+                    f"({sorted(self.methods)})"
+                )
+        both = sorted(set(self.on_policy) & set(self.sequence_level))
+        if both:
+            raise ValueError(
+                f"methods {both} are in both distill.on_policy and distill.sequence_level; a "
+                "method trains on the student's samples or on the teacher's, not both"
+            )
         return self
+
+
+class SequenceLevelSpec(Strict):
+    """Sequence-level KD (Kim & Rush 2016; `kdistill.onpolicy.teacher_sequences`): the
+    teacher's completions of the training prompts, made once and stored in <run>/
+    teacher_sequences, are the method's training data."""
+
+    decoding: Literal["greedy"] = Field(
+        "greedy", description="how the teacher decodes (greedy: beam size 1)"
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="longest teacher completion (tokens, its <eos> included)"
+    )
 
 
 class TuneSpec(Strict):
@@ -681,14 +754,34 @@ class Recipe(Strict):
         from kdistill.recipes.objective import check_methods
 
         task = get_task(self.task)
-        text = self.data.dataset == KJV_DATASET
+        text = self.data.dataset in TEXT_DATASETS
+        wanted = getattr(task, "text_dataset", KJV_DATASET)
         if text != bool(getattr(task, "reads_text", False)) and ":" not in self.data.dataset:
+            blocks = self.data.dataset == KJV_DATASET
             raise ValueError(
-                f"task: dataset {KJV_DATASET} holds token blocks for causal language models; "
-                "choose task language_modeling"
+                f"task: dataset {self.data.dataset} holds "
+                + (
+                    "token blocks for causal language models; choose task language_modeling"
+                    if blocks
+                    else "prompt → completion sequences for causal LMs; choose task completion"
+                )
                 if text
-                else f"task: {self.task} needs text: data.dataset: {KJV_DATASET} (or a factory "
-                f"returning TokenBlocks), got {self.data.dataset!r}"
+                else f"task: {self.task} needs text: data.dataset: {wanted} (or a factory "
+                f"returning its kind of data), got {self.data.dataset!r}"
+            )
+        if text and self.data.dataset != wanted:
+            raise ValueError(
+                f"task: {self.task} reads data.dataset {wanted}, got {self.data.dataset} (task "
+                f"language_modeling reads {KJV_DATASET}, completion {KJV_COMPLETIONS_DATASET})"
+            )
+        generated = sorted({*self.distill.on_policy, *self.distill.sequence_level})
+        if generated and not (
+            self.data.dataset == KJV_COMPLETIONS_DATASET or ":" in self.data.dataset
+        ):
+            raise ValueError(
+                f"distill.on_policy / sequence_level (methods {generated}) generate completions "
+                f"of prompts: they need prompt → completion data ({KJV_COMPLETIONS_DATASET} with "
+                f"task completion), got data.dataset {self.data.dataset!r}"
             )
         dense = getattr(task, "target_kind", None) is not None  # masks / boxes targets
         scenes = self.data.dataset == SCENES_DATASET

@@ -8,6 +8,8 @@
 | multitask         | {"seg", "det"}   | mIoU, pixel accuracy, mAP@0.5       | per output        |
 | language_modeling | labels N×L       | NLL, perplexity, next-token         | token_ce          |
 | (alias lm)        | (token blocks)   | accuracy, bits per byte             |                   |
+| completion        | labels N×L on    | as language_modeling, on the        | token_ce          |
+|                   | completions only | completion tokens                   |                   |
 
 A metric is better when higher unless the task lists it in `lower_is_better` (language
 modelling: NLL, perplexity, bits per byte); `is_better` / `better_of` compare either way.
@@ -37,6 +39,7 @@ from kdistill.tasks.base import (
     primary_metric,
 )
 from kdistill.tasks.classification import ClassificationTask
+from kdistill.tasks.completion import CompletionTask
 from kdistill.tasks.composite import CompositeTask
 from kdistill.tasks.detection import DetectionTask
 from kdistill.tasks.language_modeling import LanguageModelingTask, sample_continuations
@@ -58,6 +61,7 @@ BUILTIN = {
     "detection": DetectionTask,
     "multitask": multitask,
     "language_modeling": LanguageModelingTask,
+    "completion": CompletionTask,
 }
 #: other names of built-in tasks.
 ALIASES = {"lm": "language_modeling"}
@@ -114,6 +118,7 @@ def _checked(task: Any, spec: str) -> Task:
 __all__ = [
     "BUILTIN",
     "ClassificationTask",
+    "CompletionTask",
     "CompositeTask",
     "ALIASES",
     "DetectionTask",

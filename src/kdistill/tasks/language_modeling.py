@@ -137,6 +137,7 @@ class LanguageModelingTask:
     model_output = "logits"  # what the hard loss, soft terms and metrics read of a CausalLMOutput
     eval_batch_size = 32  # N×L×V logits per evaluation batch: 32×128×2048 floats = 32 MiB
     reads_text = True  # recipes check that the data is text (recipes.schema)
+    text_dataset = "kjv"  # the built-in dataset of this kind of text (recipes.schema)
 
     # prompts of the report's sampled continuations (the same for every model)
     sample_prompts = ("And it came to pass, when", "In the beginning was", "Blessed are they that")
