@@ -511,6 +511,19 @@ class MultiTaskSpec(Strict):
         return self
 
 
+class SequenceLevelSpec(Strict):
+    """Sequence-level KD (Kim & Rush 2016; `kdistill.onpolicy.teacher_sequences`): the
+    teacher's completions of the training prompts, made once and stored in
+    <run>/teacher_sequences, are the method's training data."""
+
+    decoding: Literal["greedy"] = Field(
+        "greedy", description="how the teacher decodes (greedy: beam size 1)"
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="longest teacher completion (tokens, its end token included)"
+    )
+
+
 class DistillSpec(Strict):
     """The distillation methods and how their terms are mixed with the hard loss:
     loss = (1 − α)·hard + α·Σ_i w_i·soft_i."""
@@ -608,19 +621,6 @@ class DistillSpec(Strict):
                 "method trains on the student's samples or on the teacher's, not both"
             )
         return self
-
-
-class SequenceLevelSpec(Strict):
-    """Sequence-level KD (Kim & Rush 2016; `kdistill.onpolicy.teacher_sequences`): the
-    teacher's completions of the training prompts, made once and stored in <run>/
-    teacher_sequences, are the method's training data."""
-
-    decoding: Literal["greedy"] = Field(
-        "greedy", description="how the teacher decodes (greedy: beam size 1)"
-    )
-    max_new_tokens: int = Field(
-        64, ge=1, description="longest teacher completion (tokens, its <eos> included)"
-    )
 
 
 class TuneSpec(Strict):
