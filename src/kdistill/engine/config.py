@@ -23,7 +23,7 @@ class OnPolicyConfig(BaseModel):
         1.0, gt=0, description="the student samples from softmax(logits / temperature); no top-k"
     )
     max_new_tokens: int = Field(
-        32, ge=1, description="longest sampled completion (tokens, its <eos> included)"
+        32, ge=1, description="longest sampled completion (tokens, its end token included)"
     )
     seed: int = Field(
         0, description="with the batch's position in training, fixes the coin and the samples"

@@ -549,7 +549,7 @@ class SequenceLevelSpec(Strict):
         "greedy", description="how the teacher decodes (greedy: beam size 1)"
     )
     max_new_tokens: int = Field(
-        64, ge=1, description="longest teacher completion (tokens, its <eos> included)"
+        64, ge=1, description="longest teacher completion (tokens, its end token included)"
     )
 
 
