@@ -31,7 +31,6 @@ the teacher's (`with_sequences`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from kdistill.data.text import (
     PAD_ID,
     SPECIAL_TOKENS,
     Book,
+    TokenSequences,
     chapter_documents,
     load_or_train_tokenizer,
     read_kjv,
@@ -111,7 +111,7 @@ def sequences_from_parts(
 
 
 @dataclass(eq=False)
-class PromptCompletions:
+class PromptCompletions(TokenSequences):
     """Prompt → completion sequences for a causal LM, right-padded (see the module doc).
 
     ``input_ids``, ``attention_mask``, ``labels``: int64 ``N×L``; ``prompt_lengths``: int64
@@ -133,6 +133,7 @@ class PromptCompletions:
     name: str = "completions"
     texts: list[tuple[str, str]] = field(default_factory=list)  # (prompt, completion) per row
     end_id: int = EOS_ID  # the token that ends a completion (generation stops there)
+    FINGERPRINTED = ("input_ids", "attention_mask", "labels", "prompt_lengths", "token_bytes")
 
     def __post_init__(self) -> None:
         where = f"prompt/completion data {self.name!r}"
@@ -177,33 +178,12 @@ class PromptCompletions:
         ):
             raise DataError(f"{where}: token ids must lie in [0, {self.vocab_size})")
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
     def __repr__(self) -> str:
         return (
             f"PromptCompletions(name={self.name!r}, sequences={len(self)}, "
             f"max_length={self.block_size}, counted_tokens={self.num_counted}, "
             f"vocab_size={self.vocab_size})"
         )
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.token_bytes)
-
-    @property
-    def block_size(self) -> int:
-        """The longest sequence (columns of ``input_ids``)."""
-        return int(self.input_ids.shape[1])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (self.block_size,)
-
-    @property
-    def num_counted(self) -> int:
-        """Counted next-token targets (completion tokens and their ``<eos>``)."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     @property
     def num_bytes(self) -> Tensor:
@@ -221,18 +201,8 @@ class PromptCompletions:
         inputs = {"input_ids": self.input_ids[indices, :width], "attention_mask": mask[:, :width]}
         return inputs, self.labels[indices, :width]
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {
-            "input_ids": self.input_ids[i],
-            "attention_mask": self.attention_mask[i],
-            "labels": self.labels[i],
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
-
     def subset(self, indices: Sequence[int] | Tensor, name: str | None = None) -> PromptCompletions:
-        index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise IndexError(f"{self.name!r}: indices must lie in [0, {len(self)})")
+        index = self.subset_index(indices)
         return PromptCompletions(
             self.input_ids[index],
             self.attention_mask[index],
@@ -263,15 +233,6 @@ class PromptCompletions:
             name,
             end_id=self.end_id,
         )
-
-    def fingerprint(self) -> str:
-        """sha256 over the tensors (a cache key)."""
-        digest = hashlib.sha256()
-        for label in ("input_ids", "attention_mask", "labels", "prompt_lengths", "token_bytes"):
-            array = getattr(self, label).contiguous().numpy()
-            digest.update(f"{label}:{array.dtype.str}:{tuple(array.shape)};".encode())
-            digest.update(memoryview(array).cast("B"))
-        return digest.hexdigest()
 
 
 def encode_completions(

@@ -562,8 +562,68 @@ def text_blocks(
     return pack_blocks(tokens, block_size, token_byte_lengths(tokenizer), name)
 
 
+class TokenSequences:
+    """What token datasets share (`TokenBlocks`, `kdistill.data.completions.PromptCompletions`):
+    int64 ``N×L`` ``input_ids`` / ``attention_mask`` / ``labels`` (unshifted, −100 where not
+    counted) and ``token_bytes`` (bytes per token id, V = the tokenizer's size)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    token_bytes: Tensor
+    name: str
+    FINGERPRINTED: tuple[str, ...] = ("input_ids", "attention_mask", "labels", "token_bytes")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's size (token ids lie in [0, vocab_size))."""
+        return len(self.token_bytes)
+
+    @property
+    def block_size(self) -> int:
+        """The sequences' length L (columns of ``input_ids``)."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's ``input_ids``: ``(L,)``."""
+        return (self.block_size,)
+
+    @property
+    def num_counted(self) -> int:
+        """Counted next-token targets in all sequences (labels[:, 1:] ≠ −100)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "labels": self.labels[i],
+            "index": torch.tensor(i, dtype=torch.int64),
+        }
+
+    def subset_index(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """`indices` as int64, checked to lie in [0, len) (IndexError naming the dataset)."""
+        index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise IndexError(f"{self.name!r}: indices must lie in [0, {len(self)})")
+        return index
+
+    def fingerprint(self) -> str:
+        """sha256 over the tensors named in `FINGERPRINTED` (a cache key)."""
+        digest = hashlib.sha256()
+        for label in self.FINGERPRINTED:
+            array = getattr(self, label).contiguous().numpy()
+            digest.update(f"{label}:{array.dtype.str}:{tuple(array.shape)};".encode())
+            digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+
 @dataclass(eq=False)
-class TokenBlocks:
+class TokenBlocks(TokenSequences):
     """Token blocks for a causal LM, held in memory (see the module doc).
 
     ``input_ids``, ``attention_mask``, ``labels``: int64 ``N×L``; ``labels`` equals
@@ -624,34 +684,12 @@ class TokenBlocks:
         if not torch.equal(recount, self.num_bytes):
             raise DataError(f"{where}: num_bytes differs from the bytes its counted labels spell")
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
     def __repr__(self) -> str:
         return (
             f"TokenBlocks(name={self.name!r}, blocks={len(self)}, block_size={self.block_size}, "
             f"counted_tokens={self.num_counted}, bytes={int(self.num_bytes.sum())}, "
             f"vocab_size={self.vocab_size})"
         )
-
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's size (token ids lie in [0, vocab_size))."""
-        return len(self.token_bytes)
-
-    @property
-    def block_size(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's ``input_ids``: ``(L,)``."""
-        return (self.block_size,)
-
-    @property
-    def num_counted(self) -> int:
-        """Counted next-token targets in all blocks (labels[:, 1:] ≠ −100)."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def get_batch(self, indices: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         inputs = {
@@ -660,19 +698,9 @@ class TokenBlocks:
         }
         return inputs, self.labels[indices]
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {
-            "input_ids": self.input_ids[i],
-            "attention_mask": self.attention_mask[i],
-            "labels": self.labels[i],
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
-
     def subset(self, indices: Sequence[int] | Tensor, name: str | None = None) -> TokenBlocks:
         """The blocks at `indices`, in that order."""
-        index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise IndexError(f"token blocks {self.name!r}: indices must lie in [0, {len(self)})")
+        index = self.subset_index(indices)
         return TokenBlocks(
             self.input_ids[index],
             self.attention_mask[index],
@@ -681,15 +709,6 @@ class TokenBlocks:
             self.token_bytes,
             name=name if name is not None else f"{self.name}-subset",
         )
-
-    def fingerprint(self) -> str:
-        """sha256 over the blocks' tensors and the token byte lengths (a cache key)."""
-        digest = hashlib.sha256()
-        for label in ("input_ids", "attention_mask", "labels", "token_bytes"):
-            array = getattr(self, label).contiguous().numpy()
-            digest.update(f"{label}:{array.dtype.str}:{tuple(array.shape)};".encode())
-            digest.update(memoryview(array).cast("B"))
-        return digest.hexdigest()
 
 
 def _kind(value: Any) -> str:
