@@ -108,7 +108,8 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 def test_two_cpu_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(RECIPE)
-    one, two = tmp_path / "one", tmp_path / "two"
+    # separate parents: each run trains its teacher (beside each other they would share it)
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     args = ["-m", "kdistill", "run", str(recipe), "--quiet"]
     run([sys.executable, *args, "--out", str(one)])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

@@ -112,7 +112,8 @@ def recipe(tmp_path_factory) -> Path:
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_run_bit_for_bit(recipe, tmp_path):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    # separate parents: each run trains its teacher (beside each other they would share it)
+    reference, interrupted = tmp_path / "reference" / "run", tmp_path / "interrupted" / "run"
     done = kdistill(["run", str(recipe), "--out", str(reference), "--quiet"])
     assert done.returncode == 0, done.stderr[-3000:]
 

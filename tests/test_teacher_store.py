@@ -61,3 +61,11 @@ def test_a_teacher_with_another_identity_is_trained(tmp_path, monkeypatch):
     monkeypatch.setattr("kdistill.recipes.runner.fit", lambda *a, **k: trained.append(a))
     other.prepare_teacher()
     assert len(trained) == 1
+
+
+def test_the_identity_leaves_out_fields_at_their_defaults(tmp_path):
+    """Fields added to the training budget after teachers were saved (precision, on-policy data)
+    are left out while at their defaults, so those teachers are still recognised."""
+    train = experiment(tmp_path, "first").teacher_identity()["model"]["train"]
+    assert "on_policy" not in train and "precision" not in train
+    assert "progress" not in train and "device" not in train

@@ -451,7 +451,8 @@ class Experiment:
                     # fp32 is the default: leave it out so teachers saved before the field existed
                     # are still recognised; another precision is part of the identity
                     "train": {"progress", "device"}
-                    | ({"precision"} if spec.train.precision == "fp32" else set()),
+                    | ({"precision"} if spec.train.precision == "fp32" else set())
+                    | ({"on_policy"} if spec.train.on_policy is None else set()),
                 },
             ),
             "data": self.recipe.data.identity(),
