@@ -204,37 +204,27 @@ def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
     (`kdistill.data.completions.kjv_completion_splits`)."""
     spec, text = recipe.data, recipe.data.text
     folder = text.tokenizer_dir or (Path(out_dir) / "tokenizer" if out_dir is not None else None)
+    common = {  # the corpus, its book split and the tokenizer: the same for both layouts
+        "vocab_size": text.vocab_size,
+        "val_books": text.val_books,
+        "test_books": text.test_books,
+        "tokenizer_dir": folder,
+        "min_frequency": text.min_frequency,
+        "program": text.program,
+        "text_file": text.text_file,
+        "train_limit": spec.train_limit,
+        "test_limit": spec.test_limit,
+        "seed": recipe.seed,
+    }
     if spec.dataset == KJV_COMPLETIONS_DATASET:
         found = kjv_completion_splits(
-            vocab_size=text.vocab_size,
             max_length=text.max_length,
-            val_books=text.val_books,
-            test_books=text.test_books,
-            tokenizer_dir=folder,
-            min_frequency=text.min_frequency,
-            program=text.program,
-            text_file=text.text_file,
-            train_limit=spec.train_limit,
-            test_limit=spec.test_limit,
             start_id=BOS_ID if text.start_token == "bos" else EOS_ID,
             end_token=text.end_token,
-            seed=recipe.seed,
+            **common,
         )
-        train, val, test = (task.prepare(data) for data in (found.train, found.val, found.test))
-        return Splits(train, val, test, {"mode": "none"}, found.tokenizer, found.info)
-    found = kjv_splits(
-        vocab_size=text.vocab_size,
-        block_size=text.block_size,
-        val_books=text.val_books,
-        test_books=text.test_books,
-        tokenizer_dir=folder,
-        min_frequency=text.min_frequency,
-        program=text.program,
-        text_file=text.text_file,
-        train_limit=spec.train_limit,
-        test_limit=spec.test_limit,
-        seed=recipe.seed,
-    )
+    else:
+        found = kjv_splits(block_size=text.block_size, **common)
     train, val, test = (task.prepare(data) for data in (found.train, found.val, found.test))
     return Splits(train, val, test, {"mode": "none"}, found.tokenizer, found.info)
 
