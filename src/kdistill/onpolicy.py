@@ -53,6 +53,7 @@ from kdistill.data.completions import sequences_from_parts
 from kdistill.data.text import EOS_ID, IGNORE_INDEX, PAD_ID
 from kdistill.errors import DataError
 from kdistill.io import atomic_write_bytes, atomic_write_text, tensors_digest
+from kdistill.models.lm import context_limit
 
 __all__ = [
     "OnPolicy",
@@ -74,15 +75,6 @@ def _logits(output: Any) -> Tensor:
         f"sampling needs the model's logits N×L×V: a tensor or a mapping with 'logits', got "
         f"{type(output).__name__}"
     )
-
-
-def _context_limit(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _uses_generate(model: nn.Module) -> bool:
@@ -142,7 +134,7 @@ def generate_completions(
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1:
         raise ValueError("every prompt needs at least one token (e.g. the start token)")
-    limit = _context_limit(model)
+    limit = context_limit(model)
     if limit is not None and max(lengths) + max_new_tokens > limit:
         raise ValueError(
             f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) "

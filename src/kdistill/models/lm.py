@@ -27,6 +27,7 @@ from torch import nn
 from kdistill.data.text import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = [
+    "context_limit",
     "check_vocabulary",
     "embedding_rows",
     "gpt2_lm",
@@ -201,3 +202,14 @@ def check_vocabulary(model: nn.Module, vocab_size: int, what: str = "model") -> 
             f"tokens; build it with vocab_size ≥ {vocab_size} (a registry model gets the "
             "tokenizer's size from the data)"
         )
+
+
+def context_limit(model: nn.Module) -> int | None:
+    """The longest sequence a Hugging Face model's config allows (``n_positions`` or
+    ``max_position_embeddings``), or None when the model does not say."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None

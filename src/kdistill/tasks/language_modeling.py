@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from kdistill.data.text import EOS_ID, IGNORE_INDEX, TokenBlocks
 from kdistill.distiller import select_output
-from kdistill.models.lm import check_vocabulary
+from kdistill.models.lm import check_vocabulary, context_limit
 from kdistill.ops.collectives import all_reduce_sum
 
 __all__ = ["LanguageModelingTask", "NextTokenMetric", "logits_of", "sample_continuations"]
@@ -209,15 +209,6 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(getattr(encoded, "ids", encoded))
 
 
-def _context_limit(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 @torch.no_grad()
 def sample_continuations(
     model: nn.Module,
@@ -244,7 +235,7 @@ def sample_continuations(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     device = next(iter(model.parameters()), torch.empty(0)).device
-    limit = _context_limit(model)
+    limit = context_limit(model)
     was_training = model.training
     model.eval()
     results = []
