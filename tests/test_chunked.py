@@ -445,3 +445,23 @@ def test_a_stored_top_k_teacher_matches_the_dense_top_k_loss(k):
         )
         topk = chunked_token_loss(ForwardKL(temperature=2.0), HeadInput(h, w, b), labels, stored)
         assert topk.item() == pytest.approx(full.item(), rel=1e-9)
+
+
+def test_training_with_chunked_terms_never_runs_either_head():
+    """kd.fit, its checks before the first step included, never computes a chunked term's
+    N×L×V logits: neither the student's nor the teacher's head runs."""
+    torch.manual_seed(0)
+    teacher, student = _TinyLM(DT), _TinyLM(D)
+    batches = [_batch(seed) for seed in range(3)]
+    distiller = kd.Distiller(
+        teacher,
+        student,
+        [
+            kd.Term(ChunkedTokenLoss("forward_kl", chunk_size=4), weight=0.5, output="logits"),
+            kd.Term(ChunkedTokenCE(chunk_size=4), weight=0.5, output="logits"),
+        ],
+    )
+    config = kd.TrainConfig(epochs=1, lr=1e-2, progress=False)
+    kd.fit(distiller, batches, config)
+    assert student.lm_head.calls == 0 and teacher.lm_head.calls == 0
+    assert "forward" not in vars(student.lm_head) and "forward" not in vars(teacher.lm_head)

@@ -18,6 +18,7 @@ message naming what was wrong — never after an epoch, and never as a silent wr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Iterator, Mapping
@@ -142,6 +143,16 @@ def _compared_classes(value: Any, loss: Any) -> int | None:
     return vocab_size
 
 
+@contextlib.contextmanager
+def _heads_captured(heads: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, every head in `heads` (`kdistill.taps.HeadCapture`) records its input
+    instead of computing the logits."""
+    with contextlib.ExitStack() as stack:
+        for head in heads.values():
+            stack.enter_context(head.capturing())
+        yield
+
+
 def check_before_training(
     distiller: Distiller, batch, loader, device: torch.device, teacher_outputs=None
 ) -> None:
@@ -149,14 +160,19 @@ def check_before_training(
     check_teacher_outputs(teacher_outputs)
     check_batch_carries(distiller, batch, teacher_outputs)
     inputs = move_to(batch.inputs, device)
-    student_output = run_checked(distiller.student, inputs, "student")
+    # a chunked vocabulary loss's head does not run here either: its N×L×V logits, which the
+    # chunked loss exists to avoid, would be built on the first batch (a zero-stride stand-in
+    # of the same shape takes their place, as in training)
+    with _heads_captured(distiller.student_heads):
+        student_output = run_checked(distiller.student, inputs, "student")
     teacher_output = None
     if distiller.needs_teacher:
         if teacher_outputs is not None:
             teacher_output = _stored_teacher_output(teacher_outputs, batch)
         else:
             assert distiller.teacher is not None
-            teacher_output = run_checked(distiller.teacher, inputs, "teacher")
+            with _heads_captured(distiller.teacher_heads):
+                teacher_output = run_checked(distiller.teacher, inputs, "teacher")
     for name, term in zip(distiller.term_names, distiller.terms):
         if term.student is not None:
             continue
