@@ -465,3 +465,23 @@ def test_training_with_chunked_terms_never_runs_either_head():
     kd.fit(distiller, batches, config)
     assert student.lm_head.calls == 0 and teacher.lm_head.calls == 0
     assert "forward" not in vars(student.lm_head) and "forward" not in vars(teacher.lm_head)
+
+
+def test_the_tuning_grid_reaches_the_wrapped_loss():
+    """tune.grid `beta` / `m.temperature` set the chunked term's inner JSD; a parameter no loss
+    of the method takes is still refused when the recipe is read."""
+    from kdistill.recipes.objective import build_objective
+    from kdistill.recipes.schema import DistillSpec, term_parameters
+    from kdistill.tasks import LanguageModelingTask
+
+    assert {"beta", "temperature", "chunk_size"} <= set(term_parameters("chunked", {"loss": "jsd"}))
+    assert "beta" not in term_parameters("chunked", {"loss": "forward_kl"})
+    spec = DistillSpec(
+        alpha=0.5,
+        hard_loss="chunked_token_ce",
+        methods={"m": [{"loss": "chunked", "params": {"loss": "jsd", "beta": 0.5}}]},
+    )
+    terms = build_objective(LanguageModelingTask(), spec, "m", {"beta": 0.9, "temperature": 2.0})
+    inner = [t.loss.inner for t in terms if isinstance(t.loss, ChunkedTokenLoss)]
+    jsd = [loss for loss in inner if isinstance(loss, GeneralizedJSD)]
+    assert len(jsd) == 1 and jsd[0].beta == 0.9 and jsd[0].temperature == 2.0

@@ -34,7 +34,7 @@ from torch import nn
 from kdistill.distiller import Term
 from kdistill.losses import LOSSES, create_loss
 from kdistill.multitask import mix_terms
-from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters
+from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters, term_parameters
 from kdistill.tasks import Task
 
 
@@ -95,7 +95,7 @@ def soft_loss(
 ) -> nn.Module:
     """The loss of a recipe term, with the grid settings it takes applied (and the recipe's void
     label, when `distill` is given)."""
-    accepted = loss_parameters(spec.loss)
+    accepted = term_parameters(spec.loss, spec.params)
     params = {**spec.params, **{k: v for k, v in settings.items() if k in accepted}}
     if distill is not None:
         params = with_void_label(spec.loss, params, distill)

@@ -490,6 +490,16 @@ def loss_parameters(name: str) -> list[str]:
     ]
 
 
+def term_parameters(name: str, params: dict[str, Any]) -> list[str]:
+    """The parameters a recipe term's loss takes: its own, and for a loss that wraps another
+    (``chunked`` with ``params.loss``) the wrapped loss's too — so ``tune.grid`` reaches them."""
+    accepted = loss_parameters(name)
+    inner = params.get("loss")
+    if passes_on_parameters(name) and isinstance(inner, str) and inner in LOSSES:
+        accepted += [p for p in loss_parameters(inner) if p not in accepted]
+    return accepted
+
+
 def passes_on_parameters(name: str) -> bool:
     """True when the loss takes ``**params`` for a loss it wraps (``chunked``): its parameters
     are then checked by building it (`check_loss_params`), not by name."""
@@ -880,7 +890,9 @@ class Recipe(Strict):
                 )
             methods = {owner: self.distill.methods[owner]} if dot else self.distill.methods
             for method, terms in methods.items():
-                takers = [term for term in terms if parameter in loss_parameters(term.loss)]
+                takers = [
+                    term for term in terms if parameter in term_parameters(term.loss, term.params)
+                ]
                 if not takers:
                     raise ValueError(
                         f"tune.grid.{key}: no loss of method {method!r} has a parameter "
