@@ -427,3 +427,13 @@ def test_a_recipe_refuses_stored_distributions_at_another_temperature(tmp_path, 
     with pytest.raises(ConfigError, match=r"top-8 .*temperature 2, but it uses temperature 1"):
         _recipe(tmp_path, kjv_text, temperature=1.0)
     _recipe(tmp_path, kjv_text, cache="{topk: 300}", temperature=1.0)  # k = V: exact
+
+
+def test_a_loader_that_skips_samples_is_refused(tmp_path):
+    """Every sample exactly once: a loader dropping its last partial batch leaves some blocks
+    without stored distributions, and the build says so instead of storing zeros for them."""
+    blocks = _blocks()
+    assert len(blocks) % 4 != 0  # the last batch is partial
+    loader = torch.utils.data.DataLoader(blocks, batch_size=4, drop_last=True)
+    with pytest.raises(CacheError, match="samples no teacher output"):
+        build_token_cache(_lm(0), loader, tmp_path / "c", topk=3)

@@ -288,6 +288,19 @@ def _from_storage(array: np.ndarray, dtype: str) -> Tensor:
     return tensor.float()
 
 
+def check_written_once(written: np.ndarray, unit: str, need: str) -> None:
+    """CacheError unless every entry of `written` (how many times the build wrote each row) is
+    1: a loader that skipped samples or gave some twice would leave stored outputs missing or
+    overwritten. `unit` names the rows, `need` says what the build needs."""
+    if bool((written == 1).all()):
+        return
+    missing, repeated = int((written == 0).sum()), int((written > 1).sum())
+    raise CacheError(
+        f"the batches gave {missing} of {len(written)} {unit} no teacher output and {repeated} "
+        f"more than one; {need}"
+    )
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -919,13 +932,11 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batches, coun
                 writer.write(entry, rows, value)
     finally:
         teacher.train(was_training)
-    if not bool((written == 1).all()):
-        missing, repeated = int((written == 0).sum()), int((written > 1).sum())
-        raise CacheError(
-            f"the batches gave {missing} of {total} rows no teacher output and {repeated} more "
-            "than one; a cache needs every sample exactly once per epoch (an unsharded loader "
-            "without drop_last)"
-        )
+    check_written_once(
+        written,
+        "rows",
+        "a cache needs every sample exactly once per epoch (an unsharded loader without drop_last)",
+    )
     entries, errors = writer.finish()
     np.save(directory / SIGNATURE_FILE, signatures)
     manifest.update(

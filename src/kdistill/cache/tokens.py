@@ -62,6 +62,7 @@ from kdistill.cache import (
     _from_storage,
     _short,
     _to_storage,
+    check_written_once,
     input_signatures,
     sample_shape_of,
     teacher_digest,
@@ -367,13 +368,12 @@ def build_token_cache(
             sample_shape = list(sample_shape_of(batch.inputs))
     finally:
         teacher.train(was_training)
-    if not bool((written == 1).all()):
-        missing, repeated = int((written == 0).sum()), int((written > 1).sum())
-        raise CacheError(
-            f"the batches gave {missing} of {size} samples no teacher output and {repeated} "
-            "more than one; stored distributions need every sample exactly once (an unsharded "
-            "loader over the whole dataset, without drop_last)"
-        )
+    check_written_once(
+        written,
+        "samples",
+        "stored distributions need every sample exactly once (an unsharded loader over the "
+        "whole dataset, without drop_last)",
+    )
     for array in arrays.values():
         array.flush()
     arrays.clear()
