@@ -137,19 +137,9 @@ class PromptCompletions(TokenSequences):
 
     def __post_init__(self) -> None:
         where = f"prompt/completion data {self.name!r}"
-        for label in ("input_ids", "attention_mask", "labels", "prompt_lengths", "token_bytes"):
-            value = getattr(self, label)
-            if not isinstance(value, Tensor) or value.dtype != torch.int64:
-                raise DataError(f"{where}: {label} must be an int64 tensor")
-        shape = tuple(self.input_ids.shape)
-        if len(shape) != 2 or shape[1] < 2:
-            raise DataError(f"{where}: input_ids must be N×L with L ≥ 2, got {shape}")
-        for label in ("attention_mask", "labels"):
-            if tuple(getattr(self, label).shape) != shape:
-                raise DataError(
-                    f"{where}: {label} has shape {tuple(getattr(self, label).shape)}, input_ids "
-                    f"{shape}; they must match"
-                )
+        shape = self.check_layout(
+            where, ("input_ids", "attention_mask", "labels", "prompt_lengths", "token_bytes")
+        )
         if tuple(self.prompt_lengths.shape) != shape[:1]:
             raise DataError(
                 f"{where}: prompt_lengths must be N = {shape[0]}, got "

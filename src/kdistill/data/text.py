@@ -574,6 +574,25 @@ class TokenSequences:
     name: str
     FINGERPRINTED: tuple[str, ...] = ("input_ids", "attention_mask", "labels", "token_bytes")
 
+    def check_layout(self, where: str, int64_fields: tuple[str, ...]) -> tuple[int, int]:
+        """DataError unless every field in `int64_fields` is an int64 tensor and
+        ``attention_mask`` / ``labels`` have the ``N×L`` shape of ``input_ids`` (L ≥ 2);
+        returns (N, L). `where` names the dataset in the message."""
+        for label in int64_fields:
+            value = getattr(self, label)
+            if not isinstance(value, Tensor) or value.dtype != torch.int64:
+                raise DataError(f"{where}: {label} must be an int64 tensor, got {_kind(value)}")
+        shape = tuple(self.input_ids.shape)
+        if len(shape) != 2 or shape[1] < 2:
+            raise DataError(f"{where}: input_ids must be N×L with L ≥ 2, got shape {shape}")
+        for label in ("attention_mask", "labels"):
+            if tuple(getattr(self, label).shape) != shape:
+                raise DataError(
+                    f"{where}: {label} has shape {tuple(getattr(self, label).shape)}, input_ids "
+                    f"{shape}; they must match"
+                )
+        return shape
+
     def __len__(self) -> int:
         return len(self.input_ids)
 
@@ -647,19 +666,9 @@ class TokenBlocks(TokenSequences):
 
     def __post_init__(self) -> None:
         where = f"token blocks {self.name!r}"
-        for label in ("input_ids", "attention_mask", "labels", "num_bytes", "token_bytes"):
-            value = getattr(self, label)
-            if not isinstance(value, Tensor) or value.dtype != torch.int64:
-                raise DataError(f"{where}: {label} must be an int64 tensor, got {_kind(value)}")
-        shape = tuple(self.input_ids.shape)
-        if len(shape) != 2 or shape[1] < 2:
-            raise DataError(f"{where}: input_ids must be N×L with L ≥ 2, got shape {shape}")
-        for label in ("attention_mask", "labels"):
-            if tuple(getattr(self, label).shape) != shape:
-                raise DataError(
-                    f"{where}: {label} has shape {tuple(getattr(self, label).shape)}, input_ids "
-                    f"{shape}; they must match"
-                )
+        shape = self.check_layout(
+            where, ("input_ids", "attention_mask", "labels", "num_bytes", "token_bytes")
+        )
         if tuple(self.num_bytes.shape) != shape[:1] or self.token_bytes.dim() != 1:
             raise DataError(
                 f"{where}: num_bytes must be N = {shape[0]} and token_bytes 1-D, got "
