@@ -288,6 +288,19 @@ def _from_storage(array: np.ndarray, dtype: str) -> Tensor:
     return tensor.float()
 
 
+def teacher_and_data(teacher: nn.Module, dataset: Any) -> dict[str, dict]:
+    """The manifest's record of what a store was built from: the teacher's class and weights
+    digest, the dataset's name, fingerprint and size (checked again when the store is opened)."""
+    return {
+        "teacher": {"class": type(teacher).__name__, "sha256": teacher_digest(teacher)},
+        "dataset": {
+            "name": getattr(dataset, "name", type(dataset).__name__),
+            "fingerprint": dataset.fingerprint(),
+            "size": len(dataset),
+        },
+    }
+
+
 def check_written_once(written: np.ndarray, unit: str, need: str) -> None:
     """CacheError unless every entry of `written` (how many times the build wrote each row) is
     1: a loader that skipped samples or gave some twice would leave stored outputs missing or
@@ -882,12 +895,7 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batches, coun
     manifest = {
         "format": FORMAT_VERSION,
         "complete": False,
-        "teacher": {"class": type(teacher).__name__, "sha256": teacher_digest(teacher)},
-        "dataset": {
-            "name": getattr(dataset, "name", type(dataset).__name__),
-            "fingerprint": dataset.fingerprint(),
-            "size": size,
-        },
+        **teacher_and_data(teacher, dataset),
         "transforms": "none",
         "dtype": dtype,
         "topk": topk,

@@ -65,6 +65,7 @@ from kdistill.cache import (
     check_written_once,
     input_signatures,
     sample_shape_of,
+    teacher_and_data,
     teacher_digest,
 )
 from kdistill.data import BatchLoader
@@ -256,12 +257,7 @@ def build_token_cache(
         "format": TOKEN_FORMAT_VERSION,
         "kind": TOKEN_CACHE_KIND,
         "complete": False,
-        "teacher": {"class": type(teacher).__name__, "sha256": teacher_digest(teacher)},
-        "dataset": {
-            "name": getattr(dataset, "name", type(dataset).__name__),
-            "fingerprint": dataset.fingerprint(),
-            "size": size,
-        },
+        **teacher_and_data(teacher, dataset),
         "topk": topk,
         "temperature": float(temperature),
         "dtype": dtype,
