@@ -321,3 +321,13 @@ def test_kdistill_check_on_a_recipe_and_on_hf_folders(tmp_path, capsys):
     code = main(["check", "--teacher", spec + "teacher", "--student", spec + "wide",
                  "--checks", "teacher", "--length", "12"])  # fmt: skip
     assert code == 1 and f"vocab_size={V}" in capsys.readouterr().out
+
+
+def test_a_chunked_term_is_checked_through_the_divergence_it_wraps(pair, batch):
+    """A ChunkedTokenLoss term is not skipped: its inner JSD(β = 0.9) gets the checks."""
+    from kdistill.losses.chunked import ChunkedTokenLoss
+
+    chunked = kd.Term(ChunkedTokenLoss("jsd", beta=0.9), output="logits")
+    report = kd.check_pair(*pair, batch, [chunked], standard=False)
+    assert report.passed, report.table()
+    assert set(statuses(report, "identity_loss")) == {"jsd(beta=0.9)"}

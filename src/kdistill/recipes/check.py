@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.distiller import Distiller, Term, select_output
+from kdistill.losses.chunked import ChunkedTokenLoss
 from kdistill.losses.token import (
     TVD,
     ForwardKL,
@@ -219,10 +220,14 @@ def _label(loss: nn.Module) -> str:
 
 
 def _divergence_terms(terms: Sequence[Term | nn.Module], output: Any) -> list[Term]:
-    """The token divergences of `terms` (Terms or losses), one Term of weight 1 each."""
+    """The token divergences of `terms` (Terms or losses), one Term of weight 1 each; a chunked
+    term (`ChunkedTokenLoss`) gives the divergence it wraps, run on the logits (the chunked
+    check compares the two)."""
     found = []
     for term in terms:
         loss = term.loss if isinstance(term, Term) else term
+        if isinstance(loss, ChunkedTokenLoss):
+            loss = loss.inner
         if isinstance(loss, TokenDivergence) or (
             callable(getattr(loss, "divergence", None)) and getattr(loss, "counts_tokens", False)
         ):
