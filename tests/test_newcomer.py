@@ -244,3 +244,34 @@ def test_the_estimate_stops_where_max_steps_stops_the_run():
     assert capped.seconds == pytest.approx(0.25 + 12 * 0.5 + 2 * 1.0 + 2.0)
     uncapped = Training("x", 1, 3, 10, 0.5, 1.0, 2.0, 0.25, max_batches=100)
     assert uncapped.seconds == pytest.approx(0.25 + 30 * 0.5 + 3 * 1.0 + 2.0)
+
+
+def test_the_dry_run_times_augmented_students_on_their_own_loaders(tmp_path):
+    """With `data.augment` (and `teacher.augment`) the students' batches come from augmenting
+    loaders; each training line must time its own steps, not repeat the teacher's figures (it
+    did: every student line showed the teacher's s/step and a negative set-up)."""
+    from kdistill.recipes.plan import dry_run
+
+    path = tmp_path / "augmented.yaml"
+    path.write_text(
+        """
+name: augmented
+data: {dataset: digits, val_size: 100, train_limit: 400, test_limit: 50, augment: {pad: 1}}
+teacher:
+  model: middle_student
+  kwargs: {channels: [16, 32]}
+  augment: {pad: 1}
+  train: {epochs: 1, progress: false}
+students: [{name: s, model: middle_student, kwargs: {channels: [2, 2]}}]
+train: {epochs: 1, progress: false}
+distill: {teacher_cache: memory, methods: {kd: [{loss: kd}]}}
+tune: {enabled: false}
+cost: {enabled: false}
+"""
+    )
+    plan = dry_run(load_recipe(path), tmp_path / "run")
+    teacher, *students = plan.trainings
+    assert teacher.what == "teacher" and [t.what for t in students] == ["s/alone", "s/kd"]
+    for line in students:
+        assert line.setup_seconds >= 0, line
+        assert line.step_seconds != teacher.step_seconds, line

@@ -69,3 +69,61 @@ def test_the_identity_leaves_out_fields_at_their_defaults(tmp_path):
     train = experiment(tmp_path, "first").teacher_identity()["model"]["train"]
     assert "on_policy" not in train and "precision" not in train
     assert "progress" not in train and "device" not in train
+
+
+AUGMENTED = """
+name: augmented
+seed: 0
+data: {dataset: digits, val_size: 200, train_limit: 400, test_limit: 100}
+teacher:
+  model: middle_student
+  augment: {pad: 1, flip: false}
+  train: {epochs: 1, progress: false}
+students:
+  - {name: small, model: middle_student, kwargs: {channels: [2, 2]}}
+train: {epochs: 1, progress: false}
+distill: {teacher_cache: "off", methods: {kd: [{loss: kd}]}}
+tune: {enabled: false}
+"""
+
+
+def test_teacher_augment_trains_on_views_and_is_part_of_the_identity(tmp_path, monkeypatch):
+    """`teacher.augment`: the teacher's own batches are keyed views; a teacher trained on plain
+    images has another identity (and another store), so neither is mistaken for the other."""
+    path = tmp_path / "augmented.yaml"
+    path.write_text(AUGMENTED)
+    augmented = Experiment(load_recipe(path), tmp_path / "runs" / "augmented", progress=False)
+    plain = experiment(tmp_path, "plain")
+    assert "augment" not in plain.teacher_identity()["model"]  # earlier teachers still match
+    assert augmented.teacher_identity()["model"]["augment"]["pad"] == 1
+    assert augmented.teacher_store() != plain.teacher_store()
+
+    loaders = []
+    monkeypatch.setattr(
+        "kdistill.recipes.runner.fit", lambda d, loader, *a, **k: loaders.append(loader)
+    )
+    augmented.prepare_teacher()
+    plain.prepare_teacher()
+    views = [loader.view_spec() for loader in loaders]
+    assert views[0] == {"augmentation": views[0]["augmentation"], "seed": 0}
+    assert views[0]["augmentation"]["pad"] == 1 and views[0]["augmentation"]["flip"] is False
+    assert views[1] is None  # the plain teacher's batches are not augmented
+
+
+def test_teacher_augment_is_refused_for_masks_and_boxes(tmp_path):
+    import pytest
+
+    path = tmp_path / "seg.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: seg
+            task: segmentation
+            data: {dataset: fashion_mnist_scenes}
+            teacher: {model: seg_teacher, augment: {pad: 2}}
+            students: [{name: s, model: seg_student}]
+            """
+        )
+    )
+    with pytest.raises(ValueError, match="teacher.augment crops and flips the inputs only"):
+        load_recipe(path)

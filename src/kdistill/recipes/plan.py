@@ -39,8 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.cache import loader_views
 from kdistill.data import BatchLoader
 from kdistill.data.arrays import move_to
+from kdistill.data.batches import set_epoch
 from kdistill.distiller import Distiller, Term
 from kdistill.engine import fit
 from kdistill.engine.config import TrainConfig
@@ -82,6 +84,14 @@ class TimedLoader:
 
     def __len__(self) -> int:
         return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loader's epoch (its order and its views depend on it)."""
+        set_epoch(self.loader, epoch)
+
+    def view_spec(self) -> dict | None:
+        """The loader's keyed augmentation (`cache.loader_views`), so stored views serve it."""
+        return loader_views(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
         stamps: list[float] = []
@@ -248,12 +258,34 @@ class _Rehearsal(Experiment):
     checked_dataset: Any = None  # the whole training split, for the engine's label checks
     last_loader: TimedLoader | None = None
 
+    timing = True  # off while the teacher's outputs are computed: they read whole loaders
+
+    def _timed_loader(self, loader):
+        if not self.timing or isinstance(loader, TimedLoader):
+            return loader
+        self.last_loader = TimedLoader(loader, self.timed_steps, self.checked_dataset)
+        return self.last_loader
+
     def loader(self, data, seed: int, batch_size: int, shuffle: bool):
         loader = super().loader(data, seed, batch_size, shuffle)
         if not shuffle:  # evaluation and teacher outputs: as the run does them
             return loader
-        self.last_loader = TimedLoader(loader, self.timed_steps, self.checked_dataset)
-        return self.last_loader
+        return self._timed_loader(loader)
+
+    def augmented_loader(self, data, seed: int, batch_size: int, spec):
+        """Training batches, augmented ones included (their steps are timed too)."""
+        return self._timed_loader(super().augmented_loader(data, seed, batch_size, spec))
+
+    def view_epochs(self) -> int:
+        """Every rehearsal runs `REHEARSAL_EPOCHS` epochs, whatever the recipe's budget."""
+        return max(super().view_epochs(), REHEARSAL_EPOCHS)
+
+    def prepare_teacher_outputs(self, teacher):
+        self.timing = False  # the views of every epoch are built from the whole loader
+        try:
+            return super().prepare_teacher_outputs(teacher)
+        finally:
+            self.timing = True
 
     def student_data(self, spec, seed: int, uses_teacher: bool):
         """A label-scarce student's data as the run makes it — labels hidden on the whole
@@ -425,7 +457,9 @@ def dry_run(
             config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
             fit(
                 Distiller(None, teacher, exp.objective(None)),
-                exp.loader(exp.splits.train, recipe.seed, config.batch_size, shuffle=True),
+                exp.augmented_loader(
+                    exp.splits.train, recipe.seed, config.batch_size, spec.augment
+                ),
                 config,
                 evaluate=exp.evaluator(exp.splits.val),
                 label="teacher",

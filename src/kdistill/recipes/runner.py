@@ -78,6 +78,7 @@ from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,
     TEXT_DATASETS,
+    AugmentSpec,
     DistillSpec,
     ModelSpec,
     NormalizeSpec,
@@ -355,7 +356,12 @@ class Experiment:
     def student_loader(self, data: Data, seed: int, batch_size: int) -> BatchLoader:
         """A student's training batches: shuffled by `seed`, with the recipe's keyed
         augmentation (`data.augment`, views seeded by `augment.seed` or the recipe's seed)."""
-        spec = self.recipe.data.augment
+        return self.augmented_loader(data, seed, batch_size, self.recipe.data.augment)
+
+    def augmented_loader(
+        self, data: Data, seed: int, batch_size: int, spec: AugmentSpec | None
+    ) -> BatchLoader:
+        """Training batches shuffled by `seed`, augmented as `spec` says (None: plain)."""
         if spec is None:
             return self.loader(data, seed, batch_size, shuffle=True)
         return BatchLoader(
@@ -443,6 +449,8 @@ class Experiment:
                     "train": {"progress", "device"}
                     | ({"precision"} if spec.train.precision == "fp32" else set())
                     | ({"on_policy"} if spec.train.on_policy is None else set()),
+                    # added later: left out while off, so earlier teachers are still recognised
+                    **({"augment": True} if spec.augment is None else {}),
                 },
             ),
             "data": self.recipe.data.identity(),
@@ -485,7 +493,9 @@ class Experiment:
             config = self.train_config(spec.train)
             fit(
                 Distiller(None, teacher, self.objective(None)),
-                self.loader(self.splits.train, self.recipe.seed, config.batch_size, shuffle=True),
+                self.augmented_loader(
+                    self.splits.train, self.recipe.seed, config.batch_size, spec.augment
+                ),
                 config,
                 evaluate=self.evaluator(self.splits.val),
                 label="teacher",

@@ -404,6 +404,12 @@ class TeacherSpec(ModelSpec):
         default_factory=lambda: TrainConfig(epochs=2),
         description="the teacher's own budget (when it is trained, not loaded)",
     )
+    augment: AugmentSpec | None = Field(
+        None,
+        description="keyed augmentation of the teacher's own training batches (none: the plain "
+        "images), e.g. a stronger teacher trained longer on crops and flips; part of the "
+        "teacher's identity, so a teacher trained without it is not reused",
+    )
 
     @model_validator(mode="after")
     def checkpoint_options_need_a_checkpoint(self) -> TeacherSpec:
@@ -806,11 +812,15 @@ class Recipe(Strict):
                 f"dataset factory `package.module:function`, got {self.data.dataset!r}"
             )
         check_methods(task, self.distill)
-        if dense and self.data.augment is not None:
-            raise ValueError(
-                f"data.augment crops and flips the inputs only; task {self.task}'s masks / boxes "
-                "would no longer match them (augmentation is for classification)"
-            )
+        for field, spec in (
+            ("data.augment", self.data.augment),
+            ("teacher.augment", self.teacher.augment),
+        ):
+            if dense and spec is not None:
+                raise ValueError(
+                    f"{field} crops and flips the inputs only; task {self.task}'s masks / boxes "
+                    "would no longer match them (augmentation is for classification)"
+                )
         scarce = [s.name for s in self.students if s.labelled is not None]
         if dense and scarce:
             raise ValueError(
