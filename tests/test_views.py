@@ -432,3 +432,26 @@ def test_recipe_views_are_built_once_and_replay_the_online_student(tmp_path):
     assert_same(online_weights, memory_weights)
     student_weights("disk", "a")
     assert (tmp_path / "a/teacher_cache/manifest.json").stat().st_mtime_ns == built  # reused
+
+
+def test_cache_command_builds_the_views_an_augmented_recipe_trains_on(tmp_path, capsys):
+    """`kdistill cache` on a recipe with data.augment stores the teacher's outputs on every
+    view of every epoch (it stored the plain samples, which the run could not use), and the
+    run then reuses them instead of building its own."""
+    from kdistill.cli import main
+    from kdistill.recipes import Experiment, load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    run = tmp_path / "run"
+    assert main(["cache", str(path), "--run-dir", str(run), "--quiet"]) == 0
+    manifest = json.loads((run / "teacher_cache/manifest.json").read_text())
+    assert manifest["views"]["epochs"] == 2 and manifest["views"]["seed"] == 5
+    built = (run / "teacher_cache/manifest.json").stat().st_mtime_ns
+    assert main(["cache", str(path), "--run-dir", str(run), "--quiet"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    experiment = Experiment(load_recipe(path), run, progress=False)
+    experiment.prepare_teacher()
+    assert isinstance(experiment.teacher_train_outputs, TeacherCache)
+    assert experiment.teacher_train_outputs.epochs == 2
+    assert (run / "teacher_cache/manifest.json").stat().st_mtime_ns == built  # reused

@@ -147,8 +147,6 @@ def compress_command(args: argparse.Namespace) -> int:
 
 def cache_command(args: argparse.Namespace) -> int:
     """`kdistill cache <recipe>`: the teacher's outputs over the training split, stored once."""
-    from kdistill.cache import TeacherCache, build_teacher_cache
-    from kdistill.errors import CacheError
     from kdistill.recipes import Experiment, load_recipe
 
     given = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
@@ -160,28 +158,18 @@ def cache_command(args: argparse.Namespace) -> int:
     wanted = load_recipe(resolve_recipe(args.recipe), given).distill.teacher_cache
     if not isinstance(wanted, str):  # stored top-k token distributions (language_modeling)
         return _token_cache_command(args, experiment, teacher, wanted, run_dir)
-    if args.layers is None:
-        layers = experiment.teacher_layers()
-    else:
+    layers = None
+    if args.layers is not None:
         layers = [layer.strip() for layer in args.layers.split(",") if layer.strip()]
-    settings = {
-        "layers": layers,
-        "dtype": args.dtype or recipe.distill.teacher_cache_dtype,
-        "topk": args.topk if args.topk is not None else recipe.distill.teacher_cache_topk,
-    }
-    out = args.out or run_dir / "teacher_cache"
-    if not args.force:
-        try:
-            cache = TeacherCache.open(out, teacher, experiment.splits.train, **settings)
-            if cache.layers == layers:
-                print(f"up to date (--force rebuilds it)\n{cache.describe()}")
-                return 0
-        except CacheError:
-            pass
-    cache = build_teacher_cache(
-        teacher, experiment.splits.train, out, progress=not args.quiet, **settings
+    cache, built = experiment.disk_teacher_cache(
+        teacher,
+        args.out,
+        layers=layers,
+        dtype=args.dtype,
+        topk=args.topk,
+        force=args.force,
     )
-    print(cache.describe())
+    print(cache.describe() if built else f"up to date (--force rebuilds it)\n{cache.describe()}")
     return 0
 
 

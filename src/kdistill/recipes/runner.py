@@ -542,60 +542,96 @@ class Experiment:
         distill = self.recipe.distill
         if isinstance(distill.teacher_cache, TokenCacheSpec):
             return self.prepare_token_cache(teacher, distill.teacher_cache)
-        # with data.augment: the teacher's outputs on every view of `view_epochs()` epochs, from
-        # the batches of the first seed's student loader (that run replays them bit for bit)
-        views = None
-        if self.recipe.data.augment is not None:
-            views = self.student_loader(
-                self.splits.train, self.recipe.seed, self.recipe.train.batch_size
-            )
-        epochs = self.view_epochs() if views is not None else None
         if distill.teacher_cache == "memory":
+            views = self.views_loader()
             return MemoryTeacherOutputs.predict(
                 teacher,
                 views or self.loader(self.splits.train, 0, self.eval_batch, shuffle=False),
                 self.recipe.train.device,
-                epochs=epochs,
+                epochs=None if views is None else self.view_epochs(),
             )
         if distill.teacher_cache == "off":
             return None
-        directory = self.out_dir / "teacher_cache"
-        settings = {
-            "layers": self.teacher_layers(),
-            "dtype": distill.teacher_cache_dtype,
-            "topk": distill.teacher_cache_topk,
-        }
-        wanted = None if views is None else {"epochs": epochs, **loader_views(views)}
         cache = None
         if self.is_main:  # under torchrun rank 0 builds it; the other ranks wait, then read it
-            try:
-                cache = TeacherCache.open(
-                    directory, teacher, self.splits.train, views=wanted, **settings
-                )
-                self.say(f"teacher cache: reusing {directory}")
-            except CacheError as error:
-                if (directory / "manifest.json").exists():
-                    self.say(f"teacher cache: rebuilding ({error})")
-                if views is not None:
-                    cache = build_view_cache(
-                        teacher, views, directory, epochs, progress=self.progress, **settings
-                    )
-                else:
-                    cache = build_teacher_cache(
-                        teacher,
-                        self.splits.train,
-                        directory,
-                        batch_size=self.eval_batch,
-                        progress=self.progress,
-                        **settings,
-                    )
-                self.say(cache.describe())
+            cache, _ = self.disk_teacher_cache(teacher)
         barrier()
         if cache is None:
             cache = TeacherCache.open(
-                directory, teacher, self.splits.train, views=wanted, **settings
+                self.out_dir / "teacher_cache", teacher, self.splits.train, **self._cache_wanted()
             )
         return cache
+
+    def views_loader(self) -> BatchLoader | None:
+        """With `data.augment`: the first seed's student loader, whose batches the teacher's
+        stored views are built from (that run replays them bit for bit); otherwise None."""
+        if self.recipe.data.augment is None:
+            return None
+        return self.student_loader(
+            self.splits.train, self.recipe.seed, self.recipe.train.batch_size
+        )
+
+    def _cache_wanted(
+        self, layers: list[str] | None = None, dtype: str | None = None, topk: int | None = None
+    ) -> dict:
+        distill = self.recipe.distill
+        views = self.views_loader()
+        return {
+            "layers": self.teacher_layers() if layers is None else layers,
+            "dtype": dtype or distill.teacher_cache_dtype,
+            "topk": distill.teacher_cache_topk if topk is None else topk,
+            "views": None
+            if views is None
+            else {"epochs": self.view_epochs(), **loader_views(views)},
+        }
+
+    def disk_teacher_cache(
+        self,
+        teacher: nn.Module,
+        directory: Path | None = None,
+        *,
+        layers: list[str] | None = None,
+        dtype: str | None = None,
+        topk: int | None = None,
+        force: bool = False,
+    ) -> tuple[TeacherCache, bool]:
+        """The teacher's outputs over the training split in `directory` (default
+        `<run>/teacher_cache`): with `data.augment`, on every view of `view_epochs()` epochs
+        (`build_view_cache`), else on the plain samples (`build_teacher_cache`); `layers`,
+        `dtype`, `topk` default to the recipe's. Reused while teacher, data and settings match
+        (unless `force`), built otherwise. Returns the cache and whether it was built."""
+        directory = self.out_dir / "teacher_cache" if directory is None else Path(directory)
+        wanted = self._cache_wanted(layers, dtype, topk)
+        if not force:
+            try:
+                cache = TeacherCache.open(directory, teacher, self.splits.train, **wanted)
+                self.say(f"teacher cache: reusing {directory}")
+                return cache, False
+            except CacheError as error:
+                if (directory / "manifest.json").exists():
+                    self.say(f"teacher cache: rebuilding ({error})")
+        settings = {name: wanted[name] for name in ("layers", "dtype", "topk")}
+        views = self.views_loader()
+        if views is not None:
+            cache = build_view_cache(
+                teacher,
+                views,
+                directory,
+                wanted["views"]["epochs"],
+                progress=self.progress,
+                **settings,
+            )
+        else:
+            cache = build_teacher_cache(
+                teacher,
+                self.splits.train,
+                directory,
+                batch_size=self.eval_batch,
+                progress=self.progress,
+                **settings,
+            )
+        self.say(cache.describe())
+        return cache, True
 
     def prepare_token_cache(self, teacher: nn.Module, spec: TokenCacheSpec) -> TokenTeacherCache:
         """The teacher's top-k next-token distributions over the training blocks in
