@@ -170,6 +170,13 @@ def cache_command(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(cache.describe() if built else f"up to date (--force rebuilds it)\n{cache.describe()}")
+    if wanted != "disk" and args.out is None:
+        where = "in memory" if wanted == "memory" else "nowhere (off)"
+        print(
+            f"note: the recipe keeps the teacher's outputs {where} (distill.teacher_cache: "
+            f"{wanted}); `kdistill run` reads {cache.directory} only with --set "
+            "distill.teacher_cache=disk"
+        )
     return 0
 
 

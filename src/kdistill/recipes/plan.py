@@ -188,6 +188,11 @@ class DryRun:
             f"data: {recipe.data.dataset}, {sizes['train']:,} training / {sizes['val']:,} "
             f"validation / {sizes['test']:,} test samples, input {shape}"
             + (f", {len(classes)} classes" if classes else ""),
+            *(
+                [f"students' batches: keyed views ({_views_text(recipe.data.augment)})"]
+                if recipe.data.augment is not None
+                else []
+            ),
             f"teacher: {self.teacher}",
             "",
             "| role | name | model | params | MACs |",
@@ -334,6 +339,15 @@ def check_every_training(exp: Experiment, teacher: nn.Module, methods: list[str]
                     parameter.requires_grad_(flag)
 
 
+def _views_text(spec: Any) -> str:
+    """`pad 2, flip, mixup 0.5, seed 0` for an `AugmentSpec`."""
+    parts = [f"pad {spec.pad} ({spec.padding})" if spec.pad else "no crop"]
+    parts += ["flip"] if spec.flip else []
+    parts += [f"mixup {spec.mixup:g}"] if spec.mixup else []
+    parts += [f"seed {spec.seed}"] if spec.seed is not None else ["the recipe's seed"]
+    return ", ".join(parts)
+
+
 def _first_samples(data: Any, count: int) -> Any:
     return data.subset(torch.arange(min(count, len(data))), name=f"{data.name}-dry-run")
 
@@ -450,7 +464,12 @@ def dry_run(
             how = f"reused from {store} (trained by a run with the same teacher, data and seed)"
         else:
             trains = True
-            how = f"trained by the run, {spec.train.epochs} epochs"
+            how = f"trained by the run, {spec.train.epochs} epochs" + (
+                f" on keyed views ({_views_text(spec.augment)}), stored in "
+                f"{Path(out_dir).parent / 'teachers' / exp.teacher_store().name}"
+                if spec.augment is not None
+                else ""
+            )
         check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
         started = time.perf_counter()
         if trains:

@@ -169,11 +169,12 @@ class NormalizeSpec(Strict):
 
 
 class AugmentSpec(Strict):
-    """Keyed augmentation of the students' training batches (`kdistill.data.augment`): each
-    view is a fixed function of (seed, epoch, sample index), the same for the teacher and the
-    student, so the teacher's outputs on the views are computed once (`distill.teacher_cache`)
-    and replayed. Students alone and distilled see the same views; the teacher trains on the
-    plain images; validation and test images are never augmented."""
+    """Keyed augmentation of training batches (`kdistill.data.augment`): each view is a fixed
+    function of (seed, epoch, sample index). Under `data.augment` the students' batches — alone
+    and distilled alike — and the teacher's outputs on them are the same views, so those
+    outputs are computed once (`distill.teacher_cache`) and replayed; under `teacher.augment`
+    the teacher's own training batches. Validation and test images are never augmented. In a
+    recipe the defaults are pad 2 and flip on (Python's `Augmentation()` has both off)."""
 
     pad: int = Field(2, ge=0, description="padded random crop: pixels of padding per side")
     flip: bool = Field(True, description="random horizontal flips")
@@ -185,8 +186,8 @@ class AugmentSpec(Strict):
     )
     seed: int | None = Field(
         None,
-        description="the views' seed (default: the recipe's seed, the same for every "
-        "student seed, so one set of teacher outputs serves them all)",
+        description="the views' seed (default: the recipe's seed; under data.augment the same "
+        "for every student seed, so one set of teacher outputs serves them all)",
     )
 
     def augmentation(self) -> Augmentation:
@@ -231,7 +232,9 @@ class DataSpec(Strict):
     )
     test_limit: int | None = Field(None, ge=1, description="use a random test subset (quick runs)")
     augment: AugmentSpec | None = Field(
-        None, description="keyed augmentation of the students' training batches (none: off)"
+        None,
+        description="keyed augmentation of the students' training batches (none: off); the "
+        "teacher's own training follows teacher.augment",
     )
 
     @field_validator("dataset")
