@@ -19,6 +19,7 @@ Conventions the engine follows (see `kdistill.engine.loop.fit`):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import torch
@@ -108,8 +109,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op when none was joined)."""
+    """Leave the process group (no-op when none was joined), the ranks together: a barrier
+    first, so that no rank tears its gloo connections down while a slower peer still uses them
+    (that aborted a rank at exit under load: "terminate called without an active exception").
+    A barrier that fails (a peer already gone) does not hide the error being raised."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles go now, not at interpreter exit
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - leaving anyway; the caller's own error matters more
+            pass
         dist.destroy_process_group()
 
 
