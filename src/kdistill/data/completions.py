@@ -48,6 +48,7 @@ from kdistill.data.text import (
     PAD_ID,
     SPECIAL_TOKENS,
     Book,
+    TextSplits,
     TokenSequences,
     chapter_documents,
     load_or_train_tokenizer,
@@ -60,7 +61,6 @@ from kdistill.errors import DataError
 
 __all__ = [
     "KJV_COMPLETIONS_DATASET",
-    "CompletionSplits",
     "PromptCompletions",
     "encode_completions",
     "end_token_id",
@@ -290,17 +290,6 @@ def end_token_id(tokenizer: Any, end_token: str) -> int:
     return int(ids[0])
 
 
-@dataclass
-class CompletionSplits:
-    """What `kjv_completion_splits` returns (the fields of `kdistill.data.text.TextSplits`)."""
-
-    train: PromptCompletions
-    val: PromptCompletions
-    test: PromptCompletions
-    tokenizer: Any
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def _verses(books: Sequence[Book]) -> list[str]:
     return [verse for book in books for chapter in book.chapters for verse in chapter]
 
@@ -321,7 +310,7 @@ def kjv_completion_splits(
     start_id: int = BOS_ID,
     end_token: str = "eos",
     seed: int = 0,
-) -> CompletionSplits:
+) -> TextSplits:
     """The KJV as prompt → completion verses, split by book like `kjv_splits` (same books, the
     same tokenizer: trained on the training books' chapters with the same settings, so a
     tokenizer folder of an LM run is reused). `*_limit`: a seeded random subset of that many
@@ -369,4 +358,4 @@ def kjv_completion_splits(
         "tokenizer": {"status": status, "vocab_size": tokenizer.get_vocab_size()},
         "splits": info_splits,
     }
-    return CompletionSplits(data["train"], data["val"], data["test"], tokenizer, info)
+    return TextSplits(data["train"], data["val"], data["test"], tokenizer, info)

@@ -729,11 +729,13 @@ def _kind(value: Any) -> str:
 # -- the recipe's splits ----------------------------------------------------------------------
 @dataclass
 class TextSplits:
-    """What `kjv_splits` returns: three `TokenBlocks`, the tokenizer, and a description."""
+    """Text split three ways, the tokenizer, and a description: what `kjv_splits` returns
+    (`TokenBlocks`) and `kdistill.data.completions.kjv_completion_splits` returns
+    (`PromptCompletions`)."""
 
-    train: TokenBlocks
-    val: TokenBlocks
-    test: TokenBlocks
+    train: TokenSequences
+    val: TokenSequences
+    test: TokenSequences
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
 
