@@ -557,8 +557,9 @@ class Experiment:
             cache, _ = self.disk_teacher_cache(teacher)
         barrier()
         if cache is None:
+            wanted = self._cache_wanted(self.views_loader())
             cache = TeacherCache.open(
-                self.out_dir / "teacher_cache", teacher, self.splits.train, **self._cache_wanted()
+                self.out_dir / "teacher_cache", teacher, self.splits.train, **wanted
             )
         return cache
 
@@ -572,10 +573,15 @@ class Experiment:
         )
 
     def _cache_wanted(
-        self, layers: list[str] | None = None, dtype: str | None = None, topk: int | None = None
+        self,
+        views: BatchLoader | None,
+        layers: list[str] | None = None,
+        dtype: str | None = None,
+        topk: int | None = None,
     ) -> dict:
+        """What a stored cache must match: layers, dtype, top-k (the recipe's unless given) and,
+        with `views` (the loader of `views_loader`), the views of `view_epochs()` epochs."""
         distill = self.recipe.distill
-        views = self.views_loader()
         return {
             "layers": self.teacher_layers() if layers is None else layers,
             "dtype": dtype or distill.teacher_cache_dtype,
@@ -601,7 +607,8 @@ class Experiment:
         `dtype`, `topk` default to the recipe's. Reused while teacher, data and settings match
         (unless `force`), built otherwise. Returns the cache and whether it was built."""
         directory = self.out_dir / "teacher_cache" if directory is None else Path(directory)
-        wanted = self._cache_wanted(layers, dtype, topk)
+        views = self.views_loader()
+        wanted = self._cache_wanted(views, layers, dtype, topk)
         if not force:
             try:
                 cache = TeacherCache.open(directory, teacher, self.splits.train, **wanted)
@@ -611,7 +618,6 @@ class Experiment:
                 if (directory / "manifest.json").exists():
                     self.say(f"teacher cache: rebuilding ({error})")
         settings = {name: wanted[name] for name in ("layers", "dtype", "topk")}
-        views = self.views_loader()
         if views is not None:
             cache = build_view_cache(
                 teacher,
