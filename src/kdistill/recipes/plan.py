@@ -558,7 +558,7 @@ def dry_run(
                         )
                     )
         if recipe.cost.enabled:
-            other["model costs"] = costs
+            other["model costs"] = costs + _timed(exp.measure_latency)[1]
         return DryRun(
             recipe,
             description,
