@@ -313,3 +313,31 @@ def test_the_style_is_fixed_by_first_appearance():
     }
     assert style.markers == {"teacher": "*", "a": "o", "b": "s"}
     assert style.of_label("b/kd") == ("#1f77b4", "s")
+
+
+def test_a_crowd_of_points_gets_a_legend_in_their_colours_instead_of_labels(tmp_path, monkeypatch):
+    figures: list = []
+    monkeypatch.setattr(plots_module.plt, "close", figures.append)
+    points = [
+        {
+            "label": f"s{i}/m{i % 3}",
+            "score": 0.8 + 0.001 * i,
+            "params": 1000,
+            "latency_ms": {"1": 1.0},
+        }
+        for i in range(40)
+    ]
+    plot_tradeoff(points, tmp_path / "tradeoff.png")
+    (figure,) = figures
+    try:
+        for axis in figure.axes:
+            assert len(axis.texts) == 0
+            legend = axis.get_legend()
+            assert [t.get_text() for t in legend.get_texts()] == [p["label"] for p in points]
+            style = ReportStyle.of_labels(p["label"] for p in points)
+            handles = legend.legend_handles
+            assert [to_hex(h.get_color()) for h in handles] == [
+                style.of_label(p["label"])[0] for p in points
+            ]
+    finally:
+        plt.close(figure)
