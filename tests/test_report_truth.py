@@ -249,6 +249,12 @@ def _assert_labels_apart(figure) -> int:
         assert box.y1 <= page.y1, label
     for (_, a, box_a), (_, b, box_b) in itertools.combinations(boxes, 2):
         assert not box_a.overlaps(box_b), f"{a!r} and {b!r} overlap"
+    for number, axis in enumerate(figure.axes):  # nor does a label cover a point's marker
+        for line in axis.get_lines():
+            if (line.get_gid() or "").startswith("style:"):
+                x, y = axis.transData.transform(line.get_xydata())[0]
+                for _, label, box in (b for b in boxes if b[0] == number):
+                    assert not box.contains(x, y), f"{label!r} covers {line.get_gid()}"
     return len(boxes)
 
 

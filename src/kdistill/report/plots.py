@@ -119,6 +119,7 @@ def plot_curves(
 LABEL_GAP_POINTS = 2.0  # free space between two labels stacked one above the other
 LABEL_SHIFT_POINTS = 8.0  # labels sit this far right of the rightmost point of their group
 LABEL_FONT_SIZE = 7
+MARKER_PAD_POINTS = 4.0  # half the width of a marker or an error bar's cap
 DODGE_DECADES = 0.03  # points at the same x (one model, several methods) are spread this much
 
 
@@ -162,15 +163,20 @@ def label_layout(
     gap: float,
     bottom: float,
     top: float,
+    extents: Sequence[tuple[float, float, float, float]] | None = None,
 ) -> list[tuple[float, float]] | None:
     """Where each label goes (left edge, vertical centre; display units), or None when the
     labels cannot all be stacked between `bottom` and `top` (then a legend is used).
 
-    Each label of `sizes` (width, height) starts in a group of its own, just right of its
-    point. A group's labels are aligned right of its rightmost point and stacked in the order
-    of their points' heights, `gap` apart (`spread_labels`), kept between `bottom` and `top`.
-    Two groups whose labels intersect are merged and laid out again, until no two labels
-    intersect (at worst one group: a stack never intersects itself)."""
+    `extents`: each point's box (x0, y0, x1, y1) with its marker and error bars (default: the
+    point itself). Each label of `sizes` (width, height) starts in a group of its own, just
+    right of its point's box. A group's labels are aligned right of its points' boxes and
+    stacked in the order of their points' heights, `gap` apart (`spread_labels`), kept between
+    `bottom` and `top`. Two groups are merged and laid out again when a label of one intersects
+    a label or a point's box of the other, until nothing intersects (at worst one group: a
+    stack right of every point never intersects itself nor a point)."""
+    if extents is None:
+        extents = [(x, y, x, y) for x, y in pixels]
     groups = [[index] for index in range(len(pixels))]
     while True:
         placed: dict[int, tuple[float, float]] = {}
@@ -183,18 +189,27 @@ def label_layout(
             low = min(heights) - step / 2
             high = max(heights) + step / 2
             lift = max(0.0, bottom - low) - max(0.0, high - top)  # keep the stack inside
-            left = max(pixels[i][0] for i in group) + shift
+            left = max(extents[i][2] for i in group) + shift
             for index, height in zip(group, heights):
                 width, tall = sizes[index]
                 centre = height + lift
                 placed[index] = (left, centre)
                 boxes.append((number, (left, centre - tall / 2, left + width, centre + tall / 2)))
+        owner = {index: number for number, group in enumerate(groups) for index in group}
         clash = next(
             (
                 (a, b)
                 for i, (a, box_a) in enumerate(boxes)
                 for b, box_b in boxes[i + 1 :]
                 if a != b and _boxes_overlap(box_a, box_b)
+            ),
+            None,
+        ) or next(
+            (
+                (a, owner[index])
+                for a, box in boxes
+                for index, extent in enumerate(extents)
+                if owner[index] != a and _boxes_overlap(box, extent)
             ),
             None,
         )
@@ -232,18 +247,28 @@ def _room_for_labels(axis, xs: Sequence[float], need: float) -> bool:
     return True
 
 
-def _label_points(figure, axis, points, xs, ys, styles) -> None:
+def _label_points(figure, axis, points, xs, ys, boxes, styles) -> None:
     """Each point's label right of it, joined to it by a thin line, without two labels
-    intersecting (`label_layout`); a legend instead when they cannot all be stacked."""
+    intersecting nor a label covering a point (`label_layout`); a legend instead when they
+    cannot all be stacked. `boxes`: each point's (x0, y0, x1, y1) with its error bars, data
+    units."""
     labels = [p["label"] for p in points]
     to_pixels = figure.dpi / 72.0
     sizes = _label_sizes(figure, axis, labels)
     shift = LABEL_SHIFT_POINTS * to_pixels
     layout = None
-    if _room_for_labels(axis, xs, shift + max(w for w, _ in sizes) + 2):
+    need = shift + MARKER_PAD_POINTS * to_pixels + max(w for w, _ in sizes) + 2
+    if _room_for_labels(axis, [b[2] for b in boxes], need):
         pixels = [tuple(p) for p in axis.transData.transform(list(zip(xs, ys)))]
+        pad = MARKER_PAD_POINTS * to_pixels  # the marker's and the caps' half-width
+        extents = []
+        for x0, y0, x1, y1 in boxes:
+            (a, b), (c, d) = axis.transData.transform([(x0, y0), (x1, y1)])
+            extents.append((a - pad, b - pad, c + pad, d + pad))
         box = axis.get_window_extent()
-        layout = label_layout(pixels, sizes, shift, LABEL_GAP_POINTS * to_pixels, box.y0, box.y1)
+        layout = label_layout(
+            pixels, sizes, shift, LABEL_GAP_POINTS * to_pixels, box.y0, box.y1, extents
+        )
     if layout is None:  # too many points close together: a legend names them
         handles = [
             Line2D([], [], color=colour, marker=marker, linestyle="", label=label)
@@ -299,11 +324,21 @@ def plot_tradeoff(
         xs = _dodged(raw)
         scale = 100 if percent else 1
         ys = [scale * p["score"] for p in points]
+        boxes = []
         for point, x, y, value, (colour, marker) in zip(points, xs, ys, raw, styles):
             xerr = None
             iqr = point.get("latency_iqr_ms", {}).get(latency_batch) if key == "latency" else None
             if iqr is not None:  # the bar spans the quartiles around the (dodged) median
                 xerr = [[x * (1 - iqr[0] / value)], [x * (iqr[1] / value - 1)]]
+            spread = scale * point.get("std", 0.0)
+            boxes.append(
+                (
+                    x - (xerr[0][0] if xerr else 0.0),
+                    y - spread,
+                    x + (xerr[1][0] if xerr else 0.0),
+                    y + spread,
+                )
+            )
             bars = axis.errorbar(
                 [x],
                 [y],
@@ -325,12 +360,12 @@ def plot_tradeoff(
         spread = " (mean ± std over seeds)" if any(p.get("std") for p in points) else ""
         axis.set_ylabel(f"test {name}" + (" %" if percent else "") + spread)
         axis.grid(alpha=0.3)
-        placed.append((axis, xs, ys))
+        placed.append((axis, xs, ys, boxes))
     axes[0].set_title(f"{name[:1].upper() + name[1:]} against size")
     axes[1].set_title(f"{name[:1].upper() + name[1:]} against latency")
     figure.tight_layout()  # the layout is final before labels are placed in display units
-    for axis, xs, ys in placed:
-        _label_points(figure, axis, points, xs, ys, styles)
+    for axis, xs, ys, boxes in placed:
+        _label_points(figure, axis, points, xs, ys, boxes, styles)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

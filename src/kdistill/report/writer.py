@@ -143,7 +143,7 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
     tradeoff = plot_tradeoff(
         [
             {
-                "label": f"{row.model}/{row.method}",
+                "label": "teacher" if row.method == "teacher" else f"{row.model}/{row.method}",
                 "score": row.mean,
                 "std": row.std,
                 **(row.cost or {}),
