@@ -282,7 +282,10 @@ def architecture_key(
         ]
         for name, m in model.named_modules()
     ]
-    tensors = [[k, list(v.shape), str(v.dtype)] for k, v in serialized_state(model).items()]
+    state: dict[str, Tensor] = {}
+    for name, value in model.state_dict().items():  # no copy: only shapes and dtypes are read
+        _plain_tensors(name, value, state)
+    tensors = [[k, list(v.shape), str(v.dtype)] for k, v in state.items()]
     described = {"modules": modules, "tensors": tensors, "input": list(input_shape)}
     if reference is not None:
         described["reference"] = architecture_key(reference, input_shape)
