@@ -26,16 +26,6 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdistill.cache import (
-    MemoryTeacherOutputs,
-    TeacherCache,
-    TokenTeacherCache,
-    build_teacher_cache,
-    build_token_cache,
-    build_view_cache,
-    loader_views,
-    offline_teacher_outputs,
-)
 from kdistill.data import (
     ArrayDataset,
     BatchLoader,
@@ -57,7 +47,18 @@ from kdistill.data.completions import (
     kjv_completion_splits,
 )
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.onpolicy import teacher_sequences
+from kdistill.distill.teacher.store import (
+    MemoryTeacherOutputs,
+    TeacherCache,
+    TokenTeacherCache,
+    build_teacher_cache,
+    build_token_cache,
+    build_view_cache,
+    loader_views,
+    offline_teacher_outputs,
+)
 from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
     atomic_write_text,
@@ -72,8 +73,7 @@ from kdistill.engine.checkpoint import (
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
-from kdistill.models.cost import model_cost
-from kdistill.onpolicy import teacher_sequences
+from kdistill.models.cost import CostBook
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,
@@ -319,7 +319,7 @@ class Experiment:
         self.splits = load_splits(recipe, self.task, self.out_dir)
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
-        self._costs: dict[str, dict | None] = {}
+        self._costs: CostBook | None = None  # built on the first cost (`cost_of`)
         self._sequences: dict[str, Data] = {}  # method → sequence-level training data
 
     @property
@@ -333,22 +333,26 @@ class Experiment:
             tqdm.write(message)
 
     def cost_of(self, name: str, model: nn.Module, **kwargs) -> dict | None:
-        """The model's cost (`recipe.cost`), measured once per architecture `name`."""
+        """The cost (`recipe.cost`) of the model's architecture (`models.cost.architecture_key`,
+        not `name`): counted once and shared by every model of that architecture. Its latency
+        is filled in by `measure_latency`, for all architectures at once."""
         spec = self.recipe.cost
         if not spec.enabled:
             return None
-        if name not in self._costs:
-            cost = model_cost(
-                model,
+        if self._costs is None:
+            self._costs = CostBook(
                 self.splits.train.input_shape,
                 threads=spec.threads,
                 repeats=spec.repeats,
                 warmup=spec.warmup,
                 batch_sizes=spec.batch_sizes,
-                **kwargs,
             )
-            self._costs[name] = cost.as_dict()
-        return self._costs[name]
+        return self._costs.add(model, name=name, **kwargs)
+
+    def measure_latency(self) -> None:
+        """Time every architecture costed so far in one interleaved pass (`CostBook`)."""
+        if self._costs is not None:
+            self._costs.measure_latency()
 
     def loader(self, data: Data, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
@@ -907,6 +911,7 @@ class Experiment:
                         )
                     )
                     self.say(f"{label}: test {describe_metrics(metrics)}")
+        self.measure_latency()  # every architecture of the run, in one pass, after training
         summary = RunSummary(
             self.out_dir,
             records,
