@@ -70,6 +70,7 @@ from kdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
+from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
@@ -321,6 +322,12 @@ class Experiment:
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: dict[str, dict | None] = {}
         self._sequences: dict[str, Data] = {}  # method → sequence-level training data
+        self.trackers: list[Tracker] = []  # train.log: one run of each tracker for the recipe
+        if self.is_main:
+            names = list(dict.fromkeys([*recipe.teacher.train.log, *recipe.train.log]))
+            self.trackers = open_trackers(names, self.out_dir, recipe.name, recipe.name)[0]
+            for tracker in self.trackers:
+                tracker.log_params(recipe.model_dump(mode="json"))
 
     @property
     def eval_batch(self) -> int:
@@ -502,6 +509,7 @@ class Experiment:
                 metrics_log=self.metrics,
                 checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
                 resume=self.resume,
+                loggers=self.trackers,
             )
             if self.is_main:
                 state = {"identity": identity}
@@ -737,6 +745,7 @@ class Experiment:
                     label,
                     tapped,
                 ),
+                loggers=self.trackers,
             )
         finally:
             distiller.close()
@@ -920,4 +929,17 @@ class Experiment:
         )
         if report_section and self.is_main:
             summary.sections = list(report_section(shown, self.splits))
+        for tracker in self.trackers:  # the results table: one row per trained model
+            for record in records:
+                row = {**record.test_metrics, "params": record.params, "seconds": record.seconds}
+                tracker.log_results(record.label, {**row, "cost": record.cost or {}})
         return summary
+
+    def close_trackers(self, files: list[Path] = ()) -> None:
+        """Hand the run's report `files` to the trackers (artifacts) and close them."""
+        for tracker in self.trackers:
+            for path in files:
+                if Path(path).is_file():
+                    tracker.log_artifact(Path(path))
+            tracker.close()
+        self.trackers = []
