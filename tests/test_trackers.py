@@ -3,6 +3,7 @@ TensorBoard's own reader (`EventAccumulator`) and by MLflow's client (`MlflowCli
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -106,3 +107,56 @@ def test_bad_logger_names_are_refused(tmp_path):
         _tiny_fit(tmp_path, ["wandb"], epochs=1)
     with pytest.raises(ValueError, match="tensorboard"):
         kd.TrainConfig(log=["tensorbord"])
+
+
+def test_a_recipe_run_with_train_log_fills_both_trackers(tmp_path):
+    """`kdistill run` of a tiny detection recipe with ``train.log: [tensorboard, mlflow]``: each
+    trained model's epochs in TensorBoard and in a nested MLflow run; the recipe as the parent
+    run's parameters, the results table as its metrics, the report as its artifact."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_cli import needs_fashion_mnist
+    from test_dense_recipes import SCENES
+
+    from kdistill.cli import main
+
+    if needs_fashion_mnist.args[0]:
+        pytest.skip(needs_fashion_mnist.kwargs["reason"])
+    text = SCENES.format(task="detection", teacher="det_student", student="det_student")
+    text = text.replace("lr: 0.003}", "lr: 0.003, log: [tensorboard, mlflow]}")
+    text += "distill: {alpha: 0.5, hard_loss: yolo, methods: {mse: [{loss: det_logit_mse}]}}\n"
+    recipe = tmp_path / "dense.yaml"
+    recipe.write_text(text)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run), "--quiet"]) == 0
+
+    records = MetricsLog(run / "metrics.jsonl").read()
+    students = [r for r in records if r["model"] != "teacher"]
+    assert {r["model"] for r in students} == {"s/alone/seed0", "s/mse/seed0"}
+    for record in students:
+        events = EventAccumulator(str(run / "tensorboard" / record["model"]))
+        events.Reload()
+        for tag, value in flat_scalars(record).items():
+            (event,) = events.Scalars(tag)
+            assert (event.step, event.value) == (record["epoch"], pytest.approx(value, rel=1e-6))
+        assert "val_ap" in flat_scalars(record)  # COCO AP@[.5:.95] on validation
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dense")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {r.info.run_name: r for r in runs if r is not parent}
+    assert set(children) == {"teacher", "s/alone/seed0", "s/mse/seed0"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children.values())
+    for record in students:
+        metrics = children[record["model"]].data.metrics
+        assert metrics == pytest.approx(flat_scalars(record), rel=1e-12)
+    assert parent.data.params["train.log"] == "['tensorboard', 'mlflow']"
+    assert parent.data.params["task"] == "detection"
+    records_json = json.loads((run / "results.json").read_text())["records"]
+    results = {r["label"]: r for r in records_json}
+    assert parent.data.metrics["s/mse/seed0/ap"] == pytest.approx(
+        results["s/mse/seed0"]["test_metrics"]["ap"], rel=1e-12
+    )
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "results.json"} <= artifacts

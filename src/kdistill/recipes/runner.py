@@ -410,8 +410,9 @@ class Experiment:
 
     @property
     def metric(self) -> str:
-        """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
-        return primary_metric(self.task)
+        """The metric that ranks models (tuning, gap closed): the recipe's `metric`, else the
+        task's first (`tasks.primary_metric`: accuracy, mIoU, COCO AP@[.5:.95], …)."""
+        return self.recipe.metric or primary_metric(self.task)
 
     def objective(self, method: str | None, settings: dict | None = None) -> list[Term]:
         """The terms of `method` (None: the student alone) with grid `settings`, for this
@@ -922,7 +923,7 @@ class Experiment:
             chosen,
             tuning,
             time.perf_counter() - started,
-            self.task.metrics,
+            (self.metric, *(m for m in self.task.metrics if m != self.metric)),  # ranking first
             dict(self.task.labels),
             lower_is_better_metrics(self.task),
             percent_metrics(self.task),
