@@ -161,3 +161,47 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert moved > 1e-3  # training did change the weights
     for key, value in one.items():
         assert torch.allclose(two[key], value, atol=1e-6, rtol=0), key
+
+
+def test_a_stored_top_k_teacher_trains_as_the_live_teacher(tmp_path):
+    # token blocks carry their dataset index; stored with k = V in float32, the stored
+    # distributions are the teacher's to float32 rounding: the same student either way
+    from transformers import TrainingArguments
+
+    from kdistill.data.text import pack_blocks
+    from kdistill.distill.teacher.store.tokens import build_token_cache
+    from kdistill.integrations.transformers import DistillationTrainer
+    from kdistill.losses import ForwardKL
+    from kdistill.models.lm import gpt2_lm
+
+    vocab = 11
+    stream = torch.randint(3, vocab, (150,), generator=torch.Generator().manual_seed(0))
+    blocks = pack_blocks(stream, 8, torch.ones(vocab, dtype=torch.int64), name="toy")
+    torch.manual_seed(0)
+    teacher = gpt2_lm(vocab, n_layer=1, n_embd=16, n_head=2, n_positions=16)
+    torch.manual_seed(1)
+    initial = gpt2_lm(vocab, n_layer=1, n_embd=16, n_head=2, n_positions=16)
+    store = build_token_cache(teacher, blocks, tmp_path / "store", topk=vocab, dtype="float32")
+
+    def train(**source):
+        student = copy.deepcopy(initial)
+        args = TrainingArguments(
+            str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, learning_rate=0.5,
+            lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", use_cpu=True,
+            save_strategy="no", disable_tqdm=True, seed=3,
+        )  # fmt: skip
+        DistillationTrainer(
+            model=student,
+            terms=[kd.Term(ForwardKL(temperature=2.0), output="logits")],
+            args=args,
+            train_dataset=blocks,
+            optimizers=(torch.optim.SGD(student.parameters(), lr=0.5), None),
+            **source,
+        ).train()
+        return student.state_dict()
+
+    live, stored = train(teacher=teacher), train(teacher_outputs=store)
+    moved = max(float((live[k] - initial.state_dict()[k]).abs().max()) for k in live)
+    assert moved > 1e-3
+    for key, value in live.items():
+        torch.testing.assert_close(stored[key], value, rtol=1e-5, atol=1e-6)

@@ -74,8 +74,9 @@ __all__ = ["DistillationTrainer"]
 class DistillationTrainer(Trainer):
     """`transformers.Trainer` training `model` (the student) through a `kd.Distiller`.
 
-    `teacher`: the frozen teacher model (None with `teacher_outputs`, or when no term uses a
-    teacher). `terms`: kdistill `Term`s, e.g. ``[Term(ForwardKL(), 0.5), Term(TokenCE(), 0.5)]``.
+    `teacher`: the frozen teacher model (None when no term uses a teacher, or with
+    `teacher_outputs`, whose weightless stand-in then takes its place).
+    `terms`: kdistill `Term`s, e.g. ``[Term(ForwardKL(), 0.5), Term(TokenCE(), 0.5)]``.
     `teacher_outputs`: stored teacher outputs instead of running the teacher (see the module).
     `teacher_speedup`: as `kd.Distiller`'s. Every other argument is the Trainer's.
     """
@@ -106,6 +107,8 @@ class DistillationTrainer(Trainer):
                 f"{type(teacher_outputs).__name__}"
             )
         super().__init__(model, *args, **kwargs)
+        if teacher is None and callable(getattr(teacher_outputs, "stand_in", None)):
+            teacher = teacher_outputs.stand_in()  # weightless: every output comes from the store
         self.distiller = kd.Distiller(teacher, model, list(terms), teacher_speedup=teacher_speedup)
         self.teacher_outputs = teacher_outputs
         if teacher is not None:
