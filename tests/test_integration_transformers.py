@@ -123,8 +123,22 @@ def test_checkpoints_hold_the_student_only(tmp_path):
     saved = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
     assert set(saved) <= set(student.state_dict())
     assert max(v.numel() for v in saved.values()) < 40 * 32  # nothing of the 32-wide teacher
+    # evaluation: the distillation loss of the (one) batch on its own, the student in eval mode
     metrics = trainer.evaluate(worker.samples()[:4])
-    assert metrics["eval_loss"] > 0
+    by_hand = _window_loss_by_hand(teacher, student.eval(), worker.samples()[:4])
+    assert metrics["eval_loss"] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(tmp_path):
+    # the Trainer's autocast reaches the student through the Distiller (the losses stay fp32)
+    teacher, initial = worker.models()
+    losses = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        trainer = worker.trainer(copy.deepcopy(initial), teacher, tmp_path / name, 4, 1, bf16=bf16)
+        trainer.train()
+        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses["bf16"] != losses["fp32"]  # autocast did run
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
 
 
 def test_terms_that_need_connectors_are_refused(tmp_path):

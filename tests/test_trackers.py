@@ -12,7 +12,12 @@ from torch import nn
 
 import kdistill as kd
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.engine.trackers import MLflowTracker, TensorBoardTracker, flat_scalars
+from kdistill.engine.trackers import (
+    MLflowTracker,
+    TensorBoardTracker,
+    flat_scalars,
+    open_trackers,
+)
 from kdistill.errors import ConfigError
 from kdistill.io import MetricsLog
 from kdistill.losses import CE, KD
@@ -107,6 +112,8 @@ def test_bad_logger_names_are_refused(tmp_path):
         _tiny_fit(tmp_path, ["wandb"], epochs=1)
     with pytest.raises(ValueError, match="tensorboard"):
         kd.TrainConfig(log=["tensorbord"])
+    with pytest.raises(ConfigError, match="needs a folder to write to: pass metrics_log="):
+        open_trackers(["tensorboard"], None)
 
 
 def test_a_recipe_run_with_train_log_fills_both_trackers(tmp_path):
