@@ -204,17 +204,21 @@ def test_a_stored_top_k_teacher_trains_as_the_live_teacher(tmp_path):
             lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", use_cpu=True,
             save_strategy="no", disable_tqdm=True, seed=3,
         )  # fmt: skip
-        DistillationTrainer(
+        trainer = DistillationTrainer(
             model=student,
             terms=[kd.Term(ForwardKL(temperature=2.0), output="logits")],
             args=args,
             train_dataset=blocks,
             optimizers=(torch.optim.SGD(student.parameters(), lr=0.5), None),
             **source,
-        ).train()
-        return student.state_dict()
+        )
+        trainer.train()
+        return student.state_dict(), trainer
 
-    live, stored = train(teacher=teacher), train(teacher_outputs=store)
+    (live, _), (stored, trainer) = train(teacher=teacher), train(teacher_outputs=store)
+    # the store covers the training samples only: evaluation needs the live teacher
+    with pytest.raises(ConfigError, match="pass the live teacher too"):
+        trainer.evaluate(blocks)
     moved = max(float((live[k] - initial.state_dict()[k]).abs().max()) for k in live)
     assert moved > 1e-3
     for key, value in live.items():

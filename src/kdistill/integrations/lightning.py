@@ -28,6 +28,7 @@ which count tokens over the window).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -144,8 +145,9 @@ class DistillationModule(pl.LightningModule):
         return out.loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self.trainer is not None and self.trainer.num_training_batches:
-            fraction = batch_idx / max(self.trainer.num_training_batches, 1)
+        batches = self.trainer.num_training_batches
+        if batches and math.isfinite(batches):
+            fraction = batch_idx / batches
             self.distiller.set_progress(self.current_epoch + fraction)  # warm-up ramps
         return self._step(batch, "train")
 

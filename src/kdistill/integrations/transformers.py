@@ -18,7 +18,8 @@ else — checkpoints, evaluation, logging callbacks, mixed precision, ``accelera
   forward. Instead of a live teacher, `teacher_outputs` may be stored outputs (a kdistill
   `TeacherCache`, a `TokenTeacherCache` of top-k token distributions, `MemoryTeacherOutputs`):
   the batches must then carry each sample's dataset position under ``"index"``, which the source
-  checks against the batch's inputs.
+  checks against the batch's inputs. They serve training only: evaluation runs the live teacher,
+  when one is given as well (else it is refused).
 - **Normalisation** is that of one big batch, as in `kd.fit`: before an optimiser step's
   micro-batches run (the Trainer's `get_batch_samples`), each token-counting term's counted
   positions are summed over the window's micro-batches and over all processes
@@ -107,7 +108,8 @@ class DistillationTrainer(Trainer):
                 f"{type(teacher_outputs).__name__}"
             )
         super().__init__(model, *args, **kwargs)
-        if teacher is None and callable(getattr(teacher_outputs, "stand_in", None)):
+        self._stand_in = teacher is None and callable(getattr(teacher_outputs, "stand_in", None))
+        if self._stand_in:
             teacher = teacher_outputs.stand_in()  # weightless: every output comes from the store
         self.distiller = kd.Distiller(teacher, model, list(terms), teacher_speedup=teacher_speedup)
         self.teacher_outputs = teacher_outputs
@@ -195,7 +197,13 @@ class DistillationTrainer(Trainer):
         training = model.training
         micro_batches, counts = self._window if training else (1, {})
         teacher_output = teacher_features = None
-        if self.teacher_outputs is not None:
+        if self.teacher_outputs is not None and not training and self._stand_in:
+            raise ConfigError(
+                "evaluation with stored teacher outputs: they cover the training samples only; "
+                "pass the live teacher too (teacher=..., used for evaluation) or evaluate the "
+                "student without the DistillationTrainer"
+            )
+        if self.teacher_outputs is not None and training:
             if batch.index is None:
                 raise ConfigError(
                     "teacher_outputs are looked up by each sample's dataset position: put it "
