@@ -160,11 +160,12 @@ def test_terms_that_need_connectors_are_refused(tmp_path):
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     # 2 CPU processes (gloo) × micro-batches of 2 × accumulation 2 = windows of 8 sequences,
     # against 1 process × batches of 4 × accumulation 2: the same windows, the same weights
+    # (--standalone: a free rendezvous port, so parallel runs of this test do not collide)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     script = Path(worker.__file__)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", str(script), str(tmp_path / "two.pt"), "2", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), str(tmp_path / "two.pt"), "2", "2",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
