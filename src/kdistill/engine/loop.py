@@ -47,6 +47,7 @@ from kdistill.engine.distributed import (
 from kdistill.engine.optim import make_optimizer, make_scheduler
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.engine.preflight import check_before_training, check_loader
+from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.errors import ConfigError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 from kdistill.losses.topk import TopKDistribution
@@ -325,6 +326,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     teacher_outputs: TeacherSource | None = None,
+    loggers: list[str | Tracker] | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 
@@ -374,6 +376,10 @@ def fit(
     wrapped in DDP without its teacher,
     training losses are averaged over ranks, and only rank 0 writes metrics and checkpoints
     (`engine.distributed`).
+
+    `loggers`: trackers that also receive every epoch's record (`engine.trackers`):
+    ``"tensorboard"`` / ``"mlflow"`` (made in `metrics_log`'s folder and closed on return) or
+    `Tracker` objects (left open for the caller); None: `config.log`.
     """
     world = info()
     device = resolve_device(config.device)
@@ -414,6 +420,12 @@ def fit(
                     "loader that wrote it (one with iter_from, e.g. kdistill's BatchLoader)"
                 )
 
+    folder = metrics_log.path.parent if metrics_log is not None else None
+    trackers, made = (
+        open_trackers(config.log if loggers is None else loggers, folder, run_name=label)
+        if world.is_main
+        else ([], [])
+    )
     started = time.perf_counter()
     steps_per_epoch = len(train_loader)
     # one-big-batch normalisation of token losses needs each window's global count up front
@@ -522,6 +534,10 @@ def fit(
             progress.epoch = config.epochs  # the step budget is spent: training is over
         if metrics_log is not None and world.is_main:
             metrics_log.write(record)
+        for tracker in trackers:
+            tracker.log_epoch(record)
         if checkpoint_dir is not None:
             _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config, scaler)
+    for tracker in made:
+        tracker.close()
     return FitResult(progress.history, time.perf_counter() - started, progress.skipped_batches)
