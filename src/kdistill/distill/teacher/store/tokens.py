@@ -53,23 +53,25 @@ from tqdm.auto import tqdm
 from kdistill.data import BatchLoader
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import as_batch, call_model
-from kdistill.distill.teacher.store import (
+from kdistill.distill.teacher.store.manifest import (
     CACHE_DTYPES,
     MANIFEST,
-    SIGNATURE_METHOD,
-    SIGNATURE_RTOL,
     CachedTeacher,
-    InputSignatures,
-    _EpochRows,
     _file_digest,
     _from_storage,
     _short,
     _to_storage,
     check_written_once,
-    input_signatures,
-    sample_shape_of,
     teacher_and_data,
     teacher_digest,
+)
+from kdistill.distill.teacher.store.signatures import (
+    SIGNATURE_METHOD,
+    SIGNATURE_RTOL,
+    InputSignatures,
+    _EpochRows,
+    input_signatures,
+    sample_shape_of,
 )
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_text
