@@ -23,6 +23,7 @@ modules. Each detector is proven on planted files: a test that cannot fail is a 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdistill"
@@ -211,3 +212,53 @@ def test_the_checker_flags_planted_upward_imports_in_the_new_rooms(tmp_path):
         "engine/loop.py:1",
         "tasks/metrics.py:1",
     ]
+
+
+# -- the engine knows no problem, no language model and no concrete teacher source ---------------
+ENGINE_MUST_NOT_SAY = re.compile(r"TopKDistribution|OnPolicy|kjv|fashion|scenes")
+CONCRETE_SOURCES = {
+    "TeacherCache",
+    "TokenTeacherCache",
+    "MemoryTeacherOutputs",
+    "LiveTeacher",
+    "LookupSource",
+    "OnPolicy",
+    "OnPolicyTransform",
+}
+
+
+def engine_mentions(folder: Path) -> list[str]:
+    """Lines of `folder`'s modules naming a problem, a language-model type or a dataset (in any
+    text), or a concrete teacher source / batch transform in code (imports and names)."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        text = path.read_text()
+        for number, line in enumerate(text.splitlines(), 1):
+            if ENGINE_MUST_NOT_SAY.search(line):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+        for node in ast.walk(ast.parse(text)):
+            names = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.ImportFrom):
+                names = [alias.name for alias in node.names]
+            concrete = [name for name in names if name in CONCRETE_SOURCES]
+            found += [f"{path.name}:{node.lineno}: names {name}" for name in concrete]
+    return found
+
+
+def test_the_engine_names_no_problem_language_model_or_concrete_teacher_source():
+    found = engine_mentions(SRC / "engine")
+    assert not found, "the engine should only see the protocols:\n" + "\n".join(found)
+
+
+def test_the_engine_check_sees_planted_mentions(tmp_path):
+    (tmp_path / "loop.py").write_text(
+        '"""Reads kjv blocks."""\n'
+        "from kdistill.distill.teacher.store import TeacherCache\n"
+        "def f(source):\n    return isinstance(source, store.MemoryTeacherOutputs)\n"
+    )
+    found = engine_mentions(tmp_path)
+    assert [line.split(": ", 1)[0] for line in found] == ["loop.py:1", "loop.py:2", "loop.py:4"]

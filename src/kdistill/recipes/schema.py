@@ -39,7 +39,8 @@ from kdistill.data.text import (
     resolve_book,
 )
 from kdistill.distill.teacher.speedup import parse_speedup
-from kdistill.engine.config import OnPolicyConfig, TrainConfig
+from kdistill.distill.transforms import OnPolicyConfig
+from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError
 from kdistill.importpath import import_callable
 from kdistill.losses import LOSSES, create_loss
