@@ -262,3 +262,14 @@ def test_the_engine_check_sees_planted_mentions(tmp_path):
     )
     found = engine_mentions(tmp_path)
     assert [line.split(": ", 1)[0] for line in found] == ["loop.py:1", "loop.py:2", "loop.py:4"]
+
+
+def test_compress_writes_through_the_run_store_not_engine_internals():
+    # compress sits on the run store (recipes.runner.Experiment.save_model) and kdistill.io
+    reaching = [
+        f"{path.name}:{line} imports {module}"
+        for path in sorted((SRC / "compress").glob("*.py"))
+        for line, module in kdistill_imports(path)
+        if module.startswith("kdistill.engine")
+    ]
+    assert not reaching, "\n".join(reaching)
