@@ -265,7 +265,7 @@ def test_the_engine_check_sees_planted_mentions(tmp_path):
 
 
 def test_compress_writes_through_the_run_store_not_engine_internals():
-    # compress sits on the run store (recipes.runner.Experiment.save_model) and kdistill.io
+    # compress sits on the run store (recipes.run_store) and kdistill.io
     reaching = [
         f"{path.name}:{line} imports {module}"
         for path in sorted((SRC / "compress").glob("*.py"))

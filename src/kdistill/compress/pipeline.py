@@ -51,6 +51,7 @@ from kdistill.errors import ConfigError
 from kdistill.export import ExportResult, export_student, onnx_available
 from kdistill.io import atomic_write_text
 from kdistill.models import count_parameters
+from kdistill.recipes.run_store import save_model
 from kdistill.recipes.runner import Experiment
 from kdistill.recipes.schema import CompressSpec, Recipe
 
@@ -216,7 +217,8 @@ class CompressionRun:
         student = self.retrain_pruned(pruned, masks, self.method)
         # the pruned architecture is not what create_model builds, so the weights alone cannot
         # rebuild it: also the whole model (load_whole_model(path, trust=True) / --trust-checkpoint)
-        self.experiment.save_model(
+        save_model(
+            self.out_dir,
             "pruned_distilled",
             student,
             {"shapes": {k: list(v.shape) for k, v in student.state_dict().items()}},

@@ -70,7 +70,6 @@ from kdistill.engine.checkpoint import (
     load_whole_model,
     read_checkpoint_file,
     save_checkpoint,
-    save_whole_model,
 )
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
@@ -682,17 +681,6 @@ class Experiment:
             tqdm.write(f"teacher: not reusing {path}: {error}")
             return False
         return state.get("identity") == identity
-
-    def save_model(self, name: str, model: nn.Module, state: dict, whole: bool = False) -> Path:
-        """Write `model` into the run store: its weights as ``<run>/models/<name>.safetensors``
-        with `state` (JSON) beside them, atomically; with `whole` also the pickled model
-        ``<name>.pt``, for an architecture `create_model` cannot rebuild (a pruned one; load it
-        with ``load_whole_model(path, trust=True)``). Returns the weights' path."""
-        models = self.out_dir / "models"
-        save_checkpoint(models, name, model.state_dict(), state)
-        if whole:
-            save_whole_model(model, models / f"{name}.pt")
-        return checkpoint_path(models, name)
 
     # -- students ---------------------------------------------------------------------------
     def train_student(
