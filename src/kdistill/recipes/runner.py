@@ -49,6 +49,7 @@ from kdistill.data.completions import (
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
 from kdistill.distill.distiller import Distiller, Term
 from kdistill.distill.onpolicy import teacher_sequences
+from kdistill.distill.teacher.sequences import TeacherSequences
 from kdistill.distill.teacher.store import (
     MemoryTeacherOutputs,
     TeacherCache,
@@ -716,10 +717,11 @@ class Experiment:
         data = self.student_data(spec, seed, uses_teacher)
         distill = self.recipe.distill
         generated = method in distill.on_policy or method in distill.sequence_level
-        if method in distill.sequence_level:
-            data = self.sequence_level_data(method)
-        loader = self.student_loader(data, seed, config.batch_size)
         transforms = []
+        if method in distill.sequence_level:
+            data = self.splits.train  # the prompts the teacher completed, in their order
+            transforms.append(TeacherSequences(self.sequence_level_data(method)))
+        loader = self.student_loader(data, seed, config.batch_size)
         if method in distill.on_policy:
             transforms.append(on_policy_transform(distill.on_policy[method], loader))
         try:
