@@ -34,6 +34,8 @@ from kdistill.distill.teacher.store.manifest import (
     _file_digest,
     _from_storage,
     _to_storage,
+    begin_build,
+    check_build_folder,
     check_written_once,
     is_randomly_augmented,
     loader_views,
@@ -307,11 +309,7 @@ def _check_build_settings(dtype, topk, layers, directory: Path) -> list[str]:
     layers = list(dict.fromkeys(layers))
     for layer in layers:
         _check_name(layer, "layer")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
-        raise CacheError(
-            f"{directory}: not empty and not a teacher cache; build into a new or empty folder "
-            "(an existing cache is rebuilt in place)"
-        )
+    check_build_folder(directory)
     return layers
 
 
@@ -427,13 +425,7 @@ def _build(teacher, dataset, directory, taps, layers, dtype, topk, batches, coun
         "layers": layers,
         **extra,
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    # Mark the folder unfinished before any array is (re)written: a crash from here on leaves
-    # "complete": false, never an old complete manifest next to half-new arrays.
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
-    for pattern in ("output*.npy", "feature.*.npy", "inputs.*.npy"):  # the previous build's
-        for old in directory.glob(pattern):
-            old.unlink()
+    begin_build(directory, manifest, ("output*.npy", "feature.*.npy", "inputs.*.npy"))
     writer = _Writer(directory, total, dtype, topk)
     signatures = np.zeros((total, 2))
     written = np.zeros(total, dtype=np.int64)

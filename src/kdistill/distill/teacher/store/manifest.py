@@ -10,8 +10,10 @@ the dataset's fingerprint, checked again when the store is opened.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdistill.distill.teacher.store.signatures import (
+    SIGNATURE_FILE,
+    SIGNATURE_METHOD,
+    SIGNATURE_RTOL,
+)
 from kdistill.errors import CacheError
-from kdistill.io import tensors_digest
+from kdistill.io import atomic_write_text, tensors_digest
 
 log = logging.getLogger("kdistill")
 
@@ -163,3 +170,45 @@ class CachedTeacher(nn.Module):
 
 def _short(digest: str) -> str:
     return digest[:12] + "…"
+
+
+# -- the atomic build every store shares ----------------------------------------------------------
+def check_build_folder(directory: Path) -> None:
+    """CacheError when `directory` holds files but is no store: a build writes into a new or
+    empty folder, or rebuilds a store in place."""
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
+        raise CacheError(
+            f"{directory}: not empty and not a teacher cache; build into a new or empty folder "
+            "(an existing cache is rebuilt in place)"
+        )
+
+
+def begin_build(directory: Path, manifest: dict, patterns: Iterable[str]) -> None:
+    """Mark `directory` unfinished (`manifest`, ``"complete": false``, written atomically) before
+    any array is (re)written, then delete the previous build's arrays matching `patterns`: a
+    crash from here on never leaves an old complete manifest beside half-new arrays."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    for pattern in patterns:
+        for old in directory.glob(pattern):
+            old.unlink()
+
+
+def finish_build(
+    directory: Path, manifest: dict, signatures: np.ndarray, sample_shape: Any, started: float
+) -> None:
+    """Store the input signatures, then write `manifest` complete (atomically, last): with the
+    signatures' file, method and digest, and the build's duration since `started`."""
+    np.save(directory / SIGNATURE_FILE, signatures)
+    manifest.update(
+        complete=True,
+        inputs={
+            "shape": sample_shape,
+            "signature": SIGNATURE_METHOD,
+            "rtol": SIGNATURE_RTOL,
+            "file": SIGNATURE_FILE,
+            "sha256": _file_digest(directory / SIGNATURE_FILE),
+        },
+        build_seconds=round(time.perf_counter() - started, 3),
+    )
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
