@@ -34,7 +34,8 @@ batch fetches), median over the steps after `--warmup`, rounds alternated. Two m
 ``offline`` (λ = 0: the given sequences, the teacher scoring them) and ``on_policy`` (λ = 0.5:
 with probability ½ per batch the student samples the completion of the batch's prompt — the
 first half of each block — at temperature 1, `--seq-len`/2 new tokens). kdistill's on-policy
-row runs when ``kdistill.engine.config.OnPolicyConfig`` exists (issue 16's on-policy mode);
+row runs when ``kdistill.distill.transforms.OnPolicyConfig`` exists (issue 16's on-policy mode,
+a batch transform since issue 26);
 otherwise it says why it is left out.
 
 **(c) memory.** Peak memory of one loss forward + backward at V = `--memory-vocab` (32,768)
@@ -468,12 +469,14 @@ def run_kdistill(args, teacher, student, batches, lmbda: float | None, cached=Fa
         precision=args.dtype,
         progress=False,
     )
+    transforms = []
     if lmbda is not None:
-        from kdistill.engine.config import OnPolicyConfig
+        from kdistill.distill.transforms import OnPolicyConfig, on_policy_transform
 
-        config["on_policy"] = OnPolicyConfig(
+        spec = OnPolicyConfig(
             lmbda=lmbda, temperature=1.0, max_new_tokens=args.seq_len // 2, seed=0
         )
+        transforms.append(on_policy_transform(spec, batches))
     distiller = kd.Distiller(
         teacher, student, [kd.Term(L.GeneralizedJSD(beta=0.5), output="logits")]
     )
@@ -492,7 +495,13 @@ def run_kdistill(args, teacher, student, batches, lmbda: float | None, cached=Fa
         build_s = time.perf_counter() - start
     loader = TimedBatches(batches)
     start = time.perf_counter()
-    kd.fit(distiller, loader, kd.TrainConfig(**config), teacher_outputs=outputs)
+    kd.fit(
+        distiller,
+        loader,
+        kd.TrainConfig(**config),
+        teacher_outputs=outputs,
+        batch_transforms=transforms,
+    )
     total = time.perf_counter() - start
     return {"steps": step_times(loader.stamps, args.warmup), "total_s": total, "build_s": build_s}
 
@@ -671,7 +680,7 @@ def kdistill_sampled_steps(lmbda: float, count: int) -> int | None:
 
 def on_policy_available() -> str | None:
     try:
-        from kdistill.engine.config import OnPolicyConfig  # noqa: F401
+        from kdistill.distill.transforms import OnPolicyConfig  # noqa: F401
     except ImportError as error:
         return f"kdistill has no on-policy mode here ({error})"
     return None

@@ -24,8 +24,8 @@ from kdistill.distill.onpolicy import (
     sequences_batch,
     teacher_sequences,
 )
+from kdistill.distill.transforms import OnPolicyConfig, on_policy_transform
 from kdistill.engine import TrainConfig, fit
-from kdistill.engine.config import OnPolicyConfig
 from kdistill.errors import ConfigError, DataError
 from kdistill.losses.token import ForwardKL
 from kdistill.models.lm import gpt2_lm
@@ -282,10 +282,17 @@ def on_policy_fit(tmp_path=None, epochs=2, resume=False, lmbda=0.5, student=None
         lr=0.05,
         schedule="constant",
         progress=False,
-        on_policy=OnPolicyConfig(lmbda=lmbda, max_new_tokens=4, seed=7),
     )
     loader = BatchLoader(random_completions(16, seed=0), batch_size=4, shuffle=True, seed=0)
-    result = fit(distiller, loader, config, checkpoint_dir=tmp_path, resume=resume)
+    on_policy = on_policy_transform(OnPolicyConfig(lmbda=lmbda, max_new_tokens=4, seed=7), loader)
+    result = fit(
+        distiller,
+        loader,
+        config,
+        checkpoint_dir=tmp_path,
+        resume=resume,
+        batch_transforms=[on_policy],
+    )
     return student, teacher, result
 
 
@@ -315,12 +322,11 @@ def test_on_policy_refuses_stored_teacher_outputs():
             raise AssertionError("not reached")
 
     distiller = kd.Distiller(TinyLM(2), TinyLM(1), [kd.Term(ForwardKL())])
-    config = TrainConfig(
-        epochs=1, batch_size=4, progress=False, on_policy=OnPolicyConfig(lmbda=0.5)
-    )
+    config = TrainConfig(epochs=1, batch_size=4, progress=False)
     loader = BatchLoader(random_completions(8, seed=0), batch_size=4)
+    on_policy = on_policy_transform(OnPolicyConfig(lmbda=0.5), loader)
     with pytest.raises(ConfigError, match="teacher_cache: off"):
-        fit(distiller, loader, config, teacher_outputs=Stored())
+        fit(distiller, loader, config, teacher_outputs=Stored(), batch_transforms=[on_policy])
 
 
 # -- sequence-level KD ---------------------------------------------------------------------------

@@ -47,10 +47,11 @@ from kdistill.compress.prune import (
     sparsity,
 )
 from kdistill.compress.quantize import quantize_dynamic_linear, quantize_static
-from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint, save_whole_model
 from kdistill.errors import ConfigError
 from kdistill.export import ExportResult, export_student, onnx_available
+from kdistill.io import atomic_write_text
 from kdistill.models import count_parameters
+from kdistill.recipes.run_store import save_model
 from kdistill.recipes.runner import Experiment
 from kdistill.recipes.schema import CompressSpec, Recipe
 
@@ -214,15 +215,15 @@ class CompressionRun:
 
     def distill_pruned(self, pruned: nn.Module, masks: dict | None) -> nn.Module:
         student = self.retrain_pruned(pruned, masks, self.method)
-        save_checkpoint(
-            self.out_dir / "models",
-            "pruned_distilled",
-            student.state_dict(),
-            {"shapes": {k: list(v.shape) for k, v in student.state_dict().items()}},
-        )
         # the pruned architecture is not what create_model builds, so the weights alone cannot
         # rebuild it: also the whole model (load_whole_model(path, trust=True) / --trust-checkpoint)
-        save_whole_model(student, self.out_dir / "models" / "pruned_distilled.pt")
+        save_model(
+            self.out_dir,
+            "pruned_distilled",
+            student,
+            {"shapes": {k: list(v.shape) for k, v in student.state_dict().items()}},
+            whole=True,
+        )
         return student
 
     def quantize(self, student: nn.Module) -> nn.Module:

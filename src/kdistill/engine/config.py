@@ -7,29 +7,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class OnPolicyConfig(BaseModel):
-    """GKD's on-policy / mixed data (Agarwal et al. 2024; `kdistill.onpolicy`): with
-    probability `lmbda` a batch's completions are replaced by the student's samples."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lmbda: float = Field(
-        ge=0,
-        le=1,
-        description="probability that a batch is the student's own samples (0: the data's "
-        "completions, supervised KD; 1: always on-policy)",
-    )
-    temperature: float = Field(
-        1.0, gt=0, description="the student samples from softmax(logits / temperature); no top-k"
-    )
-    max_new_tokens: int = Field(
-        32, ge=1, description="longest sampled completion (tokens, its end token included)"
-    )
-    seed: int = Field(
-        0, description="with the batch's position in training, fixes the coin and the samples"
-    )
-
-
 class TrainConfig(BaseModel):
     """How one model is trained: budget, optimiser, schedule, and what to do on a bad batch."""
 
@@ -75,11 +52,6 @@ class TrainConfig(BaseModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:1, mps, …")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"
-    )
-    on_policy: OnPolicyConfig | None = Field(
-        None,
-        description="prompt → completion data: train on the student's own samples with "
-        "probability lmbda per batch (GKD, kdistill.onpolicy); none: the data as it is",
     )
     progress: bool = Field(True, description="progress bars (CLI: --quiet turns them off)")
     log: list[Literal["tensorboard", "mlflow"]] = Field(

@@ -1,7 +1,10 @@
 """The training loop: epochs of optimiser steps, evaluation, metrics lines and checkpoints.
 
-It knows nothing of particular losses: it calls the Distiller, back-propagates `out.loss`, and
-reports `out.parts`. Features are plain flags on `TrainConfig`, not callbacks.
+It knows nothing of particular losses, tasks or teachers: it calls the Distiller, back-propagates
+`out.loss`, and reports `out.parts`; it reads the teacher through one protocol
+(`kdistill.distill.teacher.base.TeacherSource`: ``source.for_batch(batch)``) and changes batches
+only through the hooks it is given (`kdistill.distill.transforms.BatchTransform`). Features are
+plain flags on `TrainConfig`, not callbacks.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +27,8 @@ from tqdm.auto import tqdm
 from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import as_batch, can_restart, iter_batches, set_epoch
 from kdistill.distill.distiller import Distiller
-from kdistill.distill.onpolicy import OnPolicy
-from kdistill.distill.teacher.store import TeacherSource
+from kdistill.distill.teacher.base import TeacherSource, as_source, follow_epoch
+from kdistill.distill.transforms import BatchTransform
 from kdistill.engine.checkpoint import (
     load_latest_checkpoint,
     load_weights,
@@ -50,7 +54,6 @@ from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.errors import ConfigError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
-from kdistill.losses.topk import TopKDistribution
 
 log = logging.getLogger("kdistill")
 
@@ -86,26 +89,11 @@ def load_trained_state(distiller: Distiller, tensors: dict[str, Tensor], source:
 
 
 def lookup_teacher(source, index: Tensor, inputs: Tensor, device: torch.device):
-    """(output, features) of the batch from stored teacher outputs, or (None, None).
-
-    `inputs`: the batch's inputs (on the CPU, as the loader gives them): the source checks
-    them against the samples its outputs were computed on (`kdistill.cache`)."""
-    if source is None:
-        return None, None
-    output, features = source.lookup(index, inputs)
-    if isinstance(output, dict):
-        output = {key: value.to(device) for key, value in output.items()}
-    elif isinstance(output, Tensor | TopKDistribution):
-        output = output.to(device)
-    if features is not None:
-        features = {key: value.to(device) for key, value in features.items()}
-    return output, features
-
-
-def _follow_epoch(source, epoch: int) -> None:
-    """Stored teacher outputs of augmented views are per epoch: tell the source which runs."""
-    if callable(getattr(source, "set_epoch", None)):
-        source.set_epoch(epoch)
+    """(output, features) of the batch from stored teacher outputs, or (None, None) for the live
+    teacher (`source` None). Kept for callers of the protocol before issue 26; the engine calls
+    ``as_source(source).for_batch(batch)``, which checks `inputs` the same way."""
+    got = as_source(source).for_batch(Batch(inputs, None, index)).to(device)
+    return got.output, got.features
 
 
 @dataclass
@@ -118,7 +106,7 @@ class Progress:
     steps_seen: int = 0  # optimiser steps taken in the current epoch
     history: list[dict] = field(default_factory=list)
     skipped_batches: int = 0
-    sampled_batches: int = 0  # on-policy batches of the current epoch (the student's samples)
+    changed: dict[str, int] = field(default_factory=dict)  # by batch transform, this epoch
 
 
 def _collapse_sums(progress: Progress, names: list[str], everywhere: bool = False) -> None:
@@ -182,7 +170,14 @@ def _restore(checkpoint_dir, distiller, optimizer, scheduler, label, scaler) -> 
     torch.set_rng_state(
         tensors[own_rng] if same_world and own_rng in tensors else tensors["rng.torch"]
     )
-    progress = Progress(**state["progress"])
+    saved = dict(state["progress"])
+    if saved.pop("sampled_batches", 0):  # written before issue 26, when it had no `changed`
+        log.warning(
+            "%s: the checkpoint predates per-transform counts: the resumed epoch's share of "
+            "transformed batches counts only the batches after the resume",
+            label,
+        )
+    progress = Progress(**saved)
     if not world.is_main:  # rank 0 carries the epoch's sums so far (see _collapse_sums)
         progress.steps_seen, progress.part_sums = 0, {}
     log.info("%s: resumed at epoch %d, step %d", label, progress.epoch + 1, progress.step)
@@ -225,7 +220,7 @@ def _window_token_counts(distiller: Distiller, batches: list[Batch]) -> dict[str
 
 
 def _accumulate_window(
-    model, batches: list[Batch], device, config: TrainConfig, scaler, teacher_outputs, token_counts
+    model, batches: list[Batch], device, config: TrainConfig, scaler, source, token_counts
 ) -> tuple[dict[str, float], NonFiniteLossError | None, int]:
     """Forward and backward every micro-batch of one optimiser step, summing the gradients
     (DDP reduces them once, on the last micro-batch). Returns the parts summed over the window,
@@ -235,9 +230,7 @@ def _accumulate_window(
     world = info().world_size
     for position, batch in enumerate(batches):
         last = position == len(batches) - 1
-        cached_output, cached_features = lookup_teacher(
-            teacher_outputs, batch.index, batch.inputs, device
-        )
+        teacher = source.for_batch(batch).to(device)  # checked against the batch
         error: NonFiniteLossError | None = None
         with _gradient_sync(model, last):
             try:
@@ -246,8 +239,8 @@ def _accumulate_window(
                         move_to(batch.inputs, device),
                         target=move_to(batch.target, device),
                         index=move_to(batch.index, device),
-                        teacher_output=cached_output,
-                        teacher_features=cached_features,
+                        teacher_output=teacher.output,
+                        teacher_features=teacher.features,
                         micro_batches=len(batches),
                         token_counts=token_counts,
                     )
@@ -264,32 +257,6 @@ def _accumulate_window(
         for name, value in out.parts.items():
             parts[name] = parts.get(name, 0.0) + value
     return parts, None, 0
-
-
-def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPolicy | None:
-    """`config.on_policy` as an `OnPolicy` sampling ids below the loader's dataset's
-    `vocab_size` and stopping at its `end_id` (when it has them; else <eos>), or None;
-    ConfigError with stored teacher outputs (they were computed on the data's completions, not
-    on the student's samples)."""
-    spec = config.on_policy
-    if spec is None:
-        return None
-    if teacher_outputs is not None:
-        raise ConfigError(
-            f"{label}: train.on_policy replaces completions by the student's samples, which "
-            "stored teacher outputs do not cover; run the teacher online (teacher_cache: off)"
-        )
-    dataset = getattr(loader, "dataset", None)
-    vocab_size = getattr(dataset, "vocab_size", None)
-    end_id = getattr(dataset, "end_id", None)
-    return OnPolicy(
-        spec.lmbda,
-        spec.temperature,
-        spec.max_new_tokens,
-        spec.seed,
-        vocab_size if isinstance(vocab_size, int) else None,
-        **({"eos_id": end_id} if isinstance(end_id, int) else {}),
-    )
 
 
 def _gradient_sync(model, sync: bool):
@@ -326,6 +293,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     teacher_outputs: TeacherSource | None = None,
+    batch_transforms: Sequence[BatchTransform] = (),
     loggers: list[str | Tracker] | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
@@ -339,11 +307,14 @@ def fit(
     ConfigError (`engine.preflight.check_loader`). Each epoch starts with the loader's
     `set_epoch(epoch)`, or its sampler's (torch's ``DistributedSampler``).
 
-    `teacher_outputs`: the teacher's outputs for every training sample (offline distillation):
-    a `TeacherCache`, a `MemoryTeacherOutputs` (`kdistill.cache`), or an object whose
-    `lookup(index, inputs)` returns `(output, features)` after checking that the batch's inputs
-    are the samples the outputs were computed on (every batch is checked; a mismatch raises
-    CacheError). A bare tensor or dict is refused. The teacher then does not run in training.
+    `teacher_outputs`: where the teacher's outputs come from (`kdistill.distill.teacher`): None,
+    the live teacher (the distiller runs it every step, eager or sped up); or, for offline
+    distillation, a source of stored outputs — a `TeacherCache`, `TokenTeacherCache`, a
+    `MemoryTeacherOutputs` (`kdistill.distill.teacher.store`), any `TeacherSource`
+    (``for_batch(batch)``) or an object whose `lookup(index, inputs)` returns `(output,
+    features)` after checking that the batch's inputs are the samples the outputs were computed
+    on (every batch is checked; a mismatch raises CacheError). A bare tensor or dict is refused
+    (ConfigError). With stored outputs the teacher does not run in training.
     With `resume`, training continues from `checkpoint_dir` when it holds a checkpoint: weights,
     optimiser, schedule, RNG and position in the epoch are restored, so the result is the same,
     bit for bit on CPU, as an uninterrupted run. Mid-epoch checkpoints
@@ -361,11 +332,13 @@ def fit(
     ranks (`Distiller.count_tokens`, summed before the window's first forward); every other
     term is divided by the number of micro-batches (exact for equal-sized micro-batches).
 
-    `config.on_policy` (GKD's mixed data, `kdistill.onpolicy`): before each micro-batch is
-    counted and run, with probability λ its completions are replaced by the student's samples
-    (keyed by the batch's position, epoch · batches per epoch + batch, so a resume draws the
-    same); the epoch's record gives the share of such batches (``on_policy_share``). It needs
-    prompt → completion batches and the live teacher (`teacher_outputs` is refused).
+    `batch_transforms` (`kdistill.distill.transforms`): hooks called, in order, on each
+    micro-batch before it is counted and run, with the batch's key (its position in training,
+    epoch · batches per epoch + batch, so a resume draws the same) — e.g. GKD's mixed data
+    (`kdistill.distill.transforms.on_policy_transform`: with probability λ a batch's completions
+    are the student's samples). Each may refuse the teacher source before training (ConfigError;
+    sampling needs the live teacher). The epoch's record gives the share of batches each changed
+    (``<name>_share``).
 
     Before the first step the models run once on the first batch (`engine.preflight`): wrong
     input channels, teacher/student class-count mismatches and out-of-range labels fail here.
@@ -381,163 +354,262 @@ def fit(
     ``"tensorboard"`` / ``"mlflow"`` (made in `metrics_log`'s folder and closed on return) or
     `Tracker` objects (left open for the caller); None: `config.log`.
     """
+    run = _start(distiller, train_loader, config, label, teacher_outputs, batch_transforms)
+    if checkpoint_dir is not None:
+        _resume(run, Path(checkpoint_dir), resume)
+    folder = metrics_log.path.parent if metrics_log is not None else None
+    trackers, made = (
+        open_trackers(config.log if loggers is None else loggers, folder, run_name=label)
+        if run.world.is_main
+        else ([], [])
+    )
+    run.started = time.perf_counter()
+    progress = run.progress
+    while progress.epoch < config.epochs:
+        epoch = progress.epoch
+        budget_left = None  # optimiser steps `max_steps` leaves in this epoch
+        if config.max_steps is not None:
+            budget_left = config.max_steps - epoch * run.windows_per_epoch
+        _train_epoch(run, epoch, budget_left, checkpoint_dir)
+        record = _epoch_record(run, epoch, evaluate)
+        progress.history.append(record)
+        progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
+        progress.changed = {}
+        if budget_left is not None and budget_left <= run.windows_per_epoch:
+            progress.epoch = config.epochs  # the step budget is spent: training is over
+        if metrics_log is not None and run.world.is_main:  # the one place an epoch's record goes
+            metrics_log.write(record)
+        for tracker in trackers:
+            tracker.log_epoch(record)
+        if checkpoint_dir is not None:
+            _save_run(run, checkpoint_dir)
+    for tracker in made:
+        tracker.close()
+    return FitResult(progress.history, time.perf_counter() - run.started, progress.skipped_batches)
+
+
+@dataclass
+class _Run:
+    """Everything one `fit` call trains with, made once by `_start`."""
+
+    distiller: Distiller
+    model: nn.Module  # the distiller, or its DDP wrapper
+    loader: Any
+    config: TrainConfig
+    label: str
+    world: Any
+    device: torch.device
+    source: TeacherSource
+    transforms: list[BatchTransform]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    restartable: bool
+    exact_counts: bool  # token losses normalised by each window's global count
+    progress: Progress = field(default_factory=Progress)
+    started: float = field(default_factory=time.perf_counter)
+    postfix_due: float = 0.0  # when the bar's loss parts are next refreshed (time.monotonic)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return math.ceil(self.steps_per_epoch / self.config.accumulate_steps)
+
+
+def _start(distiller, train_loader, config, label, teacher_outputs, batch_transforms) -> _Run:
+    """Check everything that can be checked before the first step, then build the distiller's
+    connectors, the DDP wrapper, the optimiser, the schedule and the loss scaler."""
     world = info()
     device = resolve_device(config.device)
     check_precision(config.precision, device)
-    on_policy = _on_policy(config, teacher_outputs, label, train_loader)
+    source = as_source(teacher_outputs)
+    transforms = list(batch_transforms)
+    for transform in transforms:
+        transform.check(source, label)
     train_loader = shard_loader(train_loader, world)
     distiller.to(device)
-    _follow_epoch(teacher_outputs, getattr(train_loader, "epoch", 0))  # the first batch's epoch
+    follow_epoch(source, getattr(train_loader, "epoch", 0))  # the first batch's epoch
     first_batch = _first_batch(train_loader)
     check_loader(train_loader, config, first_batch, label)
-    check_before_training(distiller, first_batch, train_loader, device, teacher_outputs)
+    check_before_training(distiller, first_batch, train_loader, device, source)
     distiller.build(move_to(first_batch.inputs, device), optimiser_follows=True)
     model = wrap_ddp(distiller, device)
     optimizer = make_optimizer(distiller.trainable_parameters(), config)
     accumulate = config.accumulate_steps
     scheduler = make_scheduler(optimizer, config, math.ceil(len(train_loader) / accumulate))
-    scaler = grad_scaler(config.precision, device)
-    progress = Progress()
-    restartable = can_restart(train_loader)
-    if checkpoint_dir is not None and config.checkpoint_every_steps and not restartable:
-        log.warning(
-            "%s: the training loader (%s) cannot restart mid-epoch (it has no iter_from), so "
-            "checkpoint_every_steps=%d is ignored: checkpoints are written at epoch ends and a "
-            "resume starts at the last epoch boundary",
-            label,
-            type(train_loader).__name__,
-            config.checkpoint_every_steps,
-        )
-    if resume and checkpoint_dir is not None:
-        directory = Path(checkpoint_dir)
-        if any(directory.glob(f"{CHECKPOINT_NAME}*.safetensors")):
-            progress = _restore(directory, distiller, optimizer, scheduler, label, scaler)
-            if progress.step and not restartable:
-                raise ConfigError(
-                    f"{label}: the checkpoint in {directory} was written at step "
-                    f"{progress.step} of epoch {progress.epoch + 1}, but this training loader "
-                    f"({type(train_loader).__name__}) cannot restart mid-epoch; resume with the "
-                    "loader that wrote it (one with iter_from, e.g. kdistill's BatchLoader)"
-                )
-
-    folder = metrics_log.path.parent if metrics_log is not None else None
-    trackers, made = (
-        open_trackers(config.log if loggers is None else loggers, folder, run_name=label)
-        if world.is_main
-        else ([], [])
-    )
-    started = time.perf_counter()
-    steps_per_epoch = len(train_loader)
     # one-big-batch normalisation of token losses needs each window's global count up front
     exact_counts = (accumulate > 1 or world.world_size > 1) and any(
         getattr(term.loss, "counts_tokens", False) for term in distiller.terms
     )
-    windows_per_epoch = math.ceil(steps_per_epoch / accumulate)
-    postfix_due = 0.0  # when the bar's loss parts are next refreshed (time.monotonic)
-    while progress.epoch < config.epochs:
-        epoch = progress.epoch
-        budget_left = None  # optimiser steps `max_steps` leaves in this epoch
-        if config.max_steps is not None:
-            budget_left = config.max_steps - epoch * windows_per_epoch
-        set_epoch(train_loader, epoch)
-        _follow_epoch(teacher_outputs, epoch)
-        distiller.train()
-        bar = tqdm(
-            iter_batches(train_loader, progress.step),
-            total=steps_per_epoch,
-            initial=progress.step,
-            desc=f"{label} {epoch + 1}/{config.epochs}",
-            disable=not (config.progress and world.is_main),
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for window in _windows(enumerate(bar, start=progress.step), accumulate):
-            step = window[0][0]  # the window's first batch
-            distiller.set_progress(epoch + step / steps_per_epoch)
-            batches = [as_batch(item) for _, item in window]
-            if on_policy is not None:
-                for position, (number, _) in enumerate(window):
-                    key = epoch * steps_per_epoch + number
-                    batches[position], sampled = on_policy.apply(
-                        distiller.student, batches[position], key, world.rank
-                    )
-                    progress.sampled_batches += int(sampled)
-            token_counts = _window_token_counts(distiller, batches) if exact_counts else None
-            optimizer.zero_grad(set_to_none=True)
-            parts, error, failed = _accumulate_window(
-                model, batches, device, config, scaler, teacher_outputs, token_counts
-            )
-            if error is not None:
-                if config.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"{label}, epoch {epoch + 1}, step {step + failed}: {error}",
-                        term=error.term,
-                    ) from error
-                optimizer.zero_grad(set_to_none=True)  # the window's partial gradients
-                progress.skipped_batches += len(batches)
-                skipped = f"step {step}" if len(batches) == 1 else f"steps {step}-{window[-1][0]}"
-                log.warning("%s epoch %d %s: skipped: %s", label, epoch + 1, skipped, error)
-            else:
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        distiller.trainable_parameters(), config.grad_clip
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                progress.steps_seen += 1
-                for name, value in parts.items():
-                    progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
-            scheduler.step()
-            progress.step = window[-1][0] + 1
-            windows_done = math.ceil(progress.step / accumulate)
-            if budget_left is not None and windows_done >= budget_left:
-                break  # max_steps reached: this epoch ends here
-            if progress.steps_seen and time.monotonic() >= postfix_due:  # a clock read, no sync
-                postfix_due = time.monotonic() + POSTFIX_SECONDS
-                bar.set_postfix(
-                    {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
-                    refresh=False,
-                )
-            if (
-                checkpoint_dir is not None
-                and config.checkpoint_every_steps
-                and restartable
-                and windows_done % config.checkpoint_every_steps == 0
-                and progress.step < steps_per_epoch
-            ):
-                _collapse_sums(progress, distiller.term_names)
-                _save(
-                    checkpoint_dir, distiller, optimizer, scheduler, progress, label, config, scaler
-                )
-        bar.close()
-        _collapse_sums(progress, distiller.term_names, everywhere=True)  # the same record on all
+    return _Run(
+        distiller,
+        model,
+        train_loader,
+        config,
+        label,
+        world,
+        device,
+        source,
+        transforms,
+        optimizer,
+        scheduler,
+        grad_scaler(config.precision, device),
+        can_restart(train_loader),
+        exact_counts,
+    )
 
-        seen = max(progress.steps_seen, 1)
-        record = {
-            "model": label,
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": sum(progress.part_sums.values()) / seen,
-            "train_parts": {k: v / seen for k, v in progress.part_sums.items()},
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        if on_policy is not None:
-            batches_run = max(min(progress.step, steps_per_epoch), 1)
-            record["on_policy_share"] = progress.sampled_batches / batches_run
-        if evaluate is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(distiller.student).items()})
-        progress.history.append(record)
-        progress.epoch, progress.step, progress.part_sums, progress.steps_seen = epoch + 1, 0, {}, 0
-        progress.sampled_batches = 0
-        if budget_left is not None and budget_left <= windows_per_epoch:
-            progress.epoch = config.epochs  # the step budget is spent: training is over
-        if metrics_log is not None and world.is_main:
-            metrics_log.write(record)
-        for tracker in trackers:
-            tracker.log_epoch(record)
-        if checkpoint_dir is not None:
-            _save(checkpoint_dir, distiller, optimizer, scheduler, progress, label, config, scaler)
-    for tracker in made:
-        tracker.close()
-    return FitResult(progress.history, time.perf_counter() - started, progress.skipped_batches)
+
+def _resume(run: _Run, directory: Path, resume: bool) -> None:
+    """With `resume`, continue from the checkpoint in `directory` when there is one (see `fit`);
+    warn first when mid-epoch checkpoints are asked for but the loader cannot restart."""
+    config = run.config
+    if config.checkpoint_every_steps and not run.restartable:
+        log.warning(
+            "%s: the training loader (%s) cannot restart mid-epoch (it has no iter_from), so "
+            "checkpoint_every_steps=%d is ignored: checkpoints are written at epoch ends and a "
+            "resume starts at the last epoch boundary",
+            run.label,
+            type(run.loader).__name__,
+            config.checkpoint_every_steps,
+        )
+    if not resume or not any(directory.glob(f"{CHECKPOINT_NAME}*.safetensors")):
+        return
+    run.progress = _restore(
+        directory, run.distiller, run.optimizer, run.scheduler, run.label, run.scaler
+    )
+    if run.progress.step and not run.restartable:
+        raise ConfigError(
+            f"{run.label}: the checkpoint in {directory} was written at step "
+            f"{run.progress.step} of epoch {run.progress.epoch + 1}, but this training loader "
+            f"({type(run.loader).__name__}) cannot restart mid-epoch; resume with the "
+            "loader that wrote it (one with iter_from, e.g. kdistill's BatchLoader)"
+        )
+
+
+def _save_run(run: _Run, directory) -> None:
+    _save(
+        directory,
+        run.distiller,
+        run.optimizer,
+        run.scheduler,
+        run.progress,
+        run.label,
+        run.config,
+        run.scaler,
+    )
+
+
+def _train_epoch(run: _Run, epoch: int, budget_left: int | None, checkpoint_dir) -> None:
+    """The optimiser steps of one epoch (from `run.progress.step` on, after a resume), with the
+    mid-epoch checkpoints; the epoch's sums end up the same on every rank."""
+    config, progress, distiller = run.config, run.progress, run.distiller
+    set_epoch(run.loader, epoch)
+    follow_epoch(run.source, epoch)
+    distiller.train()
+    bar = tqdm(
+        iter_batches(run.loader, progress.step),
+        total=run.steps_per_epoch,
+        initial=progress.step,
+        desc=f"{run.label} {epoch + 1}/{config.epochs}",
+        disable=not (config.progress and run.world.is_main),
+        leave=False,
+        dynamic_ncols=True,
+    )
+    accumulate = config.accumulate_steps
+    for window in _windows(enumerate(bar, start=progress.step), accumulate):
+        _train_window(run, epoch, window)
+        progress.step = window[-1][0] + 1
+        windows_done = math.ceil(progress.step / accumulate)
+        if budget_left is not None and windows_done >= budget_left:
+            break  # max_steps reached: this epoch ends here
+        if progress.steps_seen and time.monotonic() >= run.postfix_due:  # a clock read, no sync
+            run.postfix_due = time.monotonic() + POSTFIX_SECONDS
+            bar.set_postfix(
+                {k: f"{v / progress.steps_seen:.3f}" for k, v in progress.part_sums.items()},
+                refresh=False,
+            )
+        if (
+            checkpoint_dir is not None
+            and config.checkpoint_every_steps
+            and run.restartable
+            and windows_done % config.checkpoint_every_steps == 0
+            and progress.step < run.steps_per_epoch
+        ):
+            _collapse_sums(progress, distiller.term_names)
+            _save_run(run, checkpoint_dir)
+    bar.close()
+    _collapse_sums(progress, distiller.term_names, everywhere=True)  # the same record on all
+
+
+def _transformed(run: _Run, epoch: int, window: list) -> list[Batch]:
+    """The window's loader items as `Batch`es, each passed through the batch transforms (keyed
+    by its position in training, so that a resume draws the same)."""
+    batches = [as_batch(item) for _, item in window]
+    for transform in run.transforms:
+        for position, (number, _) in enumerate(window):
+            key = epoch * run.steps_per_epoch + number
+            batches[position], changed = transform.apply(
+                run.distiller.student, batches[position], key, run.world.rank
+            )
+            run.progress.changed[transform.name] = run.progress.changed.get(
+                transform.name, 0
+            ) + int(changed)
+    return batches
+
+
+def _train_window(run: _Run, epoch: int, window: list) -> None:
+    """One optimiser step over the window's micro-batches, or its skip (a non-finite loss with
+    ``on_nonfinite: skip``); the schedule steps either way."""
+    config, progress, distiller, optimizer = run.config, run.progress, run.distiller, run.optimizer
+    step = window[0][0]  # the window's first batch
+    distiller.set_progress(epoch + step / run.steps_per_epoch)
+    batches = _transformed(run, epoch, window)
+    token_counts = _window_token_counts(distiller, batches) if run.exact_counts else None
+    optimizer.zero_grad(set_to_none=True)
+    parts, error, failed = _accumulate_window(
+        run.model, batches, run.device, config, run.scaler, run.source, token_counts
+    )
+    if error is not None:
+        if config.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{run.label}, epoch {epoch + 1}, step {step + failed}: {error}",
+                term=error.term,
+            ) from error
+        optimizer.zero_grad(set_to_none=True)  # the window's partial gradients
+        progress.skipped_batches += len(batches)
+        skipped = f"step {step}" if len(batches) == 1 else f"steps {step}-{window[-1][0]}"
+        log.warning("%s epoch %d %s: skipped: %s", run.label, epoch + 1, skipped, error)
+    else:
+        if config.grad_clip is not None:
+            run.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), config.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        progress.steps_seen += 1
+        for name, value in parts.items():
+            progress.part_sums[name] = progress.part_sums.get(name, 0.0) + value
+    run.scheduler.step()
+
+
+def _epoch_record(run: _Run, epoch: int, evaluate: Evaluate | None) -> dict:
+    """The epoch's metrics line: mean loss and parts per optimiser step, the share of batches
+    each transform changed, and the evaluation's metrics (``val_…``)."""
+    progress = run.progress
+    seen = max(progress.steps_seen, 1)
+    record = {
+        "model": run.label,
+        "epoch": epoch + 1,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": sum(progress.part_sums.values()) / seen,
+        "train_parts": {k: v / seen for k, v in progress.part_sums.items()},
+        "seconds": round(time.perf_counter() - run.started, 3),
+    }
+    batches_run = max(min(progress.step, run.steps_per_epoch), 1)
+    for transform in run.transforms:
+        record[f"{transform.name}_share"] = progress.changed.get(transform.name, 0) / batches_run
+    if evaluate is not None:
+        record.update({f"val_{k}": v for k, v in evaluate(run.distiller.student).items()})
+    return record

@@ -19,7 +19,6 @@ message naming what was wrong — never after an epoch, and never as a silent wr
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,10 +29,10 @@ from torch import Tensor, nn
 from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import call_model, describe_inputs, shard_count
 from kdistill.distill.distiller import Distiller, select_output, select_target
+from kdistill.distill.teacher.base import as_source
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError, DataError
 from kdistill.losses.base import INDEX, TARGET
-from kdistill.losses.topk import TopKDistribution
 
 log = logging.getLogger("kdistill")
 
@@ -95,39 +94,18 @@ def run_checked(model: nn.Module, inputs: Tensor | Mapping[str, Any], side: str)
 
 
 def check_teacher_outputs(teacher_outputs: Any) -> None:
-    """Stored teacher outputs must be an object with `lookup(index, inputs)` (a `TeacherCache`
-    or `MemoryTeacherOutputs`), which checks every batch's inputs against the samples the
-    outputs were computed on; a bare tensor or dict cannot be checked, so it is refused."""
-    if teacher_outputs is None:
-        return
-    if isinstance(teacher_outputs, Tensor | dict):
-        raise ConfigError(
-            f"teacher_outputs is a bare {type(teacher_outputs).__name__}: kdistill cannot check "
-            "which inputs its rows were computed on (a subset, another order or other data "
-            "would give silently wrong teacher outputs); pass "
-            "kdistill.cache.MemoryTeacherOutputs.of(outputs, dataset) — the dataset they were "
-            "computed on — or MemoryTeacherOutputs.predict(teacher, loader), or a TeacherCache"
-        )
-    lookup = getattr(teacher_outputs, "lookup", None)
-    try:
-        inspect.signature(lookup).bind(torch.zeros(1), torch.zeros(1))
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"teacher_outputs ({type(teacher_outputs).__name__}) needs a method "
-            "lookup(index, inputs) -> (output, features) that checks the batch's inputs against "
-            "the samples its outputs were computed on (see kdistill.cache.TeacherCache)"
-        ) from None
-
-
-def _stored_teacher_output(teacher_outputs, batch) -> Any:
-    return teacher_outputs.lookup(batch.index, batch.inputs)[0]
+    """Stored teacher outputs must be a teacher source (`kdistill.distill.teacher.base`): an
+    object with ``for_batch(batch)`` or ``lookup(index, inputs)`` that checks every batch's
+    inputs against the samples its outputs were computed on; a bare tensor or dict cannot be
+    checked, so it is refused (ConfigError, from `as_source`)."""
+    as_source(teacher_outputs)
 
 
 def _classes(value: Any, loss: Any = None) -> int | None:
     """The class count of an `N×K[×…]` tensor (dimension 1), or of token logits `N×L×V` (the
     last dimension) for a loss with ``class_dim = -1``; None for anything else."""
-    if isinstance(value, TopKDistribution):  # stored top-k teacher: over its vocabulary
-        return value.vocab_size
+    if not isinstance(value, Tensor) and isinstance(getattr(value, "vocab_size", None), int):
+        return value.vocab_size  # a stored distribution (top-k teacher): over its vocabulary
     if not (isinstance(value, Tensor) and value.dim() >= 2):
         return None
     return int(value.shape[getattr(loss, "class_dim", 1)])
@@ -156,9 +134,12 @@ def _heads_captured(heads: Mapping[str, Any]) -> Iterator[None]:
 def check_before_training(
     distiller: Distiller, batch, loader, device: torch.device, teacher_outputs=None
 ) -> None:
-    """Run the checks listed in the module docstring; raise ConfigError / DataError on a defect."""
-    check_teacher_outputs(teacher_outputs)
-    check_batch_carries(distiller, batch, teacher_outputs)
+    """Run the checks listed in the module docstring; raise ConfigError / DataError on a defect.
+
+    `teacher_outputs`: None (the live teacher) or a teacher source (see `as_source`)."""
+    source = as_source(teacher_outputs)
+    stored = None if getattr(source, "live", False) else source
+    check_batch_carries(distiller, batch, stored)
     inputs = move_to(batch.inputs, device)
     # a chunked vocabulary loss's head does not run here either: its N×L×V logits, which the
     # chunked loss exists to avoid, would be built on the first batch (a zero-stride stand-in
@@ -167,8 +148,8 @@ def check_before_training(
         student_output = run_checked(distiller.student, inputs, "student")
     teacher_output = None
     if distiller.needs_teacher:
-        if teacher_outputs is not None:
-            teacher_output = _stored_teacher_output(teacher_outputs, batch)
+        if stored is not None:
+            teacher_output = stored.for_batch(batch).output
         else:
             assert distiller.teacher is not None
             with _heads_captured(distiller.teacher_heads):

@@ -34,7 +34,13 @@ from torch import nn
 from kdistill.distill.distiller import Term
 from kdistill.distill.multitask import mix_terms
 from kdistill.losses import LOSSES, create_loss
-from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters, term_parameters
+from kdistill.recipes.schema import (  # noqa: F401  (check_methods: re-exported)
+    DistillSpec,
+    TermSpec,
+    check_methods,
+    loss_parameters,
+    term_parameters,
+)
 from kdistill.tasks import Task
 
 
@@ -151,28 +157,6 @@ def build_objective(
             "nothing would be trained"
         )
     return terms
-
-
-def check_methods(task: Task, distill: DistillSpec) -> None:
-    """Refuse methods that do not fit the task's outputs (called when the recipe is read).
-
-    For a task with named outputs, every soft term names one of them (at most one term per
-    output) and reads that output, not a tapped layer."""
-    keys = [key for key in task.outputs if key is not None]
-    if not keys:
-        return
-    for method, specs in distill.methods.items():
-        outputs = [spec.output for spec in specs]
-        if len(set(outputs)) != len(outputs) or not set(outputs) <= set(keys):
-            raise ValueError(
-                f"distill.methods.{method}: a {task.name} method has at most one term per "
-                f"output, each with output: {' or output: '.join(keys)}, got outputs {outputs}"
-            )
-        if any(spec.student or spec.teacher for spec in specs):
-            raise ValueError(
-                f"distill.methods.{method}: {task.name} methods distil the outputs; "
-                "layer taps (student/teacher) are not supported there"
-            )
 
 
 @dataclass(frozen=True)

@@ -405,171 +405,200 @@ def dry_run(
             _first_samples(full.test, EVAL_BATCH),
             full.normalization,
         )
-        other = {"data loading": data_seconds}
-        trainings: list[Training] = []
-        models: list[ModelLine] = []
-
-        def steps_per_epoch(batch_size: int) -> int:
-            return len(Experiment.loader(exp, full.train, 0, batch_size, shuffle=True))
-
-        def evaluation_seconds(model: nn.Module) -> float:
-            """Seconds per sample of the task's evaluation of `model`."""
-            _, seconds = _timed(exp.evaluator(exp.splits.val), model)
-            return seconds / len(exp.splits.val)
-
-        def timed_training(
-            what: str,
-            count: int,
-            config: TrainConfig,
-            model: nn.Module,
-            final: str,
-            started: float,
-            epochs: int | None = None,
-        ) -> Training:
-            """A `Training` from the rehearsal of `model` begun at `started` (perf_counter),
-            whose loader is `exp.last_loader`."""
-            loader = exp.last_loader
-            assert loader is not None
-            per_sample = evaluation_seconds(model)
-            seconds = per_sample * len(exp.splits.val)
-            validation = per_sample * len(full.val)
-            gap = loader.epoch_end_seconds()
-            epoch_end = validation if gap is None else max(gap - seconds, 0.0) + validation
-            max_steps = config.max_steps
-            return Training(
-                what,
-                count,
-                config.epochs if epochs is None else epochs,
-                steps_per_epoch(loader.batch_size),
-                loader.step_seconds(),
-                epoch_end,
-                per_sample * len(getattr(full, final)),
-                loader.first_batch_at() - started,
-                None if max_steps is None else max_steps * config.accumulate_steps,
-            )
-
-        # -- the teacher ------------------------------------------------------------------
-        spec = recipe.teacher
-        teacher = build_model(spec, full.train, recipe.seed, exp.task)
-        trains = False
-        if spec.checkpoint is not None:
-            load_teacher_checkpoint(spec, teacher)
-            how = f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
-        elif Experiment._saved_teacher_matches(Path(out_dir) / "models", exp.teacher_identity()):
-            how = f"reused from {Path(out_dir) / 'models'} (trained by the same recipe)"
-        elif Experiment._saved_teacher_matches(
-            Path(out_dir).parent / "teachers" / exp.teacher_store().name, exp.teacher_identity()
-        ):
-            store = Path(out_dir).parent / "teachers" / exp.teacher_store().name
-            how = f"reused from {store} (trained by a run with the same teacher, data and seed)"
-        else:
-            trains = True
-            how = f"trained by the run, {spec.train.epochs} epochs" + (
-                f" on keyed views ({_views_text(spec.augment)}), stored in "
-                f"{Path(out_dir).parent / 'teachers' / exp.teacher_store().name}"
-                if spec.augment is not None
-                else ""
-            )
-        check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
-        started = time.perf_counter()
-        if trains:
-            config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
-            fit(
-                Distiller(None, teacher, exp.objective(None)),
-                exp.augmented_loader(
-                    exp.splits.train, recipe.seed, config.batch_size, spec.augment
-                ),
-                config,
-                evaluate=exp.evaluator(exp.splits.val),
-                label="teacher",
-                metrics_log=exp.metrics,
-                checkpoint_dir=Path(scratch) / "checkpoints" / "teacher",
-            )
-        teacher.eval()
-        if trains:  # its test evaluation, made in any case, is counted below
-            trainings.append(timed_training("teacher", 1, spec.train, teacher, "test", started))
-            trainings[-1].final_seconds = 0.0
-        other["teacher test evaluation"] = evaluation_seconds(teacher) * len(full.test)
-        cost, costs = _timed(exp.cost_of, "teacher", teacher)
-        models.append(
-            ModelLine(
-                "teacher",
-                "teacher",
-                spec.model,
-                count_parameters(teacher),
-                _macs(teacher, full.train, cost),
-            )
-        )
-        exp.teacher = teacher
-        outputs, seconds = _timed(exp.prepare_teacher_outputs, teacher)
-        exp.teacher_train_outputs = outputs
-        if recipe.distill.teacher_cache != "off":
-            scale = len(full.train) / len(exp.splits.train)
-            other[f"teacher outputs ({recipe.distill.teacher_cache})"] = seconds * scale
-
-        # -- the students, alone and with each method --------------------------------------
-        term_lines: dict[str, list[str]] = {}
-        settings_lines: dict[str, str] = {}
-        grid = {method: len(grid_settings(recipe, method)) for method in methods}
-        tune_epochs = recipe.tune.epochs or recipe.train.epochs
-        for student_spec in recipe.students:
-            for method in ["alone", *methods]:
-                key = None if method == "alone" else method
-                settings = grid_settings(recipe, key)[0] if key else {}
-                terms = exp.objective(key, settings)
-                label = f"{student_spec.name}/{method}"
-                started = time.perf_counter()
-                student, _, _ = exp.train_student(
-                    label,
-                    student_spec,
-                    recipe.seed,
-                    terms,
-                    method,
-                    exp.splits.val,
-                    epochs=REHEARSAL_EPOCHS,
-                )
-                training = timed_training(
-                    label, recipe.seeds, recipe.train, student, "test", started
-                )
-                if key is not None and grid[key] > 1:
-                    trial = dataclasses.replace(
-                        training,
-                        what=f"tune {label}",
-                        count=grid[key],
-                        epochs=tune_epochs,
-                        final_seconds=training.epoch_end_seconds,
-                    )
-                    trainings.append(trial)
-                trainings.append(training)
-                term_lines[label] = _describe_terms(terms)
-                if key is not None and key not in settings_lines:
-                    used = settings_used(exp.task, recipe.distill, key, settings)
-                    settings_lines[key] = ", ".join(f"{s.name}={s.value:g}" for s in used)
-                if method == "alone":
-                    cost, seconds = _timed(exp.cost_of, student_spec.name, student)
-                    costs += seconds
-                    models.append(
-                        ModelLine(
-                            "student",
-                            student_spec.name,
-                            student_spec.model,
-                            count_parameters(student),
-                            _macs(student, full.train, cost),
-                        )
-                    )
+        found = _Found(_Timer(exp, full), other={"data loading": data_seconds})
+        how = _rehearse_teacher(exp, recipe, Path(out_dir), methods, Path(scratch), found)
+        term_lines, settings_lines, grid = _rehearse_students(exp, recipe, methods, found)
         if recipe.cost.enabled:
-            other["model costs"] = costs + _timed(exp.measure_latency)[1]
+            found.other["model costs"] = found.costs + _timed(exp.measure_latency)[1]
         return DryRun(
             recipe,
             description,
-            models,
+            found.models,
             term_lines,
             settings_lines,
             grid,
             how,
-            _ordered(trainings),
-            other,
+            _ordered(found.trainings),
+            found.other,
         )
+
+
+@dataclass
+class _Timer:
+    """Times of the rehearsal scaled to the full splits (`full`); `exp` rehearses on a few
+    batches of them."""
+
+    exp: Any
+    full: Splits
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return len(Experiment.loader(self.exp, self.full.train, 0, batch_size, shuffle=True))
+
+    def evaluation_seconds(self, model: nn.Module) -> float:
+        """Seconds per sample of the task's evaluation of `model`."""
+        _, seconds = _timed(self.exp.evaluator(self.exp.splits.val), model)
+        return seconds / len(self.exp.splits.val)
+
+    def training(
+        self,
+        what: str,
+        count: int,
+        config: TrainConfig,
+        model: nn.Module,
+        final: str,
+        started: float,
+        epochs: int | None = None,
+    ) -> Training:
+        """A `Training` from the rehearsal of `model` begun at `started` (perf_counter),
+        whose loader is `exp.last_loader`."""
+        exp, full = self.exp, self.full
+        loader = exp.last_loader
+        assert loader is not None
+        per_sample = self.evaluation_seconds(model)
+        seconds = per_sample * len(exp.splits.val)
+        validation = per_sample * len(full.val)
+        gap = loader.epoch_end_seconds()
+        epoch_end = validation if gap is None else max(gap - seconds, 0.0) + validation
+        max_steps = config.max_steps
+        return Training(
+            what,
+            count,
+            config.epochs if epochs is None else epochs,
+            self.steps_per_epoch(loader.batch_size),
+            loader.step_seconds(),
+            epoch_end,
+            per_sample * len(getattr(full, final)),
+            loader.first_batch_at() - started,
+            None if max_steps is None else max_steps * config.accumulate_steps,
+        )
+
+
+@dataclass
+class _Found:
+    """What the rehearsal measured so far."""
+
+    timer: _Timer
+    other: dict[str, float]
+    trainings: list[Training] = field(default_factory=list)
+    models: list[ModelLine] = field(default_factory=list)
+    costs: float = 0.0  # seconds spent costing the models
+
+
+def _how_the_teacher_comes(recipe: Recipe, exp: Any, out_dir: Path, teacher: nn.Module):
+    """(whether the run trains the teacher, how the run gets it, in words); a checkpoint named
+    by the recipe is loaded into `teacher` (and checked against it) here."""
+    spec = recipe.teacher
+    if spec.checkpoint is not None:
+        load_teacher_checkpoint(spec, teacher)
+        return False, f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
+    if Experiment._saved_teacher_matches(out_dir / "models", exp.teacher_identity()):
+        return False, f"reused from {out_dir / 'models'} (trained by the same recipe)"
+    store = out_dir.parent / "teachers" / exp.teacher_store().name
+    if Experiment._saved_teacher_matches(store, exp.teacher_identity()):
+        return False, f"reused from {store} (trained by a run with the same teacher, data and seed)"
+    how = f"trained by the run, {spec.train.epochs} epochs" + (
+        f" on keyed views ({_views_text(spec.augment)}), stored in {store}"
+        if spec.augment is not None
+        else ""
+    )
+    return True, how
+
+
+def _rehearse_teacher(exp, recipe: Recipe, out_dir: Path, methods, scratch: Path, found) -> str:
+    """Build (and, when the run trains it, rehearse training) the teacher, cost it and make its
+    outputs as the run would; every training is checked first. How the run gets the teacher."""
+    spec, full, timer = recipe.teacher, found.timer.full, found.timer
+    teacher = build_model(spec, full.train, recipe.seed, exp.task)
+    trains, how = _how_the_teacher_comes(recipe, exp, out_dir, teacher)
+    check_every_training(exp, teacher, methods, full.train)  # mistakes fail here, quickly
+    started = time.perf_counter()
+    if trains:
+        config = exp.train_config(spec.train, epochs=REHEARSAL_EPOCHS)
+        fit(
+            Distiller(None, teacher, exp.objective(None)),
+            exp.augmented_loader(exp.splits.train, recipe.seed, config.batch_size, spec.augment),
+            config,
+            evaluate=exp.evaluator(exp.splits.val),
+            label="teacher",
+            metrics_log=exp.metrics,
+            checkpoint_dir=scratch / "checkpoints" / "teacher",
+        )
+    teacher.eval()
+    if trains:  # its test evaluation, made in any case, is counted below
+        found.trainings.append(timer.training("teacher", 1, spec.train, teacher, "test", started))
+        found.trainings[-1].final_seconds = 0.0
+    found.other["teacher test evaluation"] = timer.evaluation_seconds(teacher) * len(full.test)
+    cost, found.costs = _timed(exp.cost_of, "teacher", teacher)
+    found.models.append(
+        ModelLine(
+            "teacher",
+            "teacher",
+            spec.model,
+            count_parameters(teacher),
+            _macs(teacher, full.train, cost),
+        )
+    )
+    exp.teacher = teacher
+    outputs, seconds = _timed(exp.prepare_teacher_outputs, teacher)
+    exp.teacher_train_outputs = outputs
+    if recipe.distill.teacher_cache != "off":
+        scale = len(full.train) / len(exp.splits.train)
+        found.other[f"teacher outputs ({recipe.distill.teacher_cache})"] = seconds * scale
+    return how
+
+
+def _rehearse_students(exp, recipe: Recipe, methods, found: _Found):
+    """Rehearse every student alone and with each method (its first grid point), as the run
+    trains them; (the terms of each, the settings of each method, grid points per method)."""
+    timer = found.timer
+    term_lines: dict[str, list[str]] = {}
+    settings_lines: dict[str, str] = {}
+    grid = {method: len(grid_settings(recipe, method)) for method in methods}
+    tune_epochs = recipe.tune.epochs or recipe.train.epochs
+    for student_spec in recipe.students:
+        for method in ["alone", *methods]:
+            key = None if method == "alone" else method
+            settings = grid_settings(recipe, key)[0] if key else {}
+            terms = exp.objective(key, settings)
+            label = f"{student_spec.name}/{method}"
+            started = time.perf_counter()
+            student, _, _ = exp.train_student(
+                label,
+                student_spec,
+                recipe.seed,
+                terms,
+                method,
+                exp.splits.val,
+                epochs=REHEARSAL_EPOCHS,
+            )
+            training = timer.training(label, recipe.seeds, recipe.train, student, "test", started)
+            if key is not None and grid[key] > 1:
+                trial = dataclasses.replace(
+                    training,
+                    what=f"tune {label}",
+                    count=grid[key],
+                    epochs=tune_epochs,
+                    final_seconds=training.epoch_end_seconds,
+                )
+                found.trainings.append(trial)
+            found.trainings.append(training)
+            term_lines[label] = _describe_terms(terms)
+            if key is not None and key not in settings_lines:
+                used = settings_used(exp.task, recipe.distill, key, settings)
+                settings_lines[key] = ", ".join(f"{s.name}={s.value:g}" for s in used)
+            if method == "alone":
+                cost, seconds = _timed(exp.cost_of, student_spec.name, student)
+                found.costs += seconds
+                found.models.append(
+                    ModelLine(
+                        "student",
+                        student_spec.name,
+                        student_spec.model,
+                        count_parameters(student),
+                        _macs(student, timer.full.train, cost),
+                    )
+                )
+    return term_lines, settings_lines, grid
 
 
 def _ordered(trainings: list[Training]) -> list[Training]:

@@ -49,6 +49,7 @@ from kdistill.data.completions import (
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
 from kdistill.distill.distiller import Distiller, Term
 from kdistill.distill.onpolicy import teacher_sequences
+from kdistill.distill.teacher.sequences import TeacherSequences
 from kdistill.distill.teacher.store import (
     MemoryTeacherOutputs,
     TeacherCache,
@@ -59,6 +60,7 @@ from kdistill.distill.teacher.store import (
     loader_views,
     offline_teacher_outputs,
 )
+from kdistill.distill.transforms import on_policy_transform
 from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
     atomic_write_text,
@@ -459,8 +461,7 @@ class Experiment:
                     # fp32 is the default: leave it out so teachers saved before the field existed
                     # are still recognised; another precision is part of the identity
                     "train": {"progress", "device"}
-                    | ({"precision"} if spec.train.precision == "fp32" else set())
-                    | ({"on_policy"} if spec.train.on_policy is None else set()),
+                    | ({"precision"} if spec.train.precision == "fp32" else set()),
                     # added later: left out while off, so earlier teachers are still recognised
                     **({"augment": True} if spec.augment is None else {}),
                 },
@@ -729,11 +730,13 @@ class Experiment:
         data = self.student_data(spec, seed, uses_teacher)
         distill = self.recipe.distill
         generated = method in distill.on_policy or method in distill.sequence_level
-        if method in distill.on_policy:
-            config = config.model_copy(update={"on_policy": distill.on_policy[method]})
+        transforms = []
         if method in distill.sequence_level:
-            data = self.sequence_level_data(method)
+            data = self.splits.train  # the prompts the teacher completed, in their order
+            transforms.append(TeacherSequences(self.sequence_level_data(method)))
         loader = self.student_loader(data, seed, config.batch_size)
+        if method in distill.on_policy:
+            transforms.append(on_policy_transform(distill.on_policy[method], loader))
         try:
             result = fit(
                 distiller,
@@ -751,6 +754,7 @@ class Experiment:
                     tapped,
                 ),
                 loggers=self.trackers,
+                batch_transforms=transforms,
             )
         finally:
             distiller.close()

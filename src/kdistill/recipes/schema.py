@@ -39,7 +39,8 @@ from kdistill.data.text import (
     resolve_book,
 )
 from kdistill.distill.teacher.speedup import parse_speedup
-from kdistill.engine.config import OnPolicyConfig, TrainConfig
+from kdistill.distill.transforms import OnPolicyConfig
+from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError
 from kdistill.importpath import import_callable
 from kdistill.losses import LOSSES, create_loss
@@ -50,7 +51,7 @@ from kdistill.models.specs import (
     resolve_model,
 )
 from kdistill.registry import close_matches, unknown_name_message
-from kdistill.tasks import get_task
+from kdistill.tasks import Task, get_task
 
 
 class Strict(BaseModel):
@@ -727,6 +728,28 @@ class CompressSpec(Strict):
     )
 
 
+def check_methods(task: Task, distill: DistillSpec) -> None:
+    """Refuse methods that do not fit the task's outputs (called when the recipe is read).
+
+    For a task with named outputs, every soft term names one of them (at most one term per
+    output) and reads that output, not a tapped layer."""
+    keys = [key for key in task.outputs if key is not None]
+    if not keys:
+        return
+    for method, specs in distill.methods.items():
+        outputs = [spec.output for spec in specs]
+        if len(set(outputs)) != len(outputs) or not set(outputs) <= set(keys):
+            raise ValueError(
+                f"distill.methods.{method}: a {task.name} method has at most one term per "
+                f"output, each with output: {' or output: '.join(keys)}, got outputs {outputs}"
+            )
+        if any(spec.student or spec.teacher for spec in specs):
+            raise ValueError(
+                f"distill.methods.{method}: {task.name} methods distil the outputs; "
+                "layer taps (student/teacher) are not supported there"
+            )
+
+
 class Recipe(Strict):
     """One experiment: the data, a teacher, students trained alone and distilled by each
     method with one shared budget, and the settings grid chosen on validation."""
@@ -795,8 +818,6 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def task_fits_data(self) -> Recipe:
-        from kdistill.recipes.objective import check_methods
-
         task = get_task(self.task)
         text = self.data.dataset in TEXT_DATASETS
         wanted = getattr(task, "text_dataset", KJV_DATASET)

@@ -41,11 +41,9 @@ when any of the teacher's parameters or buffers changed since (in place, e.g. by
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,16 +51,46 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.distill.teacher.rewrite import (
+    _BATCHNORMS,
+    _tensors,
+    drift,
+    find_fold_pairs,
+    fold_batchnorms,
+    fold_into,
+    input_shapes,
+    leaves,
+    map_tensors,
+    shallow_copy,
+    to_channels_last,
+    to_dtype,
+    weights_state,
+)
 from kdistill.errors import ConfigError, TeacherSpeedupError
 from kdistill.registry import close_matches
 
 log = logging.getLogger("kdistill")
 
+__all__ = [  # the rewrites are re-exported from `rewrite`: tests and callers import them here
+    "BF16_TOLERANCE",
+    "FP32_TOLERANCE",
+    "STEPS",
+    "FastTeacher",
+    "SpeedupReport",
+    "cpu_has_amx",
+    "fast_bf16",
+    "find_fold_pairs",
+    "fold_batchnorms",
+    "fold_into",
+    "parse_speedup",
+    "resolve_steps",
+    "shallow_copy",
+    "to_channels_last",
+]
+
 STEPS = ("fold", "channels_last", "bf16", "compile")  # the order they are applied in
 FP32_TOLERANCE = 1e-4  # max |Δ| / max |eager|, fp32 paths
 BF16_TOLERANCE = 2e-2  # bfloat16 keeps 8 significant bits: ~0.4 % per rounding
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def parse_speedup(value: str | Sequence[str] | None, field_name: str = "teacher_speedup") -> tuple:
@@ -160,214 +188,6 @@ class SpeedupReport:
 
 
 # -- the copy --------------------------------------------------------------------------------------
-def _tensors(model: nn.Module) -> list[Tensor]:
-    return [*model.parameters(), *model.buffers()]
-
-
-def weights_state(model: nn.Module) -> tuple:
-    """What a prepared copy depends on: each parameter and buffer's identity, storage and
-    in-place version (`load_state_dict`, `.to()`, an optimiser step all change it)."""
-    return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in _tensors(model))
-
-
-def shallow_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with `model` (a step
-    that changes a tensor puts a new one in the copy; the teacher's own are never touched)."""
-    memo = {id(t): t for t in _tensors(model)}
-    return copy.deepcopy(model, memo)
-
-
-def _set_parameter(module: nn.Module, name: str, value: Tensor) -> None:
-    setattr(module, name, nn.Parameter(value, requires_grad=False))
-
-
-def _fold_scale(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of an eval-mode BatchNorm, y = x·scale + shift, in float64."""
-    mean = bn.running_mean.detach().double()
-    var = bn.running_var.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
-
-
-def fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    """Fold eval-mode `bn` (which reads `layer`'s output) into `layer`'s weight and bias, in
-    place on `layer` (a module of the copy; new parameter tensors)."""
-    scale, shift = _fold_scale(bn)
-    weight = layer.weight.detach()
-    if isinstance(layer, nn.Linear):
-        view = (-1, 1)
-    elif getattr(layer, "transposed", False):  # ConvTranspose: out channels are dim 1
-        raise ValueError("transposed convolutions are not folded")
-    else:
-        view = (-1,) + (1,) * (weight.dim() - 1)
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(shift)
-    new_weight = (weight.double() * scale.view(view)).to(weight.dtype)
-    new_bias = (bias * scale + shift).to(weight.dtype)
-    _set_parameter(layer, "weight", new_weight)
-    _set_parameter(layer, "bias", new_bias)
-
-
-def find_fold_pairs(
-    model: nn.Module, keep: Iterable[str], linear_ranks: Mapping[str, int] | None = None
-) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(pairs, kept): the (layer, BatchNorm) names that `fold_into` may fold, from the fx
-    graph, and the BatchNorms left out with the reason.
-
-    A pair qualifies when the BatchNorm (eval mode, running statistics) reads the output of a
-    Conv1d/2d/3d or of a Linear whose output is 2-D (N×D: BatchNorm1d then normalises the
-    linear's features; `linear_ranks` gives the rank each linear produced on a batch), that
-    output has no other reader, each module is called once, and neither is in `keep` (tapped
-    layers, whose outputs must stay what they are). Raises the tracer's error when fx cannot
-    trace `model`.
-    """
-    keep = set(keep)
-    modules = dict(model.named_modules())
-    graph = torch.fx.symbolic_trace(model).graph
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs: list[tuple[str, str]] = []
-    kept: dict[str, str] = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCHNORMS):
-            continue
-        bn_name, bn = node.target, modules[node.target]
-        source = node.args[0] if node.args else None
-        layer_name = (
-            getattr(source, "target", None) if getattr(source, "op", "") == "call_module" else None
-        )
-        layer = modules.get(layer_name) if layer_name is not None else None
-        reason = None
-        if bn.running_mean is None or not bn.track_running_stats:
-            reason = "no running statistics"
-        elif not isinstance(layer, (*_CONVS, nn.Linear)):
-            reason = "does not follow a convolution or linear layer"
-        elif isinstance(layer, nn.Linear) and (linear_ranks or {}).get(layer_name) != 2:
-            reason = f"follows {layer_name}, whose output is not N×D"
-        elif len(source.users) != 1:
-            reason = f"{layer_name}'s output has other readers"
-        elif calls.get(bn_name, 0) != 1 or calls.get(layer_name, 0) != 1:
-            reason = "a module called more than once"
-        elif bn_name in keep:
-            reason = "tapped"
-        elif layer_name in keep:
-            reason = f"{layer_name} is tapped"
-        if reason is None:
-            pairs.append((layer_name, bn_name))
-        else:
-            kept[bn_name] = reason
-    return pairs, kept
-
-
-def fold_batchnorms(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> None:
-    """Fold each (layer, BatchNorm) pair of `model` (a copy): new layer weights, the
-    BatchNorm replaced by `nn.Identity`."""
-    for layer_name, bn_name in pairs:
-        fold_into(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        model.set_submodule(bn_name, nn.Identity())
-
-
-def to_channels_last(model: nn.Module) -> int:
-    """The 2-D convolutions' weights of `model` (a copy) in channels-last order (new tensors);
-    returns how many."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            weight = module.weight.detach().contiguous(memory_format=torch.channels_last)
-            _set_parameter(module, "weight", weight)
-            count += 1
-    return count
-
-
-def to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every floating parameter and buffer of `model` (a copy) as `dtype` (new tensors)."""
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_floating_point():
-                _set_parameter(module, name, param.detach().to(dtype))
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.is_floating_point():
-                module._buffers[name] = buffer.to(dtype)
-
-
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """`fn` applied to every tensor of a (nested) model output: tensor, mapping, list, tuple,
-    namedtuple."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, Mapping):
-        mapped = {key: map_tensors(item, fn) for key, item in value.items()}
-        try:
-            return type(value)(mapped)
-        except TypeError:
-            return mapped
-    if isinstance(value, list | tuple):
-        items = [map_tensors(item, fn) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
-
-
-def leaves(value: Any, prefix: str = "output") -> dict[str, Tensor]:
-    """The tensors of a (nested) output by a readable path: ``output``, ``output['seg']``,
-    ``output[0]``."""
-    if isinstance(value, Tensor):
-        return {prefix: value}
-    found: dict[str, Tensor] = {}
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            found.update(leaves(item, f"{prefix}[{key!r}]"))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            found.update(leaves(item, f"{prefix}[{i}]"))
-    return found
-
-
-def input_shapes(inputs: Any) -> tuple:
-    """The shapes and dtypes of the tensors of a batch's inputs (what a compiled graph is
-    specialised to)."""
-    return tuple(
-        (name, tuple(value.shape), value.dtype) for name, value in leaves(inputs, "").items()
-    )
-
-
-def drift(reference: Tensor, value: Tensor) -> tuple[float, float]:
-    """(max |Δ|, max |Δ| / max |reference|) of two tensors of one shape; non-finite entries
-    count as equal only where both are the same non-finite value."""
-    if reference.shape != value.shape:
-        return math.inf, math.inf
-    ref = reference.detach().double()
-    val = value.detach().double()
-    same = (ref == val) | (ref.isnan() & val.isnan())
-    delta = torch.where(same, torch.zeros_like(ref), (ref - val).abs())
-    delta = torch.nan_to_num(delta, nan=math.inf)
-    biggest = float(delta.max()) if delta.numel() else 0.0
-    finite = ref[ref.isfinite()]
-    scale = float(finite.abs().max()) if finite.numel() else 0.0
-    if biggest == 0.0:
-        return 0.0, 0.0
-    return biggest, biggest / scale if scale > 0 else math.inf
-
-
-class _ChannelsLastInput(nn.Module):
-    """Hands a 4-D tensor input to the model in channels-last memory order."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        args = tuple(
-            a.contiguous(memory_format=torch.channels_last)
-            if isinstance(a, Tensor) and a.dim() == 4
-            else a
-            for a in args
-        )
-        return self.model(*args, **kwargs)
-
-
 def _compile_reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     first = next((line for line in text if line.strip()), type(error).__name__)
@@ -483,38 +303,13 @@ class FastTeacher:
         Raises TeacherSpeedupError when a step changes an output or a tapped layer beyond its
         tolerance (nothing is kept then).
         """
-        from kdistill.data.batches import call_model
         from kdistill.distill.taps import Taps
 
         started = time.perf_counter()
         device = next((t.device for t in _tensors(teacher)), torch.device("cpu"))
         steps = resolve_steps(tuple(steps), device)
         report = SpeedupReport()
-
-        # the eager teacher, with the tapped layers and each linear layer's output rank
-        ranks: dict[str, int] = {}
-        hooks = [
-            module.register_forward_hook(
-                lambda m, i, o, name=name: ranks.__setitem__(name, getattr(o, "ndim", -1))
-            )
-            for name, module in teacher.named_modules()
-            if isinstance(module, nn.Linear)
-        ]
-        reference_taps = Taps(teacher, layers, label) if layers else None
-        try:
-            with torch.inference_mode():
-                reference = call_model(teacher, inputs)
-                reference_features = reference_taps.collect() if reference_taps else {}
-        finally:
-            for hook in hooks:
-                hook.remove()
-            if reference_taps is not None:
-                reference_taps.close()
-        expected = {
-            **leaves(reference),
-            **{f"layer {name!r}": value for name, value in reference_features.items()},
-        }
-
+        reference, reference_features, ranks = _eager_reference(teacher, layers, inputs, label)
         try:
             model = shallow_copy(teacher).eval()
         except Exception as error:  # a module that cannot be copied (an open file, a lock)
@@ -527,106 +322,22 @@ class FastTeacher:
                 else ""
             )
             return cls(teacher, teacher, None, report), reference, reference_features
-
         if "fold" in steps:
-            if not any(isinstance(m, _BATCHNORMS) for m in model.modules()):
-                report.skipped["fold"] = "no BatchNorm layers"
-            else:
-                try:
-                    pairs, report.kept = find_fold_pairs(teacher, layers, ranks)
-                except Exception as error:  # fx cannot trace data-dependent control flow
-                    report.skipped["fold"] = f"torch.fx cannot trace it ({_compile_reason(error)})"
-                    _log_once(f"{label}: BatchNorm folding skipped: {report.skipped['fold']}")
-                else:
-                    if pairs:
-                        fold_batchnorms(model, pairs)
-                        report.folded = pairs
-                    else:
-                        report.skipped["fold"] = "no foldable conv/linear → BatchNorm pair"
+            _fold(model, teacher, layers, ranks, report, label)
         taps = Taps(model, layers, label) if layers else None
         runner = _Runner(model)
-        tolerance = FP32_TOLERANCE
-        applied: list[str] = []
-
-        def measure(step: str, call: Callable) -> None:
-            if taps is not None:
-                taps.attach()
-                taps.clear()
-            with torch.inference_mode():
-                output = call_model(call, inputs)
-                features = taps.collect() if taps is not None else {}
-            got = {
-                **leaves(output),
-                **{f"layer {name!r}": value for name, value in features.items()},
-            }
-            worst = (0.0, 0.0, "")
-            for name, value in expected.items():
-                if name not in got:
-                    raise TeacherSpeedupError(
-                        f"{label} speed-up {step!r}: the {name} is missing from the sped-up "
-                        "teacher's results; set teacher_speedup to 'off'"
-                    )
-                absolute, relative = drift(value, got[name].to(value.dtype))
-                if relative > worst[1] or (relative == worst[1] and absolute > worst[0]):
-                    worst = (absolute, relative, name)
-            report.drift[step] = worst[1]
-            if not worst[1] <= tolerance:
-                kept = [s for s in applied if s != step]
-                raise TeacherSpeedupError(
-                    f"{label} speed-up {step!r} changes the teacher's {worst[2]} by max |Δ| "
-                    f"{worst[0]:.3g} (relative to its largest value: {worst[1]:.3g}), above the "
-                    f"tolerance {tolerance:g}, on the first batch; leave {step!r} out of "
-                    f"teacher_speedup (e.g. {kept or 'off'})"
-                )
-            report.max_abs_diff, report.max_rel_diff, report.worst = worst
-
+        check = _Check(reference, reference_features, taps, inputs, report, label)
         if report.folded:
-            applied.append("fold")
-            measure("fold", runner)
+            check("fold", runner)
         if "channels_last" in steps:
-            four_d = any(t.dim() == 4 for t in leaves(inputs, "input").values())
-            if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-                report.skipped["channels_last"] = "no 2-D convolutions"
-            elif not four_d:
-                report.skipped["channels_last"] = "the input is not an N×C×H×W tensor"
-            else:
-                to_channels_last(model)
-                runner.channels_last = True
-                applied.append("channels_last")
-                measure("channels_last", runner)
+            _channels_last(model, runner, inputs, report, check)
         if "bf16" in steps:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-            if dtype is None:
-                report.skipped["bf16"] = "no floating-point parameters"
-            else:
-                to_dtype(model, torch.bfloat16)
-                runner.dtype, runner.out_dtype = torch.bfloat16, dtype
-                tolerance = report.tolerance = BF16_TOLERANCE
-                applied.append("bf16")
-                measure("bf16", runner)
-        call: nn.Module = runner
-        if "compile" in steps:
-            # one static graph for the batch shape of the first batch; other shapes (a last,
-            # smaller batch) run the same copy uncompiled rather than waiting for a recompile
-            compiled = torch.compile(runner, dynamic=False)
-            try:
-                applied.append("compile")
-                measure("compile", compiled)
-                call = compiled
-            except TeacherSpeedupError:
-                raise
-            except Exception as error:  # no C compiler, an unsupported op, …
-                applied.remove("compile")
-                report.drift.pop("compile", None)
-                report.skipped["compile"] = f"torch.compile failed: {_compile_reason(error)}"
-                _log_once(
-                    f"{label}: torch.compile is not used, the teacher runs eagerly: "
-                    f"{report.skipped['compile']}"
-                )
-        report.steps = tuple(applied)
+            _bf16(model, runner, report, check)
+        call = _compile(runner, report, check, label) if "compile" in steps else runner
+        report.steps = tuple(check.applied)
         report.seconds = time.perf_counter() - started
         log.info("%s: %s", label, report.describe())
-        if not applied:  # nothing applies to this teacher: it runs as it is
+        if not check.applied:  # nothing applies to this teacher: it runs as it is
             if taps is not None:
                 taps.close()
             return cls(teacher, None, None, report), reference, reference_features
@@ -635,3 +346,147 @@ class FastTeacher:
         if call is not runner:
             fast.uncompiled, fast.compiled_for = runner, input_shapes(inputs)
         return fast, reference, reference_features
+
+
+def _eager_reference(teacher: nn.Module, layers: Sequence[str], inputs: Any, label: str):
+    """(output, {layer: features}, {linear layer: its output's rank}) of the eager teacher on
+    `inputs`: the values every step is checked against, and what folding needs to know."""
+    from kdistill.data.batches import call_model
+    from kdistill.distill.taps import Taps
+
+    ranks: dict[str, int] = {}
+    hooks = [
+        module.register_forward_hook(
+            lambda m, i, o, name=name: ranks.__setitem__(name, getattr(o, "ndim", -1))
+        )
+        for name, module in teacher.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    reference_taps = Taps(teacher, layers, label) if layers else None
+    try:
+        with torch.inference_mode():
+            reference = call_model(teacher, inputs)
+            reference_features = reference_taps.collect() if reference_taps else {}
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if reference_taps is not None:
+            reference_taps.close()
+    return reference, reference_features, ranks
+
+
+def _fold(model, teacher, layers, ranks, report: SpeedupReport, label: str) -> None:
+    """Fold the BatchNorms of `model` (the copy) into the layers before them, where `teacher`'s
+    graph allows (`find_fold_pairs`); the report says what was folded or why not."""
+    if not any(isinstance(m, _BATCHNORMS) for m in model.modules()):
+        report.skipped["fold"] = "no BatchNorm layers"
+        return
+    try:
+        pairs, report.kept = find_fold_pairs(teacher, layers, ranks)
+    except Exception as error:  # fx cannot trace data-dependent control flow
+        report.skipped["fold"] = f"torch.fx cannot trace it ({_compile_reason(error)})"
+        _log_once(f"{label}: BatchNorm folding skipped: {report.skipped['fold']}")
+        return
+    if pairs:
+        fold_batchnorms(model, pairs)
+        report.folded = pairs
+    else:
+        report.skipped["fold"] = "no foldable conv/linear → BatchNorm pair"
+
+
+class _Check:
+    """Measures each step on the first batch against the eager teacher (outputs and tapped
+    layers) and raises TeacherSpeedupError when the worst drift exceeds the tolerance (fp32's,
+    bf16's once bf16 is applied); `applied` lists the steps measured so far."""
+
+    def __init__(self, reference, reference_features, taps, inputs, report, label: str):
+        self.expected = {
+            **leaves(reference),
+            **{f"layer {name!r}": value for name, value in reference_features.items()},
+        }
+        self.taps, self.inputs, self.report, self.label = taps, inputs, report, label
+        self.tolerance = FP32_TOLERANCE
+        self.applied: list[str] = []
+
+    def __call__(self, step: str, call: Callable) -> None:
+        from kdistill.data.batches import call_model
+
+        self.applied.append(step)
+        taps, report, label = self.taps, self.report, self.label
+        if taps is not None:
+            taps.attach()
+            taps.clear()
+        with torch.inference_mode():
+            output = call_model(call, self.inputs)
+            features = taps.collect() if taps is not None else {}
+        got = {
+            **leaves(output),
+            **{f"layer {name!r}": value for name, value in features.items()},
+        }
+        worst = (0.0, 0.0, "")
+        for name, value in self.expected.items():
+            if name not in got:
+                raise TeacherSpeedupError(
+                    f"{label} speed-up {step!r}: the {name} is missing from the sped-up "
+                    "teacher's results; set teacher_speedup to 'off'"
+                )
+            absolute, relative = drift(value, got[name].to(value.dtype))
+            if relative > worst[1] or (relative == worst[1] and absolute > worst[0]):
+                worst = (absolute, relative, name)
+        report.drift[step] = worst[1]
+        if not worst[1] <= self.tolerance:
+            kept = [s for s in self.applied if s != step]
+            raise TeacherSpeedupError(
+                f"{label} speed-up {step!r} changes the teacher's {worst[2]} by max |Δ| "
+                f"{worst[0]:.3g} (relative to its largest value: {worst[1]:.3g}), above the "
+                f"tolerance {self.tolerance:g}, on the first batch; leave {step!r} out of "
+                f"teacher_speedup (e.g. {kept or 'off'})"
+            )
+        report.max_abs_diff, report.max_rel_diff, report.worst = worst
+
+
+def _channels_last(model, runner: _Runner, inputs: Any, report: SpeedupReport, check) -> None:
+    """Channels-last convolutions, for a model with 2-D convolutions fed ``N×C×H×W`` inputs."""
+    four_d = any(t.dim() == 4 for t in leaves(inputs, "input").values())
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        report.skipped["channels_last"] = "no 2-D convolutions"
+    elif not four_d:
+        report.skipped["channels_last"] = "the input is not an N×C×H×W tensor"
+    else:
+        to_channels_last(model)
+        runner.channels_last = True
+        check("channels_last", runner)
+
+
+def _bf16(model, runner: _Runner, report: SpeedupReport, check: _Check) -> None:
+    """bfloat16 weights and activations, outputs cast back to the teacher's dtype; checked at
+    the bf16 tolerance from here on."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        report.skipped["bf16"] = "no floating-point parameters"
+        return
+    to_dtype(model, torch.bfloat16)
+    runner.dtype, runner.out_dtype = torch.bfloat16, dtype
+    check.tolerance = report.tolerance = BF16_TOLERANCE
+    check("bf16", runner)
+
+
+def _compile(runner: _Runner, report: SpeedupReport, check: _Check, label: str) -> nn.Module:
+    """`torch.compile` of the runner, checked; the runner itself when compiling fails."""
+    # one static graph for the batch shape of the first batch; other shapes (a last,
+    # smaller batch) run the same copy uncompiled rather than waiting for a recompile
+    compiled = torch.compile(runner, dynamic=False)
+    try:
+        check("compile", compiled)
+        return compiled
+    except TeacherSpeedupError:
+        raise
+    except Exception as error:  # no C compiler, an unsupported op, …
+        check.applied.remove("compile")
+        report.drift.pop("compile", None)
+        report.skipped["compile"] = f"torch.compile failed: {_compile_reason(error)}"
+        _log_once(
+            f"{label}: torch.compile is not used, the teacher runs eagerly: "
+            f"{report.skipped['compile']}"
+        )
+        return runner
