@@ -59,3 +59,19 @@ def test_a_broken_link_fails_the_build(tmp_path):
     result = _build(copy / "mkdocs.yml", tmp_path / "site")
     assert result.returncode != 0
     assert "no-such-page.md" in result.stdout + result.stderr
+
+
+def readme_as_index(readme: str) -> str:
+    """The site's home page is the README with its links made relative to docs/."""
+    return readme.replace("](docs/", "](").replace("[CHANGELOG.md](CHANGELOG.md)", "`CHANGELOG.md`")
+
+
+def test_the_site_home_page_is_the_readme():
+    """docs/index.md is the README (links rewritten): the front page is written once. After an
+    edit of README.md: python -c 'from tests.test_docs_site import write_index; write_index()'."""
+    index = (ROOT / "docs" / "index.md").read_text()
+    assert index == readme_as_index((ROOT / "README.md").read_text())
+
+
+def write_index() -> None:
+    (ROOT / "docs" / "index.md").write_text(readme_as_index((ROOT / "README.md").read_text()))
