@@ -12,7 +12,7 @@ measurements, and the command::
     | middle | 1,000 | 80.58 ± 0.21 | 87.66 ± 0.16 |
 
 Each figure in the table's body — outside the first column (the row's name), the `skip:`
-columns and code spans — must be a value the file holds or that follows from it, printed to the
+columns (named by the start of their header, comma-separated) and code spans — must be a value the file holds or that follows from it, printed to the
 figure's own precision: a number anywhere in the file (also × 100 for percentages, and in the
 usual units: k / M / G, KiB / MiB / GiB, ms from s, min from s); and for a run's results
 (`records`, as `kdistill run` writes `results.json`) every group's per-seed values, mean and
@@ -132,6 +132,11 @@ class Figure:
     text: str
     value: float
     unit: float  # half of this is the rounding error the printed precision allows
+
+
+def column_name(text: str) -> str:
+    """A header as `skip:` names it: no backticks or emphasis, spaces collapsed, lower case."""
+    return " ".join(text.replace("`", "").replace("*", "").split()).lower()
 
 
 def figures(cell: str) -> list[Figure]:
@@ -294,7 +299,7 @@ def check_table(table: Table, root: Path = ROOT) -> list[str]:
             ]
         return []
     mark = parse_mark(table.mark)
-    skip = {s.strip().lower() for s in mark.get("skip", "").split(",") if s.strip()}
+    skip = {column_name(s) for s in mark.get("skip", "").split(",") if s.strip()}
     problems = []
     if not mark.get("command"):
         problems.append(f"{where}: the results comment names no 'command:'")
@@ -303,11 +308,7 @@ def check_table(table: Table, root: Path = ROOT) -> list[str]:
     if missing or not paths:
         return problems + [f"{where}: results file(s) {missing or '(none named)'} do not exist"]
     values = candidates(paths)
-    skipped = {
-        c
-        for c in columns
-        if c < len(table.header) and clean(table.header[c]).strip().lower() in skip
-    }
+    skipped = {c for c in columns if any(column_name(table.header[c]).startswith(s) for s in skip)}
     for line, row in zip(table.body_lines, table.rows, strict=False):
         for c in columns:
             if c in skipped or c >= len(row):
