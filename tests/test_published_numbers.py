@@ -12,12 +12,14 @@ measurements, and the command::
     | middle | 1,000 | 80.58 ± 0.21 | 87.66 ± 0.16 |
 
 Each figure in the table's body — outside the first column (the row's name), the `skip:`
-columns (named by the start of their header, comma-separated) and code spans — must be a value the file holds or that follows from it, printed to the
-figure's own precision: a number anywhere in the file (also × 100 for percentages, and in the
-usual units: k / M / G, KiB / MiB / GiB, ms from s, min from s); and for a run's results
-(`records`, as `kdistill run` writes `results.json`) every group's per-seed values, mean and
-standard deviation of each metric, the gap closed, and the paired differences between two
-methods of one student, seed by seed, with their mean and standard deviation.
+columns (named by the start of their header, comma-separated) and code spans — must be a value
+the file holds or that follows from it, printed to the figure's own precision: a number anywhere
+in the file (also × 100 for percentages, and in the usual units: k / M / G, KiB / MiB / GiB, ms
+from s, min from s; a text file — a command's saved output — holds the figures printed in it);
+and for a run's results (`records`, as `kdistill run` writes `results.json`) every group's
+per-seed values, mean and standard deviation of each metric, the gap closed, and the paired
+differences between two methods of one student, seed by seed, with their mean and standard
+deviation. A printed "mean ± std" of a run's results must match one series as a pair.
 
 A table with figures and no such comment fails, as does a figure the file does not hold, or a
 named file that does not exist. A table whose numbers are not measurements (formulas, field
@@ -51,8 +53,14 @@ FIGURE = re.compile(
 SCALES = (1.0, 100.0, 1e-3, 1e-6, 1e-9, 2.0**-10, 2.0**-20, 2.0**-30, 1e3, 1 / 60)
 
 
+# generated from the recipe schema by `kdistill reference` (tests/test_reference.py keeps it
+# fresh): its numbers are field defaults and constraints, not measurements
+NOT_PUBLISHED = {"recipe-reference.md"}
+
+
 def published_pages(root: Path = ROOT) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [page for page in pages if page.name not in NOT_PUBLISHED]
 
 
 @dataclass
@@ -251,6 +259,9 @@ def candidates(paths: list[Path]) -> Candidates:
     found: list[float] = []
     pairs: list[tuple[float, float]] = []
     for path in paths:
+        if path.suffix != ".json":  # a command's saved output (`kdistill check … > x.txt`)
+            found += [fig.value for fig in figures(path.read_text())]
+            continue
         data = json.loads(path.read_text())
         raw = numbers(data)
         series: list[tuple[float, float]] = []
