@@ -19,7 +19,9 @@ from s, min from s; a text file — a command's saved output — holds the figur
 and for a run's results (`records`, as `kdistill run` writes `results.json`) every group's
 per-seed values, mean and standard deviation of each metric, the gap closed, and the paired
 differences between two methods of one student, seed by seed, with their mean and standard
-deviation. A printed "mean ± std" of a run's results must match one series as a pair.
+deviation. A printed "mean ± std" of a run's results must match one series as a pair, and a
+figure in a "gap closed" column one of the run's gaps. In a table of several files, a row that
+names one of them (a link in a "results file" column) is checked against that file alone.
 
 A table with figures and no such comment fails, as does a figure the file does not hold, or a
 named file that does not exist. A table whose numbers are not measurements (formulas, field
@@ -160,10 +162,13 @@ def figure(m: re.Match) -> Figure:
     return Figure(m.group(0), sign * float(digits) * 10.0**exp, 10.0 ** (exp - decimals))
 
 
-def cell_problems(cell: str, values: Candidates) -> list[str]:
+def cell_problems(cell: str, values: Candidates, gap: bool = False) -> list[str]:
     """The figures of a cell that the file does not hold. "mean ± std" is checked as a pair
-    against the series of a run's results when the file has any, else figure by figure."""
+    against the series of a run's results when the file has any, else figure by figure; in a
+    "gap closed" column (`gap`) of a run's results, against the rows' gaps only."""
     text = clean(cell)
+    if gap and values.gaps:
+        return [f.text for f in figures(cell) if not holds(values.gaps, f)]
     problems, matches = [], list(FIGURE.finditer(text))
     i = 0
     while i < len(matches):
@@ -244,20 +249,29 @@ def run_figures(data: dict, pairs: list[tuple[float, float]]) -> list[float]:
                     diffs = [per_seed[s] - other[s] for s in seeds]
                     out += stats(diffs)
                     out += stats([-d for d in diffs])
-    for row in data.get("rows", []):
-        out += [row.get("gap_closed")] + list((row.get("gaps") or {}).values())
+    out += run_gaps(data)
     return [v for v in out if v is not None]
+
+
+def run_gaps(data: dict) -> list[float]:
+    """The gap closed of every row of a run's results, on each metric."""
+    found = []
+    for row in data.get("rows", []):
+        found += [row.get("gap_closed"), *(row.get("gaps") or {}).values()]
+    return [v for v in found if v is not None]
 
 
 @dataclass
 class Candidates:
     values: list[float]  # sorted
     pairs: list[tuple[float, float]]  # (mean, std) of each series of a run's results, scaled
+    gaps: list[float]  # sorted: the gaps closed of a run's results, in %
 
 
 def candidates(paths: list[Path]) -> Candidates:
     found: list[float] = []
     pairs: list[tuple[float, float]] = []
+    gaps: list[float] = []
     for path in paths:
         if path.suffix != ".json":  # a command's saved output (`kdistill check … > x.txt`)
             found += [fig.value for fig in figures(path.read_text())]
@@ -267,9 +281,10 @@ def candidates(paths: list[Path]) -> Candidates:
         series: list[tuple[float, float]] = []
         if isinstance(data, dict) and "records" in data:
             raw += run_figures(data, series)
+            gaps += [100 * g for g in run_gaps(data)]
         found += [v * scale for v in raw for scale in SCALES]
         pairs += [(m * scale, s * scale) for m, s in series for scale in (1.0, 100.0)]
-    return Candidates(sorted(set(found)), pairs)
+    return Candidates(sorted(set(found)), pairs, sorted(gaps))
 
 
 def pair_holds(pairs: list[tuple[float, float]], mean: Figure, std: Figure) -> bool:
@@ -319,12 +334,17 @@ def check_table(table: Table, root: Path = ROOT) -> list[str]:
     if missing or not paths:
         return problems + [f"{where}: results file(s) {missing or '(none named)'} do not exist"]
     values = candidates(paths)
+    # a row that names one of the files (a link to it) is checked against that file alone
+    own = {path.name: candidates([path]) for path in paths} if len(paths) > 1 else {}
     skipped = {c for c in columns if any(column_name(table.header[c]).startswith(s) for s in skip)}
     for line, row in zip(table.body_lines, table.rows, strict=False):
+        named = [name for name in own if name in " ".join(row)]
+        row_values = own[named[0]] if len(named) == 1 else values
         for c in columns:
             if c in skipped or c >= len(row):
                 continue
-            for text in cell_problems(row[c], values):
+            gap = "gap closed" in column_name(table.header[c])
+            for text in cell_problems(row[c], row_values, gap):
                 problems.append(
                     f"{table.page.relative_to(root)}:{line}: {text!r} (column "
                     f"{clean(table.header[c]).strip()!r}) is not in {mark['results']}"
@@ -355,16 +375,27 @@ def _copy_readme(tmp_path: Path) -> Path:
     return tmp_path / "README.md"
 
 
-def test_a_planted_wrong_digit_fails(tmp_path):
-    """88.72 (the demo's student alone, docs/results/demo.json) planted as 88.73 in a copy of
-    the README: the check names the figure; the untouched copy passes."""
+@pytest.mark.parametrize(
+    "right, wrong, reported",
+    [
+        # the demo's student alone (docs/results/demo.json): a mean ± std pair
+        ("**88.72 ± 0.15**", "**88.73 ± 0.15**", "'88.73 ± 0.15'"),
+        # the demo's gap closed with 1,000 labels: +70 % (0.703 in the file)
+        ("| +70 % |", "| +71 % |", "'+71'"),
+        # the function-matching teacher's accuracy, 91.73 %
+        ("| 91.73 |", "| 91.78 |", "'91.78'"),
+    ],
+)
+def test_a_planted_wrong_digit_fails(tmp_path, right, wrong, reported):
+    """One digit planted wrong in a copy of the README: the check names the figure; the
+    untouched copy passes."""
     readme = _copy_readme(tmp_path)
     assert page_problems(readme, tmp_path) == []
     text = readme.read_text()
-    assert text.count("**88.72 ± 0.15**") == 1
-    readme.write_text(text.replace("**88.72 ± 0.15**", "**88.73 ± 0.15**"))
+    assert text.count(right) == 1
+    readme.write_text(text.replace(right, wrong))
     problems = page_problems(readme, tmp_path)
-    assert len(problems) == 1 and "'88.73 ± 0.15'" in problems[0], problems
+    assert len(problems) == 1 and reported in problems[0], problems
 
 
 def test_a_figure_without_a_file_fails(tmp_path):
