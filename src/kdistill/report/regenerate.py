@@ -26,10 +26,13 @@ def read_results(path: str | Path) -> dict:
         raise KdistillError(f"{path}: no such results file") from None
     except json.JSONDecodeError as error:
         raise KdistillError(f"{path}: not a JSON results file ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+    if not isinstance(data, dict) or not (
+        isinstance(data.get("records"), list) or isinstance(data.get("stages"), list)
+    ):
         raise KdistillError(
             f"{path}: not a run's results file (expected an object with 'recipe' and 'records', "
-            "as `kdistill run` writes to <run>/results.json)"
+            "as `kdistill run` writes to <run>/results.json, or 'stages', as `kdistill compress` "
+            "writes)"
         )
     return data
 
@@ -81,6 +84,8 @@ def results_table(path: str | Path, recipe: str | Path | None = None) -> str:
 
     path = Path(path)
     data = read_results(path)
+    if "stages" in data:  # `kdistill compress`: one row per stage
+        return compression_table_from(data)
     recipe = results_recipe(path, data, recipe)
     summary = summary_from_results(data, recipe, path.parent)
     metric = summary.metrics[0]
@@ -94,6 +99,16 @@ def results_table(path: str | Path, recipe: str | Path | None = None) -> str:
     )
 
 
+def compression_table_from(data: dict) -> str:
+    """The compression table of a `kdistill compress` results file."""
+    from kdistill.compress.pipeline import Stage
+    from kdistill.compress.report import compression_table
+
+    names = {f.name for f in dataclasses.fields(Stage)}
+    stages = [Stage(**{k: v for k, v in s.items() if k in names}) for s in data["stages"]]
+    return compression_table(stages)
+
+
 def regenerate_report(
     path: str | Path, out_dir: str | Path, recipe: str | Path | None = None
 ) -> list[str]:
@@ -105,6 +120,11 @@ def regenerate_report(
     path = Path(path)
     out_dir = Path(out_dir)
     data = read_results(path)
+    if "stages" in data:
+        raise KdistillError(
+            f"{path}: a compression results file; `kdistill report` prints its table, "
+            "`kdistill compress` writes its whole report"
+        )
     recipe = results_recipe(path, data, recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = path.parent / "metrics.jsonl"
