@@ -74,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SEQUENCES_FORMAT = 1  # bump when the stored layout or the decoding changes
+SEQUENCES_FORMAT = 2  # bump when the stored layout or the decoding changes
 
 
 def _logits(output: Any) -> Tensor:
