@@ -25,8 +25,12 @@ class OnPolicyConfig(BaseModel):
     max_new_tokens: int = Field(
         32, ge=1, description="longest sampled completion (tokens, its end token included)"
     )
-    seed: int = Field(
-        0, description="with the batch's position in training, fixes the coin and the samples"
+    seed: int | None = Field(
+        None,
+        description="with the batch's position in training, fixes the coin and the samples; "
+        "default: the training loader's seed (in a recipe the student's seed, so every seed "
+        "draws its own batches); a number: the same draws whatever the loader's seed (in a "
+        "recipe, plus the student's seed index: seed + 1 draws as on_policy.seed + 1)",
     )
 
 

@@ -267,7 +267,8 @@ def _accumulate_window(
 
 def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPolicy | None:
     """`config.on_policy` as an `OnPolicy` sampling ids below the loader's dataset's
-    `vocab_size` and stopping at its `end_id` (when it has them; else <eos>), or None;
+    `vocab_size` and stopping at its `end_id` (when it has them; else <eos>), keyed by
+    `on_policy.seed` or, unset, the loader's `seed` (0 when it has none), or None;
     ConfigError with stored teacher outputs (they were computed on the data's completions, not
     on the student's samples)."""
     spec = config.on_policy
@@ -281,11 +282,15 @@ def _on_policy(config: TrainConfig, teacher_outputs, label: str, loader) -> OnPo
     dataset = getattr(loader, "dataset", None)
     vocab_size = getattr(dataset, "vocab_size", None)
     end_id = getattr(dataset, "end_id", None)
+    seed = spec.seed  # unset: the loader's seed, so runs with different seeds draw differently
+    if seed is None:
+        seed = getattr(loader, "seed", 0)
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     return OnPolicy(
         spec.lmbda,
         spec.temperature,
         spec.max_new_tokens,
-        spec.seed,
+        seed,
         vocab_size if isinstance(vocab_size, int) else None,
         **({"eos_id": end_id} if isinstance(end_id, int) else {}),
     )

@@ -717,7 +717,11 @@ class Experiment:
         distill = self.recipe.distill
         generated = method in distill.on_policy or method in distill.sequence_level
         if method in distill.on_policy:
-            config = config.model_copy(update={"on_policy": distill.on_policy[method]})
+            on_policy = distill.on_policy[method]
+            if on_policy.seed is not None:  # a fixed seed still differs from seed to seed
+                offset = seed - self.recipe.seed
+                on_policy = on_policy.model_copy(update={"seed": on_policy.seed + offset})
+            config = config.model_copy(update={"on_policy": on_policy})
         if method in distill.sequence_level:
             data = self.sequence_level_data(method)
         loader = self.student_loader(data, seed, config.batch_size)
