@@ -85,6 +85,12 @@ class TrainConfig(BaseModel):
         description="prompt → completion data: train on the student's own samples with "
         "probability lmbda per batch (GKD, kdistill.onpolicy); none: the data as it is",
     )
+    allow_uncounted_epochs: bool = Field(
+        False,
+        description="an epoch in which a token-counting term counts no token (every label "
+        "−100) is an error naming the term, as it trained that term on nothing; true: a "
+        "warning only",
+    )
     progress: bool = Field(True, description="progress bars (CLI: --quiet turns them off)")
 
     @model_validator(mode="after")
