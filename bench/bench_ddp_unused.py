@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine.distributed import cleanup, info, init_distributed, wrap_ddp
 from kdistill.losses import CE, KD
 from kdistill.models import MODELS

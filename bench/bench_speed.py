@@ -175,7 +175,7 @@ class UncheckedReads:
         self.cache = cache
 
     def lookup(self, index, inputs=None):
-        from kdistill.cache import _as_rows
+        from kdistill.distill.teacher.store import _as_rows
 
         return self.cache._read_rows(_as_rows(index, self.cache.size, "bench"))
 
@@ -184,7 +184,7 @@ def data_check(cache, data):
     """The check alone, in `fit`'s order: the batch is gathered from the dataset (as the loader
     does, untimed), then its input signatures are computed and compared with the stored ones
     (timed; the step returns that time)."""
-    from kdistill.cache import _as_rows
+    from kdistill.distill.teacher.store import _as_rows
 
     def step(batch) -> float:
         inputs, _ = data.get_batch(batch.index)
@@ -223,8 +223,8 @@ def paired_steps(args: argparse.Namespace, pair: dict, data, source, kd_terms) -
     import torch
 
     from kdistill import losses as L
-    from kdistill.cache import TeacherCache
-    from kdistill.distiller import Distiller, Term
+    from kdistill.distill.distiller import Distiller, Term
+    from kdistill.distill.teacher.store import TeacherCache
 
     teacher = make_model(pair, "teacher")
     cache = TeacherCache.open(args.cache_dir, dataset=data)
@@ -265,7 +265,7 @@ def student_tap_steps(args: argparse.Namespace, pair: dict, student, source) -> 
     import torch
     import torch.nn.functional as F
 
-    from kdistill.taps import Taps
+    from kdistill.distill.taps import Taps
 
     layer = pair["student_tap"]
     module = dict(student.named_modules())[layer]
@@ -319,9 +319,9 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from kdistill import losses as L
-    from kdistill.cache import TeacherCache, build_teacher_cache
-    from kdistill.distiller import Distiller, Term
-    from kdistill.taps import Taps
+    from kdistill.distill.distiller import Distiller, Term
+    from kdistill.distill.taps import Taps
+    from kdistill.distill.teacher.store import TeacherCache, build_teacher_cache
 
     torch.set_num_threads(args.threads)
     pair = PAIRS[args.pair]

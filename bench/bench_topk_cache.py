@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdistill.cache import build_token_cache
 from kdistill.data.text import kjv_splits
+from kdistill.distill.teacher.store import build_token_cache
 from kdistill.engine.checkpoint import load_weights, read_checkpoint_file
 from kdistill.losses import ForwardKL, ReverseKL
 from kdistill.models.lm import lm_student, lm_teacher

@@ -479,8 +479,8 @@ def run_kdistill(args, teacher, student, batches, lmbda: float | None, cached=Fa
     )
     outputs, build_s = None, None
     if cached:  # the teacher's logits computed once, before training (kdistill's offline mode)
-        from kdistill.cache import MemoryTeacherOutputs
         from kdistill.data.batches import as_batch
+        from kdistill.distill.teacher.store import MemoryTeacherOutputs
 
         batches = [
             {**b, "index": torch.arange(i * len(b["labels"]), (i + 1) * len(b["labels"]))}
@@ -663,7 +663,7 @@ def kdistill_sampled_steps(lmbda: float, count: int) -> int | None:
     """How many of the `count` batches kdistill's on-policy mode samples (its coin is a fixed
     function of the seed and the batch's position), when the mode exists."""
     try:
-        from kdistill.onpolicy import OnPolicy
+        from kdistill.distill.onpolicy import OnPolicy
     except ImportError:
         return None
     return sum(OnPolicy(lmbda=lmbda, seed=0).draw(key)[0] for key in range(count))

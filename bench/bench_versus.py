@@ -165,8 +165,8 @@ def worker(args: argparse.Namespace) -> dict:
     import kdistill as kd
     from kdistill import losses as L
     from kdistill.allocator import minor_page_faults, retain_freed_memory
-    from kdistill.cache import MemoryTeacherOutputs
     from kdistill.data import BatchLoader
+    from kdistill.distill.teacher.store import MemoryTeacherOutputs
     from kdistill.engine.loop import lookup_teacher
 
     retained = retain_freed_memory() if args.malloc == "retained" else False
@@ -285,7 +285,7 @@ def worker(args: argparse.Namespace) -> dict:
             kd.Distiller(teacher, student(), terms(), teacher_speedup="fold,channels_last,compile")
         )
     # the sped-up teacher alone, prepared on a first batch (as the distiller does)
-    from kdistill.teacher_speedup import FastTeacher
+    from kdistill.distill.teacher.speedup import FastTeacher
 
     first = next(iter(loader)).inputs.to(device)
     fast_teacher, _, _ = FastTeacher.prepare(teacher, ("auto",), [], first)

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 from kdistill import losses as L
-from kdistill.cache import build_view_cache
 from kdistill.data import ArrayDataset, Augmentation, BatchLoader, load_fashion_mnist
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import build_view_cache
 from kdistill.engine import TrainConfig, fit
 from kdistill.models import create_model
 

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import kdistill as kd
     from kdistill import losses as L
     from kdistill.data import BatchLoader, load_digits
+    from kdistill.distill.teacher.speedup import FastTeacher, cpu_has_amx
     from kdistill.models import create_model
-    from kdistill.teacher_speedup import FastTeacher, cpu_has_amx
 
     torch.set_num_threads(args.threads)
     kd.retain_freed_memory()

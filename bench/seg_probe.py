@@ -32,7 +32,7 @@ import torch
 
 from kdistill import losses as L
 from kdistill.data import BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.models import create_model
 from kdistill.recipes import load_recipe

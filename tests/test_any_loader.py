@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 import kdistill as kd
-from kdistill.cache import MemoryTeacherOutputs
-from kdistill.connectors import align_spatial, build_connector
 from kdistill.data.arrays import ArrayDataset, Batch, BatchLoader
 from kdistill.data.batches import as_batch
-from kdistill.distiller import select_output
+from kdistill.distill.connectors import align_spatial, build_connector
+from kdistill.distill.distiller import select_output
+from kdistill.distill.teacher.store import MemoryTeacherOutputs
 from kdistill.engine import evaluate_classifier, trained_state
 from kdistill.engine.checkpoint import load_latest_checkpoint
 from kdistill.engine.distributed import DistInfo, shard_loader

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kdistill.cache import MemoryTeacherOutputs
 from kdistill.cli import main
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import MemoryTeacherOutputs
 from kdistill.engine import TrainConfig, fit, trained_state
 from kdistill.engine.checkpoint import load_state_dict_file
 from kdistill.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError

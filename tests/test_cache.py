@@ -13,16 +13,16 @@ import torch
 from torch import nn
 
 from kdistill import losses as L
-from kdistill.cache import (
+from kdistill.cli import main
+from kdistill.data import ArrayDataset, BatchLoader
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import (
     TeacherCache,
     build_teacher_cache,
     encode_topk,
     offline_teacher_outputs,
     rebuild_topk_logits,
 )
-from kdistill.cli import main
-from kdistill.data import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import CacheError, ConfigError, LayerNotFoundError
 from kdistill.recipes import Experiment, load_recipe

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from kdistill import losses as L
-from kdistill.cache import TeacherCache, build_teacher_cache
 from kdistill.data import ArrayDataset, BatchLoader, split_train_val
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import TeacherCache, build_teacher_cache
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import CacheError, ConfigError
 
@@ -187,7 +187,7 @@ def test_signature_file_is_verified_like_the_arrays(tmp_path, teacher, data):
 
 # -- in-memory teacher outputs ----------------------------------------------------------------
 def test_memory_outputs_used_with_other_data_are_refused(teacher, data):
-    from kdistill.cache import MemoryTeacherOutputs
+    from kdistill.distill.teacher.store import MemoryTeacherOutputs
 
     stored = MemoryTeacherOutputs.predict(teacher, BatchLoader(data, batch_size=10))
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_memory_outputs_used_with_other_data_are_refused(teacher, data):
 
 
 def test_memory_dict_outputs_are_checked_too(data):
-    from kdistill.cache import MemoryTeacherOutputs
+    from kdistill.distill.teacher.store import MemoryTeacherOutputs
 
     outputs = {"a": torch.randn(64, 3), "b": torch.randn(64, 2, 2)}
     stored = MemoryTeacherOutputs.of(outputs, data)
@@ -239,7 +239,7 @@ def test_bare_tensor_teacher_outputs_are_refused(teacher, data):
 def test_recipe_memory_cache_is_checked(tmp_path):
     import textwrap
 
-    from kdistill.cache import MemoryTeacherOutputs
+    from kdistill.distill.teacher.store import MemoryTeacherOutputs
     from kdistill.recipes import Experiment, load_recipe
 
     path = tmp_path / "recipe.yaml"
@@ -283,7 +283,7 @@ def splitmix64(state: int) -> int:
 
 
 def test_the_signature_is_a_fixed_dot_product_computed_independently():
-    from kdistill.cache import _SPLITMIX_SEED, _projection, input_signatures
+    from kdistill.distill.teacher.store import _SPLITMIX_SEED, _projection, input_signatures
 
     # the reference generator against splitmix64's published first outputs for seed 0
     assert splitmix64(0) == 0xE220A8397B1DCDAF

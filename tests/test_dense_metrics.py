@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.engine import dense_metrics
-from kdistill.engine.dense_metrics import (
+from kdistill.tasks import dense_metrics
+from kdistill.tasks.dense_metrics import (
     DetectionMAP,
     SegmentationMetrics,
     average_precision_voc,

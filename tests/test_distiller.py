@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.distiller import Distiller, DistillOutput, Term, select_output
+from kdistill.distill.distiller import Distiller, DistillOutput, Term, select_output
+from kdistill.distill.taps import Taps, find_modules
 from kdistill.errors import LayerNotFoundError, NonFiniteLossError
 from kdistill.losses import CE, KD, FitNet, LogitMSE
-from kdistill.taps import Taps, find_modules
 
 # ---------------------------------------------------------------------------------------------
 # tiny models and helpers

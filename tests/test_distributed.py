@@ -141,7 +141,7 @@ import json, sys
 import torch
 from torch import nn
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, evaluate_classifier, fit
 from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
 from kdistill.losses import CE, KD, FitNet
@@ -226,7 +226,7 @@ import json, sys
 import torch
 from torch import nn
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
 from kdistill.losses import CE, KD, FitNet
@@ -367,7 +367,7 @@ import json, sys
 import torch
 from torch import nn
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
 from kdistill.losses import CE, CRD

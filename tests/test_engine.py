@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import kdistill.engine.checkpoint as checkpoint_module
-from kdistill.cache import MemoryTeacherOutputs
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import MemoryTeacherOutputs
 from kdistill.engine import (
     Accuracy,
     FitResult,

@@ -10,7 +10,7 @@ import pytest
 from test_cli import needs_fashion_mnist  # tests/ is on sys.path (pytest's prepend import mode)
 
 from kdistill.cli import main
-from kdistill.layers import describe_layers
+from kdistill.distill.layers import describe_layers
 from kdistill.models import create_model
 from kdistill.recipes.runner import method_terms
 from kdistill.recipes.schema import load_recipe

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.data import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.losses import CE, FitNet
 

@@ -1,15 +1,15 @@
 """Imports go one way: a module may import its own layer and the layers below it, never above.
 
-    0 shared    errors, registry, _checks, importpath, ops/, io, allocator
+    0 shared    errors, registry, _checks, _aliases, importpath, ops/, io, allocator
     1 data      data/
     2 models    models/
     3 losses    losses/
-    4 distill   taps, connectors, distiller, multitask, cache (teacher outputs), teacher_speedup,
-                onpolicy
+    4 distill   distill/ (distiller, taps, connectors, multitask, layers, onpolicy;
+                distill/teacher/: teacher sources, stores, speed-up)
     5 engine    engine/
-    6 tasks     tasks/
+    6 tasks     tasks/ (with the problem metrics)
     7 recipes   recipes/
-    8 front     report/, compress/, export, layers, cli, __init__, __main__
+    8 front     report/, compress/, export, cli, __init__, __main__
 
 Every `import kdistill…` counts, including those inside functions (a late import is still a
 dependency). The README's architecture section shows the same layout.
@@ -23,17 +23,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdistill"
 
 LAYERS = {
-    "errors": 0, "registry": 0, "_checks": 0, "ops": 0, "io": 0, "importpath": 0,
-    "allocator": 0,
+    "errors": 0, "registry": 0, "_checks": 0, "_aliases": 0, "ops": 0, "io": 0,
+    "importpath": 0, "allocator": 0,
     "data": 1,
     "models": 2,
     "losses": 3,
-    "taps": 4, "connectors": 4, "distiller": 4, "multitask": 4, "cache": 4, "distill": 4,
-    "teacher_speedup": 4, "onpolicy": 4,
+    "distill": 4,
     "engine": 5,
     "tasks": 6,
     "recipes": 7,
-    "report": 8, "compress": 8, "export": 8, "layers": 8, "cli": 8, "__init__": 8,
+    "report": 8, "compress": 8, "export": 8, "cli": 8, "__init__": 8,
     "__main__": 8, "examples": 8,
 }  # fmt: skip
 

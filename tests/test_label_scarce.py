@@ -14,7 +14,7 @@ from torch import nn
 
 from kdistill import losses as L
 from kdistill.data import UNLABELLED, ArrayDataset, BatchLoader, hide_labels, repeat_to
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import ConfigError, DataError
 from kdistill.recipes import Experiment, load_recipe

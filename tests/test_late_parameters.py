@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from kdistill import losses as L
 from kdistill.data import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import LateParameterError
 

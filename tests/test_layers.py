@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from kdistill.cli import main
-from kdistill.layers import describe_layers, embedding_layer, propose_pairs, stage_ends
+from kdistill.distill.layers import describe_layers, embedding_layer, propose_pairs, stage_ends
 from kdistill.models import create_model
 
 
@@ -189,7 +189,7 @@ def test_token_ids_of_the_given_dtype_reach_the_model():
 def test_layers_that_return_tuples_or_dicts_show_what_they_hold():
     from torch import nn
 
-    from kdistill.layers import describe_layers, layers_table
+    from kdistill.distill.layers import describe_layers, layers_table
 
     class Pair(nn.Module):
         def forward(self, x):

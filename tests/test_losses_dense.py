@@ -17,8 +17,8 @@ from torch import nn
 
 import kdistill as kd
 from kdistill import losses as L
+from kdistill.distill.multitask import multitask_terms
 from kdistill.losses.base import STUDENT, TARGET, DistillLoss
-from kdistill.multitask import multitask_terms
 
 # ---------------------------------------------------------------------------------------------
 # Independent references (numpy, float64, one pixel / one channel at a time).

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdistill import losses as L
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:

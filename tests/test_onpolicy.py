@@ -17,18 +17,18 @@ from kdistill.data import BatchLoader
 from kdistill.data.arrays import Batch
 from kdistill.data.completions import PromptCompletions, sequences_from_parts
 from kdistill.data.text import EOS_ID, IGNORE_INDEX, PAD_ID
-from kdistill.engine import TrainConfig, fit
-from kdistill.engine.config import OnPolicyConfig
-from kdistill.errors import ConfigError, DataError
-from kdistill.losses.token import ForwardKL
-from kdistill.models.lm import gpt2_lm
-from kdistill.onpolicy import (
+from kdistill.distill.onpolicy import (
     OnPolicy,
     batch_prompts,
     generate_completions,
     sequences_batch,
     teacher_sequences,
 )
+from kdistill.engine import TrainConfig, fit
+from kdistill.engine.config import OnPolicyConfig
+from kdistill.errors import ConfigError, DataError
+from kdistill.losses.token import ForwardKL
+from kdistill.models.lm import gpt2_lm
 
 V = 8  # ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 … 7 words
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, evaluate_classifier, fit
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.errors import ConfigError

@@ -14,7 +14,7 @@ import kdistill.engine.loop as loop_module
 import kdistill.report.plots as plots_module
 from kdistill import losses as L
 from kdistill.data.arrays import ArrayDataset, BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.recipes import load_recipe
 from kdistill.recipes.objective import build_objective, settings_used

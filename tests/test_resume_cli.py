@@ -54,7 +54,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from kdistill.cli import main
-    from kdistill.distiller import Distiller
+    from kdistill.distill.distiller import Distiller
 
     at, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
     original = Distiller.set_progress

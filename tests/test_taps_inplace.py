@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.cache import build_teacher_cache
 from kdistill.data import ArrayDataset
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.taps import Taps
+from kdistill.distill.teacher.store import build_teacher_cache
 from kdistill.losses import FitNet
-from kdistill.taps import Taps
 
 
 class Block(nn.Module):

@@ -172,7 +172,7 @@ def test_a_feature_term_on_a_tuple_output_is_not_a_class_count_mismatch():
 
 
 def test_position_zero_picks_a_plain_tensor_and_other_positions_are_errors():
-    from kdistill.distiller import select_output
+    from kdistill.distill.distiller import select_output
 
     logits = torch.randn(3, 2)
     assert select_output(logits, 0, "teacher") is logits

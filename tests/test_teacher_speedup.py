@@ -13,11 +13,8 @@ from torch import nn
 
 import kdistill as kd
 from kdistill import losses as L
-from kdistill import teacher_speedup as ts
-from kdistill.errors import ConfigError, TeacherSpeedupError
-from kdistill.models import create_model
-from kdistill.models.specs import model_from_spec
-from kdistill.teacher_speedup import (
+from kdistill.distill.teacher import speedup as ts
+from kdistill.distill.teacher.speedup import (
     FastTeacher,
     find_fold_pairs,
     fold_batchnorms,
@@ -25,6 +22,9 @@ from kdistill.teacher_speedup import (
     parse_speedup,
     resolve_steps,
 )
+from kdistill.errors import ConfigError, TeacherSpeedupError
+from kdistill.models import create_model
+from kdistill.models.specs import model_from_spec
 
 
 def randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:

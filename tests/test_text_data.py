@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kdistill.cache import InputSignatures, MemoryTeacherOutputs, input_signatures
 from kdistill.data import ArrayDataset, BatchLoader, as_batch
 from kdistill.data.text import (
     BOS_ID,
@@ -40,6 +39,7 @@ from kdistill.data.text import (
     token_byte_lengths,
     train_bpe,
 )
+from kdistill.distill.teacher.store import InputSignatures, MemoryTeacherOutputs, input_signatures
 from kdistill.errors import CacheError, DataError
 
 WORDS = "and the lord said unto moses go up into the mountain and speak to the people".split()

@@ -21,7 +21,7 @@ from test_engine import (  # noqa: F401  (data: a fixture)
 from torch import nn
 
 from kdistill import losses as L
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine import loop as engine_loop
 from kdistill.engine.preflight import check_before_training
@@ -344,7 +344,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from kdistill import losses as L
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.distributed import all_gather, cleanup, info, init_distributed
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import kdistill as kd
-from kdistill.cache import (
+from kdistill.data import BatchLoader
+from kdistill.data.text import pack_blocks
+from kdistill.distill.teacher.store import (
     TeacherCache,
     TokenTeacherCache,
     build_token_cache,
     offline_teacher_outputs,
 )
-from kdistill.data import BatchLoader
-from kdistill.data.text import pack_blocks
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import CacheError
 from kdistill.losses import (

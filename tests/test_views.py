@@ -14,16 +14,16 @@ import torch
 from torch import nn
 
 from kdistill import losses as L
-from kdistill.cache import (
+from kdistill.data import ArrayDataset, Augmentation, BatchLoader
+from kdistill.data.augment import _beta_symmetric, uniforms
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import (
     MemoryTeacherOutputs,
     TeacherCache,
     build_teacher_cache,
     build_view_cache,
     offline_teacher_outputs,
 )
-from kdistill.data import ArrayDataset, Augmentation, BatchLoader
-from kdistill.data.augment import _beta_symmetric, uniforms
-from kdistill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.distributed import shard_loader
 from kdistill.errors import CacheError, DataError

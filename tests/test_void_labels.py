@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kdistill.data.arrays import BatchLoader
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.preflight import check_labels
 from kdistill.errors import ConfigError, DataError

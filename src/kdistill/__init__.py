@@ -8,12 +8,17 @@ distiller = kd.Distiller(teacher, student, terms=[
     kd.Term(L.CE(), weight=0.1),
 ])
 out = distiller(images, target=labels)   # out.loss, out.parts, out.student_output
+
+Module paths changed by issue 26 (`kdistill.cache`, `kdistill.taps`, …) still import: see
+`kdistill._aliases`.
 """
 
-from kdistill import losses
+from kdistill import _aliases, losses
 from kdistill.allocator import retain_freed_memory
-from kdistill.cache import TeacherCache, build_teacher_cache
-from kdistill.distiller import Distiller, DistillOutput, Term
+from kdistill.distill.distiller import Distiller, DistillOutput, Term
+from kdistill.distill.multitask import multitask_terms
+from kdistill.distill.taps import Taps
+from kdistill.distill.teacher.store import TeacherCache, build_teacher_cache
 from kdistill.engine import TrainConfig, fit
 from kdistill.errors import (
     CheckpointError,
@@ -24,8 +29,8 @@ from kdistill.errors import (
     NonFiniteLossError,
     TeacherSpeedupError,
 )
-from kdistill.multitask import multitask_terms
-from kdistill.taps import Taps
+
+_aliases.install()
 
 __version__ = "0.1.0"
 

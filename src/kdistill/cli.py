@@ -182,7 +182,7 @@ def cache_command(args: argparse.Namespace) -> int:
 
 def _token_cache_command(args, experiment, teacher, spec, run_dir: Path) -> int:
     """`kdistill cache` for a recipe whose teacher_cache stores top-k token distributions."""
-    from kdistill.cache import TokenTeacherCache, build_token_cache
+    from kdistill.distill.teacher.store import TokenTeacherCache, build_token_cache
     from kdistill.errors import CacheError
 
     if args.layers:
@@ -332,7 +332,7 @@ def layers_command(args: argparse.Namespace) -> int:
     """`kdistill layers`: layer names and shapes of any model spec, and proposed stage pairs."""
     import torch
 
-    from kdistill.layers import describe_layers, layers_table, pairs_table, propose_pairs
+    from kdistill.distill.layers import describe_layers, layers_table, pairs_table, propose_pairs
     from kdistill.models import list_models, model_from_spec
 
     if args.list:

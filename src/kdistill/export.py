@@ -46,7 +46,7 @@ def onnx_available() -> bool:
 
 
 def _student_of(model: nn.Module) -> nn.Module:
-    from kdistill.distiller import Distiller
+    from kdistill.distill.distiller import Distiller
 
     return model.student if isinstance(model, Distiller) else model
 

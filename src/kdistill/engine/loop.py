@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.cache import TeacherSource
 from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import as_batch, can_restart, iter_batches, set_epoch
-from kdistill.distiller import Distiller
+from kdistill.distill.distiller import Distiller
+from kdistill.distill.onpolicy import OnPolicy
+from kdistill.distill.teacher.store import TeacherSource
 from kdistill.engine.checkpoint import (
     load_latest_checkpoint,
     load_weights,
@@ -49,7 +50,6 @@ from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.errors import ConfigError, DataError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 from kdistill.losses.topk import TopKDistribution
-from kdistill.onpolicy import OnPolicy
 
 log = logging.getLogger("kdistill")
 

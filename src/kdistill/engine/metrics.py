@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import as_batch, call_model, shard_count
-from kdistill.distiller import select_output
+from kdistill.distill.distiller import select_output
 from kdistill.engine.distributed import all_reduce_sum, info
 from kdistill.errors import ConfigError, DataError
 

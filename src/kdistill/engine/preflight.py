@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import call_model, describe_inputs, shard_count
-from kdistill.distiller import Distiller, select_output, select_target
+from kdistill.distill.distiller import Distiller, select_output, select_target
 from kdistill.engine.config import TrainConfig
 from kdistill.errors import ConfigError, DataError
 from kdistill.losses.base import INDEX, TARGET

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.distiller import Distiller, Term, select_output
+from kdistill.distill.distiller import Distiller, Term, select_output
 from kdistill.losses.chunked import ChunkedTokenLoss
 from kdistill.losses.token import (
     TVD,

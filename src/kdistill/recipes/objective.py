@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kdistill.distiller import Term
+from kdistill.distill.distiller import Term
+from kdistill.distill.multitask import mix_terms
 from kdistill.losses import LOSSES, create_loss
-from kdistill.multitask import mix_terms
 from kdistill.recipes.schema import DistillSpec, TermSpec, loss_parameters, term_parameters
 from kdistill.tasks import Task
 

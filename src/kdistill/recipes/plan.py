@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.cache import loader_views
 from kdistill.data import BatchLoader
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import set_epoch
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.teacher.store import loader_views
 from kdistill.engine import fit
 from kdistill.engine.config import TrainConfig
 from kdistill.engine.distributed import resolve_device

@@ -26,16 +26,6 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdistill.cache import (
-    MemoryTeacherOutputs,
-    TeacherCache,
-    TokenTeacherCache,
-    build_teacher_cache,
-    build_token_cache,
-    build_view_cache,
-    loader_views,
-    offline_teacher_outputs,
-)
 from kdistill.data import (
     ArrayDataset,
     BatchLoader,
@@ -57,7 +47,18 @@ from kdistill.data.completions import (
     kjv_completion_splits,
 )
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
-from kdistill.distiller import Distiller, Term
+from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.onpolicy import teacher_sequences
+from kdistill.distill.teacher.store import (
+    MemoryTeacherOutputs,
+    TeacherCache,
+    TokenTeacherCache,
+    build_teacher_cache,
+    build_token_cache,
+    build_view_cache,
+    loader_views,
+    offline_teacher_outputs,
+)
 from kdistill.engine import MetricsLog, TrainConfig, fit
 from kdistill.engine.checkpoint import (
     atomic_write_text,
@@ -73,7 +74,6 @@ from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
-from kdistill.onpolicy import teacher_sequences
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,

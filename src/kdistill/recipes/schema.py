@@ -38,6 +38,7 @@ from kdistill.data.text import (
     SPECIAL_TOKENS,
     resolve_book,
 )
+from kdistill.distill.teacher.speedup import parse_speedup
 from kdistill.engine.config import OnPolicyConfig, TrainConfig
 from kdistill.errors import ConfigError
 from kdistill.importpath import import_callable
@@ -50,7 +51,6 @@ from kdistill.models.specs import (
 )
 from kdistill.registry import close_matches, unknown_name_message
 from kdistill.tasks import get_task
-from kdistill.teacher_speedup import parse_speedup
 
 
 class Strict(BaseModel):

@@ -27,7 +27,7 @@ from torch import nn
 
 from kdistill.data.arrays import move_to
 from kdistill.data.batches import as_batch, call_model
-from kdistill.distiller import select_output
+from kdistill.distill.distiller import select_output
 from kdistill.ops.collectives import info
 
 

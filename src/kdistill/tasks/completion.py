@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from kdistill.data.completions import KJV_COMPLETIONS_DATASET, PromptCompletions
+from kdistill.distill.onpolicy import generate_completions
 from kdistill.models.lm import check_vocabulary
-from kdistill.onpolicy import generate_completions
 from kdistill.tasks.language_modeling import LanguageModelingTask, NextTokenMetric
 
 __all__ = ["CompletionTask"]

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdistill.engine.dense_metrics import DetectionMAP
 from kdistill.models.dense import decode
 from kdistill.tasks.base import DenseTargets
+from kdistill.tasks.dense_metrics import DetectionMAP
 
 SCORE_THRESHOLD = 0.01
 NMS_IOU = 0.5

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill.data.text import EOS_ID, IGNORE_INDEX, TokenBlocks
-from kdistill.distiller import select_output
+from kdistill.distill.distiller import select_output
 from kdistill.models.lm import check_vocabulary, context_limit
 from kdistill.ops.collectives import all_reduce_sum
 

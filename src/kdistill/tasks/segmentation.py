@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdistill.engine.dense_metrics import SegmentationMetrics
 from kdistill.tasks.base import DenseTargets
+from kdistill.tasks.dense_metrics import SegmentationMetrics
 
 
 class _SegMetric:

@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.connectors import align_spatial, build_connector, widths_match
 from kdistill.data.batches import call_model
+from kdistill.distill.connectors import align_spatial, build_connector, widths_match
+from kdistill.distill.taps import HeadCapture, Taps
+from kdistill.distill.teacher.speedup import FastTeacher, SpeedupReport, parse_speedup
 from kdistill.errors import LateParameterError, NonFiniteLossError
 from kdistill.losses.base import INDEX, MASK, STUDENT, TARGET, TEACHER
 from kdistill.losses.topk import TopKDistribution
-from kdistill.taps import HeadCapture, Taps
-from kdistill.teacher_speedup import FastTeacher, SpeedupReport, parse_speedup
 
 ModelOutput = Tensor | Mapping[str, Tensor] | Sequence[Tensor]
 Inputs = Tensor | Mapping[str, Any]

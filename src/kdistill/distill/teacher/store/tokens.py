@@ -50,7 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.cache import (
+from kdistill.data import BatchLoader
+from kdistill.data.arrays import move_to
+from kdistill.data.batches import as_batch, call_model
+from kdistill.distill.teacher.store import (
     CACHE_DTYPES,
     MANIFEST,
     SIGNATURE_METHOD,
@@ -68,9 +71,6 @@ from kdistill.cache import (
     teacher_and_data,
     teacher_digest,
 )
-from kdistill.data import BatchLoader
-from kdistill.data.arrays import move_to
-from kdistill.data.batches import as_batch, call_model
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_text
 from kdistill.losses.topk import TopKDistribution, topk_distribution

@@ -484,7 +484,7 @@ class FastTeacher:
         tolerance (nothing is kept then).
         """
         from kdistill.data.batches import call_model
-        from kdistill.taps import Taps
+        from kdistill.distill.taps import Taps
 
         started = time.perf_counter()
         device = next((t.device for t in _tensors(teacher)), torch.device("cpu"))

@@ -23,7 +23,7 @@ from numbers import Real
 
 from torch import nn
 
-from kdistill.distiller import Term
+from kdistill.distill.distiller import Term
 
 
 def _check_number(value: object, name: str) -> float:

@@ -95,9 +95,9 @@ from tqdm.auto import tqdm
 from kdistill.data import BatchLoader
 from kdistill.data.arrays import batch_size_of, move_to
 from kdistill.data.batches import call_model
+from kdistill.distill.taps import Taps
 from kdistill.errors import CacheError
 from kdistill.io import atomic_write_text, tensors_digest
-from kdistill.taps import Taps
 
 __all__ = [
     "CACHE_DTYPES",
@@ -1434,4 +1434,4 @@ class MemoryTeacherOutputs(_EpochRows):
 
 
 # stored top-k distributions of token sequences (imported last: it builds on the helpers above)
-from kdistill.cache.tokens import TokenTeacherCache, build_token_cache  # noqa: E402
+from kdistill.distill.teacher.store.tokens import TokenTeacherCache, build_token_cache  # noqa: E402
