@@ -17,7 +17,7 @@ from kdistill.data import BatchLoader
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.config import OnPolicyConfig
 from kdistill.losses.token import ForwardKL
-from kdistill.onpolicy import OnPolicy
+from kdistill.distill.onpolicy import OnPolicy
 
 
 def run(loader_seed: int, on_policy_seed: int | None = None):
