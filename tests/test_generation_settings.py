@@ -18,8 +18,8 @@ from scipy.stats import chi2
 
 from kdistill.data.arrays import Batch
 from kdistill.data.completions import sequences_from_parts
-from kdistill.models.lm import gpt2_lm
 from kdistill.distill.onpolicy import OnPolicy, generate_completions
+from kdistill.models.lm import gpt2_lm
 
 V = 16
 EOS = 2

@@ -14,10 +14,10 @@ from test_onpolicy import TinyLM, random_completions
 
 import kdistill as kd
 from kdistill.data import BatchLoader
+from kdistill.distill.onpolicy import OnPolicy
 from kdistill.engine import TrainConfig, fit
 from kdistill.engine.config import OnPolicyConfig
 from kdistill.losses.token import ForwardKL
-from kdistill.distill.onpolicy import OnPolicy
 
 
 def run(loader_seed: int, on_policy_seed: int | None = None):
