@@ -339,11 +339,15 @@ def _note_uncounted(distiller, batch, uncounted: _Uncounted, label, epoch, numbe
             )
 
 
-def _check_uncounted(uncounted: _Uncounted, label: str, epoch: int, allowed: bool) -> None:
+def _check_uncounted(distiller, uncounted: _Uncounted, label, epoch, allowed: bool) -> None:
     """DataError when a token-counting term counted no token over the whole epoch (summed over
     ranks), unless `allowed` (then a warning)."""
-    names = sorted(uncounted.counted)
-    counted = [uncounted.counted[name] for name in names]
+    names = [  # the same list on every rank, even one that ran no batch
+        name
+        for name, term in zip(distiller.term_names, distiller.terms)
+        if getattr(term.loss, "counts_tokens", False)
+    ]
+    counted = [uncounted.counted.get(name, 0) for name in names]
     if info().world_size > 1:
         counted = [int(v) for v in all_reduce_sum(torch.tensor(counted, dtype=torch.float64))]
     for name, count in zip(names, counted):
@@ -351,7 +355,7 @@ def _check_uncounted(uncounted: _Uncounted, label: str, epoch: int, allowed: boo
             continue
         message = (
             f"{label}, epoch {epoch + 1}: term {name!r} counted 0 tokens over {uncounted.batches} "
-            f"batches ({uncounted.positions[name]} label positions on this rank, every one "
+            f"batches ({uncounted.positions.get(name, 0)} label positions on this rank, every one "
             "−100): it trained on nothing. Check the data's labels (prompt → completion data: "
             "a completion cut off by max_length, or masked by mistake)"
         )
@@ -579,7 +583,7 @@ def fit(
                 )
         bar.close()
         if counting:
-            _check_uncounted(uncounted, label, epoch, config.allow_uncounted_epochs)
+            _check_uncounted(distiller, uncounted, label, epoch, config.allow_uncounted_epochs)
         _collapse_sums(progress, distiller.term_names, everywhere=True)  # the same record on all
 
         seen = max(progress.steps_seen, 1)

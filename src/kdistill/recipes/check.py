@@ -795,6 +795,18 @@ def _token_map(tokenizer: Any) -> tuple[dict[str, int], dict[str, int | None]]:
     return vocab, specials
 
 
+def _tokenizer_row(teacher_spec, student_spec, data_tokenizer) -> CheckResult:
+    """The `tokenizers` row for two specs (None: the data's tokenizer); a tokenizer that does
+    not load is a FAIL naming it."""
+    try:
+        teacher = spec_tokenizer(teacher_spec) if teacher_spec is not None else data_tokenizer
+        student = spec_tokenizer(student_spec) if student_spec is not None else data_tokenizer
+        return compare_tokenizers(teacher, student)
+    except Exception as error:  # noqa: BLE001 - a check that raises is reported as failing
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:400]
+        return CheckResult("tokenizers", "teacher/student", None, 0, FAIL, message, "see the error")
+
+
 def compare_tokenizers(teacher: Any, student: Any, where: str = "teacher/student") -> CheckResult:
     """`tokenizers` row: the tokens of the smaller vocabulary whose id differs (or that the other
     lacks) plus the special tokens whose ids differ; PASS at 0, SKIP when one is None."""
@@ -1056,12 +1068,7 @@ def check_recipe(
     data_tokenizer = getattr(splits, "tokenizer", None)
     known = data_tokenizer is not None or teacher_spec is not None or student_spec is not None
     if "tokenizers" in checks and known:
-        report.results.append(
-            compare_tokenizers(
-                spec_tokenizer(teacher_spec) if teacher_spec is not None else data_tokenizer,
-                spec_tokenizer(student_spec) if student_spec is not None else data_tokenizer,
-            )
-        )
+        report.results.append(_tokenizer_row(teacher_spec, student_spec, data_tokenizer))
     if tokenizer_size is not None:
         heads = {embedding_rows(teacher)} | {embedding_rows(s) for _, s in students}
         if any(rows is not None and rows > tokenizer_size for rows in heads) and vocab_size is None:
@@ -1120,7 +1127,5 @@ def check_models(
         "check on real text with your own terms)",
     )
     if "tokenizers" in checks:
-        report.results.append(
-            compare_tokenizers(spec_tokenizer(teacher_spec), spec_tokenizer(student_spec))
-        )
+        report.results.append(_tokenizer_row(teacher_spec, student_spec, None))
     return report
