@@ -9,6 +9,7 @@ same batches, and the ± of its on-policy rows understated the spread.)
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_onpolicy import TinyLM, random_completions
 
@@ -72,3 +73,62 @@ def test_an_explicit_on_policy_seed_fixes_the_draws_whatever_the_loaders_seed():
     coins_a, weights_a = run(0, on_policy_seed=5)
     coins_b, weights_b = run(1, on_policy_seed=5)
     assert coins_a == coins_b and same_weights(weights_a, weights_b)
+
+
+RECIPE = """\
+name: seeds-test
+task: completion
+data:
+  dataset: kjv_completions
+  text: {{vocab_size: 300, max_length: 24, text_file: {text_file}}}
+  train_limit: 32
+  test_limit: 16
+teacher: {{model: lm_teacher, kwargs: {{width: 16, n_layer: 1, n_head: 2}}}}
+students: [{{name: s, model: lm_student, kwargs: {{width: 16}}}}]
+cost: {{enabled: false}}
+seeds: 2
+distill:
+  teacher_cache: off
+  methods: {{gkd: [{{loss: forward_kl}}]}}
+  on_policy: {{gkd: {on_policy}}}
+train: {{epochs: 1, max_steps: 2, batch_size: 8, progress: false}}
+"""
+
+
+@pytest.mark.parametrize("on_policy", ["{lmbda: 0.5}", "{lmbda: 0.5, seed: 7}"])
+def test_a_recipes_seeds_reach_its_on_policy_draws(on_policy, tmp_path, monkeypatch):
+    """Through the runner: the on-policy draws (coin, sampling seed) of the batches a student
+    of seed 0, 1 and 0 again would train on; seed 1 differs from seed 0, which repeats —
+    whether `on_policy.seed` is left unset or fixed."""
+    from test_text_data import fake_kjv_lines
+
+    from kdistill.engine.loop import _on_policy
+    from kdistill.recipes import load_recipe, runner
+
+    text_file = tmp_path / "kjv.txt"
+    text_file.write_text("\n".join(fake_kjv_lines()) + "\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(text_file=text_file, on_policy=on_policy))
+    experiment = runner.Experiment(load_recipe(path), tmp_path / "run", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    policies = []
+
+    def fit(distiller, loader, config, **kwargs):  # what the engine would draw, then stop
+        policies.append(_on_policy(config, None, kwargs.get("label", ""), loader))
+        raise Stop
+
+    monkeypatch.setattr(runner, "fit", fit)
+    spec = experiment.recipe.students[0]
+    for seed in (0, 1, 0):
+        with pytest.raises(Stop):
+            experiment.train_student(
+                f"s/gkd/seed{seed}", spec, seed, experiment.objective(None), "gkd",
+                experiment.splits.test, keep_checkpoint=False,
+            )  # fmt: skip
+    draws = [[policy.draw(key) for key in range(32)] for policy in policies]
+    assert draws[0] == draws[2]
+    assert [coin for coin, _ in draws[0]] != [coin for coin, _ in draws[1]]
+    assert {s for _, s in draws[0]}.isdisjoint({s for _, s in draws[1]})
