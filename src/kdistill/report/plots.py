@@ -121,6 +121,7 @@ LABEL_SHIFT_POINTS = 8.0  # labels sit this far right of the rightmost point of 
 LABEL_FONT_SIZE = 7
 MARKER_PAD_POINTS = 4.0  # half the width of a marker or an error bar's cap
 DODGE_DECADES = 0.03  # points at the same x (one model, several methods) are spread this much
+DODGE_MAX_DECADES = 0.02  # ... but never farther than this from their value (±4.7 %)
 
 
 def spread_labels(heights: Sequence[float], gap: float) -> list[float]:
@@ -139,14 +140,18 @@ def spread_labels(heights: Sequence[float], gap: float) -> list[float]:
 
 
 def _dodged(xs: Sequence[float]) -> list[float]:
-    """`xs` with the values that coincide (within 1 %) spread around their value on a log axis."""
+    """`xs` with the values that coincide (within 1 %) spread around their value on a log axis,
+    `DODGE_DECADES` apart but never more than `DODGE_MAX_DECADES` from it: a point drawn beside
+    its twin must not read as another speed or size."""
     groups: dict[float, list[int]] = {}
     for index, x in enumerate(xs):
         groups.setdefault(round(math.log10(x), 2), []).append(index)
     result = list(xs)
     for members in groups.values():
+        half = (len(members) - 1) / 2
+        step = DODGE_DECADES if not half else min(DODGE_DECADES, DODGE_MAX_DECADES / half)
         for rank, index in enumerate(members):
-            offset = (rank - (len(members) - 1) / 2) * DODGE_DECADES
+            offset = (rank - half) * step
             result[index] = xs[index] * 10**offset
     return result
 
@@ -363,7 +368,15 @@ def plot_tradeoff(
         placed.append((axis, xs, ys, boxes))
     axes[0].set_title(f"{name[:1].upper() + name[1:]} against size")
     axes[1].set_title(f"{name[:1].upper() + name[1:]} against latency")
-    figure.tight_layout()  # the layout is final before labels are placed in display units
+    figure.tight_layout(rect=(0, 0.04, 1, 1))  # final before labels are placed in display units
+    figure.text(
+        0.5,
+        0.01,
+        "points of one model are drawn side by side, within ±5 % of their value",
+        ha="center",
+        fontsize=LABEL_FONT_SIZE,
+        color="0.35",
+    )
     for axis, xs, ys, boxes in placed:
         _label_points(figure, axis, points, xs, ys, boxes, styles)
     figure.savefig(path, dpi=120)
