@@ -73,9 +73,10 @@ from kdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
+from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
-from kdistill.models.cost import model_cost
+from kdistill.models.cost import CostBook
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,
@@ -321,8 +322,14 @@ class Experiment:
         self.splits = load_splits(recipe, self.task, self.out_dir)
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
-        self._costs: dict[str, dict | None] = {}
+        self._costs: CostBook | None = None  # built on the first cost (`cost_of`)
         self._sequences: dict[str, Data] = {}  # method → sequence-level training data
+        self.trackers: list[Tracker] = []  # train.log: one run of each tracker for the recipe
+        if self.is_main:
+            names = list(dict.fromkeys([*recipe.teacher.train.log, *recipe.train.log]))
+            self.trackers = open_trackers(names, self.out_dir, recipe.name, recipe.name)[0]
+            for tracker in self.trackers:
+                tracker.log_params(recipe.model_dump(mode="json"))
 
     @property
     def eval_batch(self) -> int:
@@ -335,22 +342,26 @@ class Experiment:
             tqdm.write(message)
 
     def cost_of(self, name: str, model: nn.Module, **kwargs) -> dict | None:
-        """The model's cost (`recipe.cost`), measured once per architecture `name`."""
+        """The cost (`recipe.cost`) of the model's architecture (`models.cost.architecture_key`,
+        not `name`): counted once and shared by every model of that architecture. Its latency
+        is filled in by `measure_latency`, for all architectures at once."""
         spec = self.recipe.cost
         if not spec.enabled:
             return None
-        if name not in self._costs:
-            cost = model_cost(
-                model,
+        if self._costs is None:
+            self._costs = CostBook(
                 self.splits.train.input_shape,
                 threads=spec.threads,
                 repeats=spec.repeats,
                 warmup=spec.warmup,
                 batch_sizes=spec.batch_sizes,
-                **kwargs,
             )
-            self._costs[name] = cost.as_dict()
-        return self._costs[name]
+        return self._costs.add(model, name=name, **kwargs)
+
+    def measure_latency(self) -> None:
+        """Time every architecture costed so far in one interleaved pass (`CostBook`)."""
+        if self._costs is not None:
+            self._costs.measure_latency()
 
     def loader(self, data: Data, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
@@ -405,8 +416,9 @@ class Experiment:
 
     @property
     def metric(self) -> str:
-        """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
-        return primary_metric(self.task)
+        """The metric that ranks models (tuning, gap closed): the recipe's `metric`, else the
+        task's first (`tasks.primary_metric`: accuracy, mIoU, COCO AP@[.5:.95], …)."""
+        return self.recipe.metric or primary_metric(self.task)
 
     def objective(self, method: str | None, settings: dict | None = None) -> list[Term]:
         """The terms of `method` (None: the student alone) with grid `settings`, for this
@@ -503,6 +515,7 @@ class Experiment:
                 metrics_log=self.metrics,
                 checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
                 resume=self.resume,
+                loggers=self.trackers,
             )
             if self.is_main:
                 state = {"identity": identity}
@@ -740,6 +753,7 @@ class Experiment:
                     label,
                     tapped,
                 ),
+                loggers=self.trackers,
                 batch_transforms=transforms,
             )
         finally:
@@ -911,17 +925,31 @@ class Experiment:
                         )
                     )
                     self.say(f"{label}: test {describe_metrics(metrics)}")
+        self.measure_latency()  # every architecture of the run, in one pass, after training
         summary = RunSummary(
             self.out_dir,
             records,
             chosen,
             tuning,
             time.perf_counter() - started,
-            self.task.metrics,
+            (self.metric, *(m for m in self.task.metrics if m != self.metric)),  # ranking first
             dict(self.task.labels),
             lower_is_better_metrics(self.task),
             percent_metrics(self.task),
         )
         if report_section and self.is_main:
             summary.sections = list(report_section(shown, self.splits))
+        for tracker in self.trackers:  # the results table: one row per trained model
+            for record in records:
+                row = {**record.test_metrics, "params": record.params, "seconds": record.seconds}
+                tracker.log_results(record.label, {**row, "cost": record.cost or {}})
         return summary
+
+    def close_trackers(self, files: list[Path] = ()) -> None:
+        """Hand the run's report `files` to the trackers (artifacts) and close them."""
+        for tracker in self.trackers:
+            for path in files:
+                if Path(path).is_file():
+                    tracker.log_artifact(Path(path))
+            tracker.close()
+        self.trackers = []
