@@ -383,3 +383,28 @@ def test_a_kind_of_another_task_is_refused_naming_what_the_task_reads():
     # a recipe's older `dataset:` names still resolve
     assert resolve("class", {"dataset": "digits", "root": None})[0].name == "digits"
     assert set(kinds_for("boxes")) == {"fashion_mnist_scenes", "coco", "yolo", "factory"}
+
+
+def test_images_of_several_sizes_need_image_size_and_their_boxes_follow(tmp_path):
+    # im1 is 10×8 (W×H) with COCO box [1, 2, 3, 4]; im2 is 20×16 with [4, 4, 6, 8]. Resized to
+    # 8×10 (H×W): im1 keeps its pixels; im2 halves: [2, 2, 5, 6] as corners
+    root = coco_root(tmp_path)
+    png(root / "train/images/im2.png", gray(3, 16, 20))
+    coco_file(
+        root / "train",
+        [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
+            {"id": 2, "image_id": 2, "category_id": 7, "bbox": [4, 4, 6, 8]},
+        ],
+        images=[
+            {"id": 1, "file_name": "im1.png", "width": W, "height": H},
+            {"id": 2, "file_name": "im2.png", "width": 20, "height": 16},
+        ],
+    )
+    with pytest.raises(DataError, match=r"im2\.png: image is 16×20 .* data\.image_size|same size"):
+        read_data("boxes", {"kind": "coco", "root": str(root)})
+    splits = read_data("boxes", {"kind": "coco", "root": str(root), "image_size": [H, W]})
+    assert splits.train.input_shape == (1, H, W)
+    assert torch.allclose(
+        splits.train.boxes[:, 0], torch.tensor([[0.0, 1, 2, 4, 6], [1.0, 2, 2, 5, 6]])
+    )

@@ -25,9 +25,9 @@ class ClassificationTask(TaskDefaults):
     default_data = "fashion_mnist"
 
     def prepare(self, data: Any) -> Any:
-        if getattr(data, "target_kind", None) is not None:  # scenes: masks and boxes
+        if callable(getattr(data, "with_target", None)):  # scenes, masks, boxes
             raise ValueError(
-                f"task classification: dataset {getattr(data, 'name', data)!r} holds masks and "
+                f"task classification: dataset {getattr(data, 'name', data)!r} holds masks or "
                 "boxes, not class labels; choose task segmentation, detection or multitask"
             )
         return data

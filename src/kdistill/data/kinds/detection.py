@@ -46,6 +46,10 @@ from kdistill.data.kinds.images import (
     image_stems,
     infer_classes,
     mask_files,
+    resize_image,
+    resize_mask,
+    resize_option,
+    scale_rows,
     split_folders,
     stack_images,
 )
@@ -293,6 +297,8 @@ class _BoxFiles(FileKind):
     def __init__(self, with_masks: bool) -> None:
         self.with_masks = with_masks
         self.target = "mask+boxes" if with_masks else "boxes"
+        self.options = (*self.options, "image_size")
+        self.fingerprinted = (*self.fingerprinted, "image_size")
         if with_masks:
             self.layout += " + root/<split>/masks/<stem>.png (pixel = class index, 255 void)"
             self.options = (*self.options, "seg_classes", "void")
@@ -317,6 +323,12 @@ class _BoxFiles(FileKind):
         for split, folder in self._folders(spec).items():
             stems, paths, arrays, rows = self.split_boxes(folder, spec, state)
             masks = _masks_for(folder, stems, arrays) if self.with_masks else None
+            size = resize_option(spec)
+            if size is not None:  # boxes scaled with their image; masks by nearest neighbour
+                rows = [scale_rows(r, a.shape[:2], size) for r, a in zip(rows, arrays)]
+                arrays = [resize_image(a, size) for a in arrays]
+                if masks is not None:
+                    masks = [(p, resize_mask(m, size)) for p, m in masks]
             read[split] = (stems, paths, arrays, rows, masks)
         colour = any(a.ndim == 3 for _, _, arrays, _, _ in read.values() for a in arrays)
         stack_images(
@@ -386,6 +398,7 @@ class CocoKind(_BoxFiles):
         return path
 
     def check(self, spec: Mapping[str, Any]) -> None:
+        resize_option(spec)
         if self.with_masks:
             void_of(spec)
         for folder in self._folders(spec).values():
@@ -428,6 +441,7 @@ class YoloKind(_BoxFiles):
     needed = ("images", "labels")
 
     def check(self, spec: Mapping[str, Any]) -> None:
+        resize_option(spec)
         if self.with_masks:
             void_of(spec)
         for folder in self._folders(spec).values():

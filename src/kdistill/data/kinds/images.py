@@ -128,8 +128,8 @@ def stack_images(arrays: Sequence[np.ndarray], paths: Sequence[Path], colour: bo
         if array.shape[:2] != first:
             raise DataError(
                 f"{path}: image is {array.shape[0]}×{array.shape[1]} but {paths[0]} is "
-                f"{first[0]}×{first[1]}; every image must have the same size (resize them and "
-                "their masks / boxes first)"
+                f"{first[0]}×{first[1]}; every image must have the same size: give "
+                "data.image_size: [height, width] (images bilinear, masks nearest, boxes scaled)"
             )
     planes = []
     for array in arrays:
@@ -174,3 +174,48 @@ def infer_classes(
     if largest < 0:
         raise DataError(f"{where}: every mask pixel is void; nothing to learn")
     return [str(k) for k in range(largest + 1)]
+
+
+def resize_option(spec: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``image_size:`` as (H, W): an int (square) or [H, W]; None when not given."""
+    value = spec.get("image_size")
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise DataError(f"data.image_size: an int or [height, width] in pixels, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`array` (H×W or H×W×3 uint8) resized bilinearly to `size` (H, W)."""
+    from PIL import Image
+
+    if array.shape[:2] == size:
+        return array
+    resized = Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`mask` (H×W class indices) resized to `size` by nearest neighbour (no new values)."""
+    from PIL import Image
+
+    if mask.shape == size:
+        return mask
+    image = Image.fromarray(mask.astype(np.int32), mode="I")
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.NEAREST)).astype(np.int64)
+
+
+def scale_rows(rows: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """Box rows ``[class, x1, y1, x2, y2]`` of an image of size `old` (H, W) in the pixels of
+    the image resized to `new`."""
+    scaled = rows.clone()
+    scaled[:, [1, 3]] *= new[1] / old[1]
+    scaled[:, [2, 4]] *= new[0] / old[0]
+    return scaled

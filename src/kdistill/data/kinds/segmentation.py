@@ -33,6 +33,9 @@ from kdistill.data.kinds.images import (
     image_stems,
     infer_classes,
     mask_files,
+    resize_image,
+    resize_mask,
+    resize_option,
     split_folders,
     stack_images,
 )
@@ -79,8 +82,8 @@ class MaskFolderKind(FileKind):
         "root/train/images/*.png|jpg + root/train/masks/*.png (same stems; pixel = class index, "
         "255 void), the same under root/test/ (and optional root/val/)"
     )
-    options = ("root", "classes", "void")
-    fingerprinted = ("classes", "void")
+    options = ("root", "classes", "void", "image_size")
+    fingerprinted = ("classes", "void", "image_size")
 
     def _root(self, spec: Mapping[str, Any]) -> Path:
         return existing_dir(
@@ -89,6 +92,7 @@ class MaskFolderKind(FileKind):
 
     def check(self, spec: Mapping[str, Any]) -> None:
         void_of(spec)
+        resize_option(spec)
         for folder in split_folders(self._root(spec), ("images", "masks"), self.layout).values():
             mask_files(folder, image_stems(folder / "images"))
 
@@ -104,6 +108,17 @@ class MaskFolderKind(FileKind):
         void = void_of(spec)
         folders = split_folders(self._root(spec), ("images", "masks"), self.layout)
         read = {split: read_mask_split(folder) for split, folder in folders.items()}
+        size = resize_option(spec)
+        if size is not None:  # images bilinear, masks nearest (no new class values)
+            read = {
+                split: (
+                    stems,
+                    paths,
+                    [resize_image(a, size) for a in arrays],
+                    [(p, resize_mask(m, size)) for p, m in masks],
+                )
+                for split, (stems, paths, arrays, masks) in read.items()
+            }
         all_masks = [mask for _, _, _, masks in read.values() for _, mask in masks]
         classes = infer_classes(spec.get("classes"), all_masks, void, str(spec["root"]))
         colour = any(a.ndim == 3 for _, _, arrays, _ in read.values() for a in arrays)
