@@ -408,3 +408,42 @@ def test_images_of_several_sizes_need_image_size_and_their_boxes_follow(tmp_path
     assert torch.allclose(
         splits.train.boxes[:, 0], torch.tensor([[0.0, 1, 2, 4, 6], [1.0, 2, 2, 5, 6]])
     )
+
+
+# -- the built-in sets are registered kinds ----------------------------------------------------
+def test_digits_as_a_kind_is_what_the_registry_gives():
+    pytest.importorskip("sklearn")
+    from kdistill.data.sources import load_train_test
+
+    splits = read_data("class", {"kind": "digits"})
+    train, test = load_train_test("digits")
+    assert torch.equal(splits.train.inputs, train.inputs)
+    assert torch.equal(splits.test.targets, test.targets)
+    assert splits.info["normalized"] == "digits's own"
+    raw = read_data("class", {"kind": "digits", "normalize": "none"})
+    assert not torch.equal(raw.train.inputs, train.inputs) and raw.fingerprint != splits.fingerprint
+    kind, options = resolve("class", {"kind": "digits"})
+    assert kind.fingerprint(options) == splits.fingerprint
+
+
+def test_scenes_as_a_kind_of_each_dense_target():
+    from kdistill.data.fashion_mnist import resolve_fashion_mnist_root
+    from kdistill.data.scenes import fashion_mnist_scenes
+
+    try:
+        resolve_fashion_mnist_root(None)
+    except DataError:
+        pytest.skip("Fashion-MNIST files not installed")
+    spec = {"kind": "fashion_mnist_scenes", "scenes": {"train_count": 4, "test_count": 2}}
+    train, test = fashion_mnist_scenes(None, train_count=4, test_count=2, seed=3)
+    for target, key in (("mask", "seg"), ("boxes", "det"), ("mask+boxes", None)):
+        splits = read_data(target, spec, seed=3)
+        batch = splits.train.get_batch(torch.tensor([0, 1]))[1]
+        expected = train.get_batch(torch.tensor([0, 1]))[1]
+        if key is None:
+            assert torch.equal(batch["seg"], expected["seg"])
+        else:
+            assert torch.equal(batch, expected[key])
+    assert (
+        read_data("mask", spec, seed=4).fingerprint != read_data("mask", spec, seed=3).fingerprint
+    )

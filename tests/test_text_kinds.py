@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdistill.data.completions import PromptCompletions
 from kdistill.data.kinds import as_text_tokenizer, read_data, resolve
@@ -227,3 +228,23 @@ def test_text_fingerprint_follows_the_file(tmp_path, tokenizer):
     (tmp_path / "test.txt").write_text(CORPUS[1] + "!")
     assert kind.fingerprint(options) != before
     assert kind.fingerprint({**options, "block_size": 64}) != kind.fingerprint(options)
+
+
+def test_kjv_is_a_registered_kind_of_both_token_targets(tmp_path):
+    import shutil as _shutil
+
+    if _shutil.which("bible") is None:
+        pytest.skip("Debian's bible-kjv is not installed")
+    from kdistill.data.text import kjv_splits
+
+    settings = {"vocab_size": 280, "block_size": 16, "tokenizer_dir": str(tmp_path / "tok")}
+    spec = {"kind": "kjv", "text": settings, "train_limit": 3, "test_limit": 2}
+    splits = read_data("tokens", spec, seed=1)
+    direct = kjv_splits(**settings, train_limit=3, test_limit=2, seed=1)
+    assert torch.equal(splits.train.input_ids, direct.train.input_ids)
+    assert torch.equal(splits.test.labels, direct.test.labels)
+    kind, options = resolve("tokens", spec)
+    assert kind.fingerprint(options) == splits.fingerprint
+    with pytest.raises(ConfigError, match="trains its own BPE"):
+        read_data("tokens", spec, tokenizer=object())
+    assert resolve("completions", {"dataset": "kjv_completions"})[0].name == "kjv_completions"
