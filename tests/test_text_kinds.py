@@ -161,10 +161,12 @@ def test_chat_messages_one_sequence_per_assistant_turn(tmp_path, tokenizer):
     }
     jsonl(tmp_path / "train.jsonl", [chat])
     jsonl(tmp_path / "test.jsonl", [chat])
-    data = read_data(
-        "completions", {"kind": "jsonl", "root": str(tmp_path)}, tokenizer=tokenizer
-    ).train
-    # no chat template: "role: content\n" lines, "assistant: " opens the turn
+    spec = {"kind": "jsonl", "root": str(tmp_path)}
+    # a given tokenizer without a chat template renders conversations only when told to
+    with pytest.raises(DataError, match=r"without the given tokenizer's chat template"):
+        read_data("completions", spec, tokenizer=tokenizer)
+    data = read_data("completions", {**spec, "chat_format": "plain"}, tokenizer=tokenizer).train
+    # plain: "role: content\n" lines, "assistant: " opens the turn
     assert len(data) == 2
     prompts = ["user: hi\nassistant: ", "user: hi\nassistant: hello\nuser: bye\nassistant: "]
     completions = ["hello\n", "so long\n"]
@@ -176,10 +178,10 @@ def test_chat_messages_one_sequence_per_assistant_turn(tmp_path, tokenizer):
         assert data.input_ids[row, : len(p)].tolist() == p
     jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "no reply"}]}])
     with pytest.raises(DataError, match=r"train\.jsonl, line 1: no assistant message"):
-        read_data("completions", {"kind": "jsonl", "root": str(tmp_path)}, tokenizer=tokenizer)
+        read_data("completions", {**spec, "chat_format": "plain"}, tokenizer=tokenizer)
     jsonl(tmp_path / "train.jsonl", [{"question": "?"}])
     with pytest.raises(DataError, match=r"line 1: expected \{\"prompt\", \"completion\"\} or"):
-        read_data("completions", {"kind": "jsonl", "root": str(tmp_path)}, tokenizer=tokenizer)
+        read_data("completions", {**spec, "chat_format": "plain"}, tokenizer=tokenizer)
 
 
 def test_chat_template_of_a_transformers_tokenizer(tmp_path, tokenizer):
@@ -248,3 +250,26 @@ def test_kjv_is_a_registered_kind_of_both_token_targets(tmp_path):
     with pytest.raises(ConfigError, match="trains its own BPE"):
         read_data("tokens", spec, tokenizer=object())
     assert resolve("completions", {"dataset": "kjv_completions"})[0].name == "kjv_completions"
+
+
+def test_chat_template_from_a_saved_folder_for_a_tokenizers_tokenizer(tmp_path, tokenizer):
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    config = {"chat_template": template, "bos_token": "<bos>", "eos_token": "<eos>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    wrapped = as_text_tokenizer(tokenizer, folder=folder)
+    assert wrapped.has_chat_template and wrapped.eos_id == 2 and wrapped.bos_id == 1
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert wrapped.chat(chat, False) == "<bos>[user]hi<eos>[assistant]yo<eos>"
+    assert wrapped.chat(chat[:1], True) == "<bos>[user]hi<eos>[assistant]"
+    jsonl(tmp_path / "train.jsonl", [{"messages": chat}])
+    jsonl(tmp_path / "test.jsonl", [{"messages": chat}])
+    data = read_data("completions", {"kind": "jsonl", "root": str(tmp_path)}, tokenizer=wrapped)
+    completion = tokenizer.encode("yo<eos>", add_special_tokens=False).ids
+    assert data.train.labels[0][data.train.labels[0] != IGNORE_INDEX].tolist() == completion
+    assert data.tokenizer is tokenizer

@@ -502,11 +502,16 @@ class CompletionJsonlKind(FileKind):
         '{"prompt", "completion"} or {"messages": [{role, content}, …]} per line'
     )
     options = ("root", "train", "test", "val", "max_length", "vocab_size", "min_frequency",
-               "tokenizer_dir")  # fmt: skip
-    fingerprinted = ("max_length",)
+               "tokenizer_dir", "chat_format")  # fmt: skip
+    fingerprinted = ("max_length", "chat_format")
 
     def check(self, spec: Mapping[str, Any]) -> None:
         _max_length(spec)
+        if spec.get("chat_format", "template") not in ("template", "plain"):
+            raise ConfigError(
+                f"data.chat_format: template (the tokenizer's chat template) or plain "
+                f"('role: content' lines), got {spec['chat_format']!r}"
+            )
         self.files(spec)
 
     def files(self, spec: Mapping[str, Any]) -> list[Path]:
@@ -531,6 +536,15 @@ class CompletionJsonlKind(FileKind):
             tok, status = _tokenizer_for(spec, None, texts)
         else:
             tok, status = as_text_tokenizer(tokenizer), "given"
+            chat = any("messages" in r for found in records.values() for _, r in found)
+            if chat and not tok.has_chat_template and spec.get("chat_format") != "plain":
+                raise DataError(
+                    "data: the conversations (messages) would be rendered without the given "
+                    "tokenizer's chat template, which it does not have — not the format its "
+                    "model was trained on; load the tokenizer with its folder's "
+                    "tokenizer_config.json (as_text_tokenizer(tokenizer, folder=…)), or set "
+                    "data.chat_format: plain to use 'role: content' lines"
+                )
         size = _max_length(spec)
         splits, counts = {}, {}
         for split, found in records.items():
@@ -542,6 +556,7 @@ class CompletionJsonlKind(FileKind):
             "files": [str(p) for p in self.files(spec)],
             "tokenizer": {"status": status, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                           "chat_template": tok.has_chat_template},
+            "chat_format": "template" if tok.has_chat_template else "plain",
             "max_length": size,
             "splits": counts,
         }  # fmt: skip

@@ -8,12 +8,20 @@ vocabulary size, and the bytes each token spells (`token_bytes`, for bits per by
 for byte-level BPEs (GPT-2's, kdistill's), where every non-special token is a string of byte
 symbols; for any other tokenizer `token_bytes` is all zeros and `byte_level` False (bits per
 byte is then NaN: the bytes a SentencePiece token spells depend on its neighbours).
+
+The chat template: a ``transformers`` tokenizer's own; for a `tokenizers.Tokenizer` loaded from a
+saved folder (``tokenizer.json``), the ``chat_template`` and the bos / eos / pad tokens of the
+folder's ``tokenizer_config.json`` (`as_text_tokenizer(tokenizer, folder=…)`), rendered with
+Jinja2 as ``transformers`` renders it (``messages``, ``add_generation_prompt``, ``bos_token``,
+``eos_token``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +46,8 @@ class TextTokenizer:
     token_bytes: Tensor  # int64 V: bytes per token id (zeros unless byte_level)
     byte_level: bool
     has_chat_template: bool
+    template: str | None = None  # a Jinja chat template read from the folder's config
+    special_text: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token text
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         raw = self.raw
@@ -53,6 +63,8 @@ class TextTokenizer:
     def chat(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         """The conversation as text: the tokenizer's chat template when it has one, else
         ``"<role>: <content>\\n"`` per message (and ``"assistant: "`` as generation prompt)."""
+        if self.template is not None:
+            return _render(self.template, messages, add_generation_prompt, self.special_text)
         if self.has_chat_template:
             return self.raw.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -87,10 +99,82 @@ def _find(lookup, names: Sequence[str]) -> int | None:
     return None
 
 
-def as_text_tokenizer(tokenizer: Any) -> TextTokenizer:
-    """`tokenizer` as a `TextTokenizer` (see the module doc); DataError for another object."""
+def _render(
+    template: str, messages: Sequence[dict], add_generation_prompt: bool, special: dict
+) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise DataError(f"the chat template refused the conversation: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **special
+    )
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json of a saved tokenizer folder ({} when absent)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot be read as JSON ({error})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def as_text_tokenizer(tokenizer: Any, folder: str | Path | None = None) -> TextTokenizer:
+    """`tokenizer` as a `TextTokenizer` (see the module doc); DataError for another object.
+
+    `folder`: the saved tokenizer's folder (``hf:<folder>``): its ``tokenizer_config.json``
+    names the chat template and the bos / eos / pad tokens, which win over the names guessed
+    from the vocabulary."""
     if isinstance(tokenizer, TextTokenizer):
         return tokenizer
+    wrapped = _wrap(tokenizer)
+    config = _folder_config(Path(folder)) if folder is not None else {}
+    if config:
+        vocab = _vocabulary(tokenizer)
+        for role in ("bos", "eos", "pad"):
+            text = _token_text(config.get(f"{role}_token"))
+            if text is not None:
+                if text not in vocab:
+                    raise DataError(
+                        f"{folder}/tokenizer_config.json: {role}_token {text!r} is not in the "
+                        "tokenizer's vocabulary"
+                    )
+                setattr(wrapped, f"{role}_id", vocab[text])
+                wrapped.special_text[f"{role}_token"] = text
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str):
+            wrapped.template = template
+            wrapped.has_chat_template = True
+    return wrapped
+
+
+def _vocabulary(tokenizer: Any) -> dict[str, int]:
+    if hasattr(tokenizer, "get_vocab"):
+        try:
+            return dict(tokenizer.get_vocab(with_added_tokens=True))
+        except TypeError:
+            return dict(tokenizer.get_vocab())
+    return {}
+
+
+def _wrap(tokenizer: Any) -> TextTokenizer:
     if _is_transformers(tokenizer):
         size = len(tokenizer)
         special = set(int(i) for i in tokenizer.all_special_ids)
