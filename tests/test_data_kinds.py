@@ -447,3 +447,40 @@ def test_scenes_as_a_kind_of_each_dense_target():
     assert (
         read_data("mask", spec, seed=4).fingerprint != read_data("mask", spec, seed=3).fingerprint
     )
+
+
+def test_binary_masks_saved_as_0_255_are_refused(tmp_path):
+    white = np.where(M1 > 0, 255, 0).astype(np.uint8)  # foreground saved white
+    mask_folder(tmp_path, {"train": {"a": white}, "test": {"c": white}})
+    with pytest.raises(DataError, match=r"only 0 and the void value 255: a binary mask"):
+        read_data("mask", {"kind": "masks", "root": str(tmp_path)})
+    # the fix the message names: 255 is a class, not void
+    spec = {"kind": "masks", "root": str(tmp_path), "void": "none", "classes": 256}
+    splits = read_data("mask", spec)
+    assert splits.train.ignore_index is None and int(splits.train.masks.max()) == 255
+
+
+def test_yolo_names_from_an_ultralytics_data_yaml(tmp_path):
+    root = yolo_root(tmp_path, "1 0.25 0.5 0.3 0.5")
+    (root / "classes.txt").unlink()
+    (root / "data.yaml").write_text("names:\n  0: person\n  1: bicycle\n")
+    splits = read_data("boxes", {"kind": "yolo", "root": str(root)})
+    assert splits.train.classes == ["person", "bicycle"]
+
+
+def test_multitask_model_sizes_follow_the_masks_classes():
+    from kdistill.tasks import get_task
+
+    data = MaskBoxDataset(
+        torch.zeros(1, 3, 8, 8),
+        torch.zeros(1, 8, 8, dtype=torch.int64),
+        torch.tensor([[[0.0, 1, 1, 4, 4]]]),
+        ["bg", "road", "sky", "car"],  # 4 mask classes
+        ["car", "bike"],  # 2 box classes
+    )
+    sizes = get_task("multitask").model_kwargs(data)
+    assert sizes == {"in_channels": 3, "num_classes": 2, "seg_classes": 4}
+    same = MaskBoxDataset(
+        data.inputs, data.masks, data.boxes, ["bg", "car", "bike"], ["car", "bike"]
+    )
+    assert "seg_classes" not in get_task("multitask").model_kwargs(same)  # the scenes' layout

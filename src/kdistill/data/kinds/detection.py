@@ -41,6 +41,7 @@ from kdistill.data.dense import (
 from kdistill.data.kinds.base import DataSplits, FileKind, existing_dir, need, register_kind
 from kdistill.data.kinds.classification import FactoryKind, split_digest
 from kdistill.data.kinds.images import (
+    check_not_binary_void,
     decode_images,
     decode_mask,
     image_stems,
@@ -244,17 +245,44 @@ def read_yolo_labels(path: Path, classes: int, width: int, height: int) -> Tenso
 
 def yolo_classes(spec: Mapping[str, Any]) -> list[str]:
     given = spec.get("classes")
+    root = Path(str(spec["root"])).expanduser()
+    if given is None and (root / "data.yaml").is_file():
+        given = _yaml_names(root / "data.yaml")
     if given is None:
-        file = Path(str(spec["root"])).expanduser() / "classes.txt"
+        file = root / "classes.txt"
         if not file.is_file():
             raise DataError(
                 f"data.classes: YOLO labels hold class indices; give their names (data.classes: "
-                f"[...]) or a file {file} with one name per line"
+                f"[...]), a file {file} with one name per line, or {root / 'data.yaml'} with "
+                "names: (Ultralytics)"
             )
         given = [
             line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()
         ]
     return infer_classes(given, [], None, "data.classes")
+
+
+def _yaml_names(path: Path) -> list[str] | None:
+    """The class names of an Ultralytics ``data.yaml`` (``names:`` a list, or a dict index →
+    name with the indices 0 … K−1), None when it has none."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise DataError(f"{path}: cannot be read as YAML ({error})") from None
+    names = config.get("names") if isinstance(config, dict) else None
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(
+                f"{path}: names must be indexed 0 … {len(names) - 1}, got {sorted(names)}"
+            )
+        return [str(names[i]) for i in range(len(names))]
+    if not isinstance(names, list):
+        raise DataError(f"{path}: names must be a list or a mapping index → name")
+    return [str(name) for name in names]
 
 
 def yolo_label_files(split_dir: Path, images: Mapping[str, Path]) -> dict[str, Path]:
@@ -342,6 +370,8 @@ class _BoxFiles(FileKind):
         seg_classes = None
         if self.with_masks:
             every = [m for *_, masks in read.values() for _, m in masks]
+            train_masks = [m for _, m in read["train"][4]]
+            check_not_binary_void(train_masks, void, f"{spec['root']}/train/masks")
             seg_classes = infer_classes(spec.get("seg_classes"), every, void, str(spec["root"]))
         splits = {}
         for split, (stems, paths, arrays, rows, masks) in read.items():
@@ -451,8 +481,9 @@ class YoloKind(_BoxFiles):
     def files(self, spec: Mapping[str, Any]) -> list[Path]:
         found = []
         root = self._root(spec)
-        if spec.get("classes") is None and (root / "classes.txt").is_file():
-            found.append(root / "classes.txt")
+        for name in ("data.yaml", "classes.txt"):
+            if spec.get("classes") is None and (root / name).is_file():
+                found.append(root / name)
         for folder in self._folders(spec).values():
             images = image_stems(folder / "images")
             found += list(images.values()) + list(yolo_label_files(folder, images).values())
@@ -538,6 +569,7 @@ class BoxFactoryKind(FactoryKind):
         seg_classes = None
         if self.with_masks:
             all_masks = [m for _, _, ms in read.values() for m in ms]
+            check_not_binary_void(read["train"][2], void, f"{path} train")
             seg_classes = infer_classes(spec.get("seg_classes"), all_masks, void, path)
         splits = {}
         for split, (inputs, rows, masks) in read.items():

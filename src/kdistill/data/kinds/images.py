@@ -26,6 +26,7 @@ __all__ = [
     "MASK_MODES",
     "decode_mask",
     "image_stems",
+    "check_not_binary_void",
     "infer_classes",
     "mask_files",
     "split_folders",
@@ -219,3 +220,24 @@ def scale_rows(rows: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tens
     scaled[:, [1, 3]] *= new[1] / old[1]
     scaled[:, [2, 4]] *= new[0] / old[0]
     return scaled
+
+
+def check_not_binary_void(masks: Sequence[Any], void: int | None, where: str) -> None:
+    """DataError when the training masks hold nothing but class 0 and the void value: a binary
+    mask saved as 0 / 255 (white foreground) would otherwise train on background alone, every
+    foreground pixel left out as void."""
+    if void is None:
+        return
+    seen_void = False
+    for mask in masks:
+        values = torch.as_tensor(mask)
+        if bool(((values != 0) & (values != void)).any()):
+            return
+        seen_void = seen_void or bool((values == void).any())
+    if seen_void:
+        raise DataError(
+            f"{where}: the training masks hold only 0 and the void value {void}: a binary mask "
+            f"saved as 0 / {void}? Every {void} pixel would be left out as void and only "
+            f"background learned; save the foreground as 1, or set data.void: none and "
+            f"data.classes with {void + 1} classes if {void} is a class"
+        )

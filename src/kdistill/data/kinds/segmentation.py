@@ -28,6 +28,7 @@ from kdistill.data.kinds.base import (
 )
 from kdistill.data.kinds.classification import FactoryKind, split_digest
 from kdistill.data.kinds.images import (
+    check_not_binary_void,
     decode_images,
     decode_mask,
     image_stems,
@@ -120,6 +121,8 @@ class MaskFolderKind(FileKind):
                 for split, (stems, paths, arrays, masks) in read.items()
             }
         all_masks = [mask for _, _, _, masks in read.values() for _, mask in masks]
+        train_masks = [mask for _, mask in read["train"][3]]
+        check_not_binary_void(train_masks, void, str(folders["train"] / "masks"))
         classes = infer_classes(spec.get("classes"), all_masks, void, str(spec["root"]))
         colour = any(a.ndim == 3 for _, _, arrays, _ in read.values() for a in arrays)
         every_path = [p for _, paths, _, _ in read.values() for p in paths]
@@ -234,6 +237,7 @@ class MaskNpzKind(FileKind):
         shapes = {key: tuple(inputs.shape[1:]) for key, (_, inputs, _, _) in read.items()}
         if len(set(shapes.values())) > 1:
             raise DataError(f"data: the splits' images differ in shape: {shapes}")
+        check_not_binary_void([read["train"][2]], void, f"{read['train'][0]}: y")
         given = spec.get("classes") or next((n for _, _, _, n in read.values() if n), None)
         classes = infer_classes(given, [m for _, _, m, _ in read.values()], void, "data")
         splits = {}
@@ -334,6 +338,7 @@ class MaskFactoryKind(FactoryKind):
                 images.append(image)
                 masks.append(sample_mask(sample[1], image, where))
             read[split] = (stack_checked(images, label), torch.stack(masks), source)
+        check_not_binary_void([read["train"][1]], void, f"{path} train")
         given = spec.get("classes") or getattr(sources["train"], "classes", None)
         classes = infer_classes(given, [m for _, m, _ in read.values()], void, path)
         splits = {}
