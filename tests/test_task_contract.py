@@ -5,6 +5,7 @@ task, each metric checked against a hand computation."""
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 from pathlib import Path
@@ -57,6 +58,8 @@ def test_every_task_has_every_member():
     assert not own.reads_text and not own.dense and not own.report_models
     assert own.outputs == {None: own} or set(own.outputs) == {None}
     assert "npz" in own.data_kinds and own.name == "mine"
+    copied = copy.deepcopy(own)
+    assert copied.target == "class" and copied.name == "mine" and copied._task is not own._task
 
 
 def test_declared_values_of_the_built_in_tasks():

@@ -191,6 +191,9 @@ class _WithDefaults(TaskDefaults):
     def __repr__(self) -> str:
         return repr(self._task)
 
+    def __reduce__(self) -> tuple:  # copy / deepcopy / pickle: wrap a copy of the task
+        return (with_defaults, (self._task,))
+
 
 def with_defaults(task: Any) -> Task:
     """`task` itself when it subclasses `TaskDefaults`, else a view of it with the defaults of
