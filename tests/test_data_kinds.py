@@ -484,3 +484,23 @@ def test_multitask_model_sizes_follow_the_masks_classes():
         data.inputs, data.masks, data.boxes, ["bg", "car", "bike"], ["car", "bike"]
     )
     assert "seg_classes" not in get_task("multitask").model_kwargs(same)  # the scenes' layout
+
+
+def test_guess_spec_finds_the_kind_a_path_holds(tmp_path):
+    from kdistill.data.kinds import guess_spec
+
+    mask_folder(tmp_path / "m", {"train": {"a": M1}, "test": {"c": M3}})
+    coco_root(tmp_path / "c")
+    yolo_root(tmp_path / "y", "1 0.25 0.5 0.3 0.5")
+    assert guess_spec("mask", str(tmp_path / "m")) == {"kind": "masks", "root": str(tmp_path / "m")}
+    assert guess_spec("boxes", str(tmp_path / "c"))["kind"] == "coco"
+    assert guess_spec("boxes", str(tmp_path / "y"))["kind"] == "yolo"
+    assert guess_spec("boxes", "fashion_mnist_scenes") == {"kind": "fashion_mnist_scenes"}
+    assert guess_spec("mask", "test_data_kinds:mask_pairs")["kind"] == "factory"
+    (tmp_path / "corpus.txt").write_text("one\n\ntwo")
+    assert guess_spec("tokens", str(tmp_path / "corpus.txt"))["fractions"] == {
+        "val": 0.05,
+        "test": 0.05,
+    }
+    with pytest.raises(ConfigError, match=r"has none of their layouts; task detection reads"):
+        guess_spec("boxes", str(tmp_path / "m"))

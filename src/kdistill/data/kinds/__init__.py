@@ -30,6 +30,7 @@ from kdistill.data.kinds.base import (
     resolve,
     spec_dict,
 )
+from kdistill.data.kinds.guess import guess_spec
 from kdistill.data.kinds.tokenizer import TextTokenizer, as_text_tokenizer
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "as_text_tokenizer",
     "file_digest",
     "get_kind",
+    "guess_spec",
     "kinds_for",
     "read_data",
     "register_kind",
