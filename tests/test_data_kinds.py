@@ -504,3 +504,20 @@ def test_guess_spec_finds_the_kind_a_path_holds(tmp_path):
     }
     with pytest.raises(ConfigError, match=r"has none of their layouts; task detection reads"):
         guess_spec("boxes", str(tmp_path / "m"))
+
+
+def test_standardize_keeps_the_masks_and_the_void_label(tmp_path):
+    from kdistill.data.normalize import channel_stats, standardize
+
+    mask_folder(tmp_path, {"train": {"a": M1, "b": M2}, "test": {"c": M3}})
+    train = read_data("mask", {"kind": "masks", "root": str(tmp_path)}).train
+    stats = channel_stats(train)
+    # mean and population std of every pixel of both images, computed from the tensor directly
+    values = train.inputs.double().flatten()
+    assert stats.mean[0] == pytest.approx(float(values.mean()))
+    assert stats.std[0] == pytest.approx(float(values.std(correction=0)))
+    normalised = standardize(train, stats)
+    assert isinstance(normalised, MaskDataset) and normalised.ignore_index == 255
+    assert torch.equal(normalised.masks, train.masks)
+    expected = ((train.inputs.double() - stats.mean[0]) / stats.std[0]).float()
+    assert torch.allclose(normalised.inputs, expected)

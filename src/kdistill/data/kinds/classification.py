@@ -20,7 +20,7 @@ from kdistill.data.kinds.base import (
     need,
     register_kind,
 )
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 
 __all__ = ["image_files", "split_digest"]
 
@@ -134,7 +134,6 @@ class FactoryKind:
 
     def call(self, spec: Mapping[str, Any]) -> tuple[Any, Any, Any]:
         """(train, val or None, test) as the factory returns them."""
-        from kdistill.errors import DataError
         from kdistill.importpath import import_callable
 
         path = str(spec["factory"])
@@ -161,7 +160,14 @@ class FactoryKind:
             train = dataset_to_arrays(train_source, f"{path} train")
             val = dataset_to_arrays(val_source, f"{path} val")
             test = dataset_to_arrays(test_source, f"{path} test")
-            classes = [str(k) for k in range(max(d.num_classes for d in (train, val, test)))]
+            largest = max(d.num_classes for d in (train, val, test))
+            named = getattr(train_source, "classes", None)
+            classes = [str(c) for c in named] if named else [str(k) for k in range(largest)]
+            if largest > len(classes):
+                raise DataError(
+                    f"{path}: label {largest - 1} is out of range for the {len(classes)} classes "
+                    "the dataset names (its `classes` attribute)"
+                )
             train, val, test = (
                 ArrayDataset(d.inputs, d.targets, classes=classes, name=f"factory-{s}")
                 for d, s in ((train, "train"), (val, "val"), (test, "test"))
