@@ -273,3 +273,46 @@ def test_chat_template_from_a_saved_folder_for_a_tokenizers_tokenizer(tmp_path, 
     completion = tokenizer.encode("yo<eos>", add_special_tokens=False).ids
     assert data.train.labels[0][data.train.labels[0] != IGNORE_INDEX].tolist() == completion
     assert data.tokenizer is tokenizer
+
+
+class Says(torch.nn.Module):
+    """Always predicts token `first`, then the end token: a continuation of one known token."""
+
+    def __init__(self, vocab: int, first: int, eos: int):
+        super().__init__()
+        self.vocab, self.first, self.eos = vocab, first, eos
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        # `first` after anything but `first`; the end token after `first` (were sampling to go
+        # on past that end token, `first` would come again)
+        logits = torch.full((*input_ids.shape, self.vocab), -30.0)
+        said = int(input_ids[0, -1]) == self.first
+        logits[:, -1, self.eos if said else self.first] = 30.0
+        return logits
+
+
+def test_report_samples_from_the_users_text_with_its_end_token(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from kdistill.tasks import get_task
+
+    (tmp_path / "train.txt").write_text("\n\n".join(CORPUS))
+    (tmp_path / "test.txt").write_text(CORPUS[1])
+    spec = {"kind": "text", "root": str(tmp_path), "block_size": 64}
+    found = read_data("tokens", spec, tokenizer=tokenizer)
+    splits = SimpleNamespace(test=found.test, tokenizer=tokenizer, info=found.info)
+    task = get_task("language_modeling")
+    first_ids = tokenizer.encode(CORPUS[1], add_special_tokens=False).ids[:8]
+    prompt = tokenizer.decode(first_ids, skip_special_tokens=True).strip()
+    assert task.prompts_for(splits, tokenizer) == [prompt]
+    word = tokenizer.encode(" fox", add_special_tokens=False).ids[0]
+    lines = task.report_section({"teacher": Says(tokenizer.get_vocab_size(), word, 2)}, splits)
+    assert f"**{prompt} …**" in lines
+    assert f"| teacher | {tokenizer.decode([word]).strip()} |" in lines
+    # a tokenizer whose end token is not kdistill's <eos> (id 1 here): sampling stops at it
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<bos>")
+    splits.tokenizer = fast
+    lines = task.report_section({"teacher": Says(len(fast), word, 1)}, splits)
+    assert f"| teacher | {fast.decode([word]).strip()} |" in lines

@@ -168,28 +168,56 @@ class LanguageModelingTask(TaskDefaults):
         tokenizer = getattr(splits, "tokenizer", None)
         if tokenizer is None or not models:
             return []
+        from kdistill.data.kinds.tokenizer import as_text_tokenizer
+
+        eos_id = as_text_tokenizer(tokenizer).eos_id
+        eos_id = EOS_ID if eos_id is None else eos_id
+        prompts = self.prompts_for(splits, tokenizer)
         lines = [
             "## Sampled continuations",
             "",
             f"Sampling at temperature {self.sample_temperature:g} (no top-k / top-p, at most 40 "
-            "tokens, stopped at `<eos>`); prompt i is sampled with seed i, the same random "
+            "tokens, stopped at the end token); prompt i is sampled with seed i, the same random "
             "numbers for every model.",
         ]
         samples = {
             label: [
                 sample_continuations(
-                    model, tokenizer, [prompt], temperature=self.sample_temperature, seed=index
+                    model,
+                    tokenizer,
+                    [prompt],
+                    temperature=self.sample_temperature,
+                    seed=index,
+                    eos_id=eos_id,
                 )[0]
-                for index, prompt in enumerate(self.sample_prompts)
+                for index, prompt in enumerate(prompts)
             ]
             for label, model in models.items()
         }
-        for index, prompt in enumerate(self.sample_prompts):
+        for index, prompt in enumerate(prompts):
             lines += ["", f"**{prompt} …**", "", "| model | continuation |", "|---|---|"]
             for label, texts in samples.items():
                 text = " ".join(texts[index].split()).replace("|", "\\|")
                 lines.append(f"| {label} | {text} |")
         return lines
+
+    def prompts_for(self, splits: Any, tokenizer: Any) -> list[str]:
+        """The report's prompts: `sample_prompts` for the KJV; for other text, the first
+        `PROMPT_TOKENS` tokens of evenly spaced test blocks, decoded (the user's own text)."""
+        info = getattr(splits, "info", None) or {}
+        test = getattr(splits, "test", None)
+        if "King James" in str(info.get("corpus", "")) or not isinstance(test, TokenBlocks):
+            return list(self.sample_prompts)
+        rows = sorted({int(i * len(test) / len(self.sample_prompts)) for i in range(3)})
+        prompts = []
+        for row in rows:
+            ids = test.input_ids[row][test.attention_mask[row] == 1][: self.PROMPT_TOKENS]
+            text = tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+            if text:
+                prompts.append(text)
+        return prompts or list(self.sample_prompts)
+
+    PROMPT_TOKENS = 8
 
     def prepare(self, data: Any) -> TokenBlocks:
         if not isinstance(data, TokenBlocks):
