@@ -316,3 +316,16 @@ def test_report_samples_from_the_users_text_with_its_end_token(tmp_path, tokeniz
     splits.tokenizer = fast
     lines = task.report_section({"teacher": Says(len(fast), word, 1)}, splits)
     assert f"| teacher | {fast.decode([word]).strip()} |" in lines
+
+
+def texts():
+    return CORPUS[:4], CORPUS[4:]
+
+
+def test_token_factory_of_texts_is_tokenised_like_a_text_file(tokenizer):
+    spec = {"kind": "factory", "factory": "test_text_kinds:texts", "block_size": 8}
+    splits = read_data("tokens", spec, tokenizer=tokenizer)
+    assert stream_of(splits.train) == expected_stream(tokenizer, CORPUS[:4])
+    assert stream_of(splits.test) == expected_stream(tokenizer, CORPUS[4:])
+    kind, options = resolve("tokens", spec)
+    assert kind.fingerprint(options) == splits.fingerprint

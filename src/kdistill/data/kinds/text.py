@@ -277,9 +277,11 @@ class TextKind(FileKind):
 
 
 def _token_splits(
-    kind: FileKind, spec: Mapping[str, Any], documents: dict, tokenizer: Any
+    kind: Any, spec: Mapping[str, Any], documents: dict, tokenizer: Any, fingerprint: str = ""
 ) -> DataSplits:
-    fingerprint = kind.fingerprint(spec)
+    """Documents {split: [(where, text)]} as `TokenBlocks` splits; `fingerprint`: the kind's
+    (default: `kind.fingerprint(spec)`, the digest of its files)."""
+    fingerprint = fingerprint or kind.fingerprint(spec)
     tok, status = _tokenizer_for(spec, tokenizer, [t for _, t in documents["train"]])
     size = _block_size(spec)
     blocks = {
@@ -338,14 +340,41 @@ class JsonlTextKind(FileKind):
 class TokenFactoryKind(FactoryKind):
     target = "tokens"
     layout = (
-        "factory: package.module:function returning (train, test) TokenBlocks, or sequences of "
-        "token ids (one document each; eos appended)"
+        "factory: package.module:function returning (train, test) TokenBlocks, sequences of "
+        "token ids, or texts (one document each; eos appended; texts tokenised)"
     )
-    options = ("factory", "kwargs", "block_size", "vocab_size", "eos_id")
+    options = ("factory", "kwargs", "block_size", "vocab_size", "eos_id", "min_frequency",
+               "tokenizer_dir")  # fmt: skip
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
         path = str(spec["factory"])
         sources = dict(zip(SPLITS, self.call(spec)))
+        texts = {
+            split: source
+            for split, source in sources.items()
+            if source is not None
+            and not isinstance(source, TokenBlocks)
+            and len(source)
+            and isinstance(source[0], str)
+        }
+        if texts and len(texts) != sum(s is not None for s in sources.values()):
+            raise DataError(f"{path}: every split must hold texts, or none")
+        if texts:  # documents: tokenised like the text kinds
+            documents = {
+                split: [(f"{path} {split}, text {i}", _text_item(t, f"{path} {split}", i))
+                        for i, t in enumerate(source)]
+                for split, source in texts.items()
+            }  # fmt: skip
+            digest = hashlib.sha256(
+                json.dumps(
+                    {"kind": self.name, "factory": path, "kwargs": spec.get("kwargs") or {},
+                     "block_size": _block_size(spec), "texts": documents},
+                    sort_keys=True, default=str,
+                ).encode()
+            ).hexdigest()  # fmt: skip
+            found = _token_splits(self, spec, documents, tokenizer, digest)
+            found.info.update(factory=path, kwargs=spec.get("kwargs") or {})
+            return found
         tok = as_text_tokenizer(tokenizer) if tokenizer is not None else None
         splits = {}
         for split, source in sources.items():
@@ -388,6 +417,12 @@ class TokenFactoryKind(FactoryKind):
             splits["train"], splits["test"], splits.get("val"),
             split_digest(self.name, extra, *splits.values()), info, tokenizer,
         )  # fmt: skip
+
+
+def _text_item(value: Any, label: str, index: int) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{label}, item {index}: expected a text (str), got {type(value).__name__}")
+    return value
 
 
 # -- completions ------------------------------------------------------------------------------
