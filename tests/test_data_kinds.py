@@ -521,3 +521,18 @@ def test_standardize_keeps_the_masks_and_the_void_label(tmp_path):
     assert torch.equal(normalised.masks, train.masks)
     expected = ((train.inputs.double() - stats.mean[0]) / stats.std[0]).float()
     assert torch.allclose(normalised.inputs, expected)
+
+
+def test_image_folder_with_an_optional_val_split(tmp_path):
+    for split, count in (("train", 2), ("val", 1), ("test", 1)):
+        for name in ("cat", "dog"):
+            for k in range(count):
+                png(tmp_path / split / name / f"{k}.png", gray(k + len(name) + len(split)))
+    splits = read_data("class", {"kind": "imagefolder", "root": str(tmp_path)})
+    assert splits.val is not None and splits.val.targets.tolist() == [0, 1]
+    expected = np.stack([gray(len("cat") + 3), gray(len("dog") + 3)])[:, None] / 255.0
+    assert torch.allclose(splits.val.inputs, torch.tensor(expected, dtype=torch.float32))
+    (tmp_path / "val" / "cow").mkdir()
+    png(tmp_path / "val" / "cow" / "0.png", gray(9))
+    with pytest.raises(DataError, match=r"val: class folders \['cat', 'cow', 'dog'\] differ"):
+        read_data("class", {"kind": "imagefolder", "root": str(tmp_path)})

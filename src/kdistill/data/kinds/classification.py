@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from kdistill.data.arrays import ArrayDataset
 from kdistill.data.imagefolder import IMAGE_EXTENSIONS, SPLITS, image_folder_classes
 from kdistill.data.kinds.base import (
@@ -50,27 +53,62 @@ def split_digest(kind: str, extra: Mapping[str, Any], *datasets: Any) -> str:
 class ImageFolderKind(FileKind):
     name = "imagefolder"
     target = "class"
-    layout = "root/train/<class>/*.png|jpg and root/test/<class>/* (torchvision ImageFolder)"
+    layout = (
+        "root/train/<class>/*.png|jpg and root/test/<class>/* (optional root/val/<class>/*; "
+        "torchvision ImageFolder)"
+    )
     options = ("root",)
 
-    def check(self, spec: Mapping[str, Any]) -> None:
+    def _splits(self, spec: Mapping[str, Any]) -> tuple[str, ...]:
         root = existing_dir(
             need(spec, "root", self.name, "a folder"), "root", self.name, self.layout
         )
-        for split in SPLITS:
-            image_folder_classes(root / split)
+        return (*SPLITS, "val") if (root / "val").is_dir() else SPLITS
+
+    def check(self, spec: Mapping[str, Any]) -> None:
+        root = Path(str(spec["root"])).expanduser()
+        classes = {split: image_folder_classes(root / split) for split in self._splits(spec)}
+        if classes.get("val", classes["train"]) != classes["train"]:
+            raise DataError(
+                f"{root / 'val'}: class folders {classes['val']} differ from train/'s "
+                f"{classes['train']}; every split needs the same class folders"
+            )
 
     def files(self, spec: Mapping[str, Any]) -> list[Path]:
         root = Path(str(spec["root"])).expanduser()
-        return [path for split in SPLITS for path in image_files(root / split)]
+        return [path for split in self._splits(spec) for path in image_files(root / split)]
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
-        from kdistill.data.imagefolder import load_image_folder
+        from kdistill.data.imagefolder import _channels_first, _read_split, load_image_folder
 
+        self.check(spec)
         fingerprint = self.fingerprint(spec)
         train, test = load_image_folder(spec["root"])
+        val = None
+        if "val" in self._splits(spec):
+            root = Path(str(spec["root"])).expanduser()
+            arrays, labels, paths = _read_split(root / "val", list(train.classes))
+            colour = train.input_shape[0] == 3
+            if any(a.ndim == 3 for a in arrays) and not colour:
+                raise DataError(
+                    f"{root / 'val'}: holds colour images but train/ and test/ are grayscale; "
+                    "save every split in one mode"
+                )
+            for array, path in zip(arrays, paths):
+                if tuple(array.shape[:2]) != tuple(train.input_shape[1:]):
+                    raise DataError(
+                        f"{path}: image is {array.shape[0]}×{array.shape[1]} but train/ images "
+                        f"are {train.input_shape[1]}×{train.input_shape[2]}; one size for all"
+                    )
+            stacked = np.stack([_channels_first(a, colour) for a in arrays])
+            val = ArrayDataset(
+                torch.from_numpy(stacked).to(torch.float32).div_(255.0),
+                torch.tensor(labels, dtype=torch.int64),
+                classes=list(train.classes),
+                name="imagefolder-val",
+            )
         info = {"kind": self.name, "root": str(spec["root"]), "classes": list(train.classes)}
-        return DataSplits(train, test, None, fingerprint, info)
+        return DataSplits(train, test, val, fingerprint, info)
 
 
 class NpzKind(FileKind):
