@@ -226,7 +226,12 @@ def test_text_fingerprint_follows_the_file(tmp_path, tokenizer):
     (tmp_path / "test.txt").write_text(CORPUS[1])
     kind, options = resolve("tokens", {"kind": "text", "root": str(tmp_path)})
     before = kind.fingerprint(options)
-    assert read_data("tokens", options, tokenizer=tokenizer).fingerprint == before
+    given = read_data("tokens", options, tokenizer=tokenizer).fingerprint
+    assert given == kind.fingerprint(options, tokenizer) and given != before
+    # the same files through another tokenizer are other data
+    other = train_bpe(CORPUS, vocab_size=290, min_frequency=1)
+    assert kind.fingerprint(options, other) != given
+    assert read_data("tokens", options).fingerprint == before  # the BPE trained from the files
     (tmp_path / "test.txt").write_text(CORPUS[1] + "!")
     assert kind.fingerprint(options) != before
     assert kind.fingerprint({**options, "block_size": 64}) != kind.fingerprint(options)

@@ -47,7 +47,7 @@ from kdistill.data.kinds.base import (
     register_kind,
 )
 from kdistill.data.kinds.classification import FactoryKind, split_digest
-from kdistill.data.kinds.tokenizer import TextTokenizer, as_text_tokenizer
+from kdistill.data.kinds.tokenizer import TextTokenizer, as_text_tokenizer, tokenizer_digest
 from kdistill.data.text import TokenBlocks, pack_blocks
 from kdistill.errors import ConfigError, DataError
 
@@ -229,7 +229,20 @@ def split_by_fractions(
     return out
 
 
-class TextKind(FileKind):
+class _TokenFiles(FileKind):
+    """A token kind reading files: its fingerprint digests the files and, when one is given,
+    the tokenizer (`tokenizer_digest`): the same files tokenised otherwise are other data. The
+    BPE trained without one follows from the files and `vocab_size` / `min_frequency`."""
+
+    def fingerprint(self, spec: Mapping[str, Any], tokenizer: Any = None) -> str:
+        files = super().fingerprint(spec)
+        if tokenizer is None:
+            return files
+        combined = f"{files}:{tokenizer_digest(tokenizer)}"
+        return hashlib.sha256(combined.encode()).hexdigest()
+
+
+class TextKind(_TokenFiles):
     name = "text"
     target = "tokens"
     layout = (
@@ -238,7 +251,7 @@ class TextKind(FileKind):
     )
     options = ("root", "file", "fractions", "documents", "block_size", "vocab_size",
                "min_frequency", "tokenizer_dir")  # fmt: skip
-    fingerprinted = ("fractions", "documents", "block_size")
+    fingerprinted = ("fractions", "documents", "block_size", "vocab_size", "min_frequency")
 
     def check(self, spec: Mapping[str, Any]) -> None:
         _block_size(spec)
@@ -280,8 +293,8 @@ def _token_splits(
     kind: Any, spec: Mapping[str, Any], documents: dict, tokenizer: Any, fingerprint: str = ""
 ) -> DataSplits:
     """Documents {split: [(where, text)]} as `TokenBlocks` splits; `fingerprint`: the kind's
-    (default: `kind.fingerprint(spec)`, the digest of its files)."""
-    fingerprint = fingerprint or kind.fingerprint(spec)
+    (default: `kind.fingerprint(spec, tokenizer)`, the digest of its files and tokenizer)."""
+    fingerprint = fingerprint or kind.fingerprint(spec, tokenizer)
     tok, status = _tokenizer_for(spec, tokenizer, [t for _, t in documents["train"]])
     size = _block_size(spec)
     blocks = {
@@ -308,7 +321,7 @@ def _token_splits(
     )
 
 
-class JsonlTextKind(FileKind):
+class JsonlTextKind(_TokenFiles):
     name = "jsonl"
     target = "tokens"
     layout = (
@@ -317,7 +330,7 @@ class JsonlTextKind(FileKind):
     )
     options = ("root", "train", "test", "val", "field", "block_size", "vocab_size",
                "min_frequency", "tokenizer_dir")  # fmt: skip
-    fingerprinted = ("field", "block_size")
+    fingerprinted = ("field", "block_size", "vocab_size", "min_frequency")
 
     def check(self, spec: Mapping[str, Any]) -> None:
         _block_size(spec)
@@ -529,7 +542,7 @@ def _max_length(spec: Mapping[str, Any]) -> int:
     return size
 
 
-class CompletionJsonlKind(FileKind):
+class CompletionJsonlKind(_TokenFiles):
     name = "jsonl"
     target = "completions"
     layout = (
@@ -538,7 +551,7 @@ class CompletionJsonlKind(FileKind):
     )
     options = ("root", "train", "test", "val", "max_length", "vocab_size", "min_frequency",
                "tokenizer_dir", "chat_format")  # fmt: skip
-    fingerprinted = ("max_length", "chat_format")
+    fingerprinted = ("max_length", "chat_format", "vocab_size", "min_frequency")
 
     def check(self, spec: Mapping[str, Any]) -> None:
         _max_length(spec)
@@ -553,7 +566,7 @@ class CompletionJsonlKind(FileKind):
         return list(_split_files(spec, self.name, ".jsonl", self.layout).values())
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
-        fingerprint = self.fingerprint(spec)
+        fingerprint = self.fingerprint(spec, tokenizer)
         records = {
             split: [(f"{path}, line {n}", r) for n, r in jsonl_records(path)]
             for split, path in _split_files(spec, self.name, ".jsonl", self.layout).items()

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kdistill.errors import DataError
 
-__all__ = ["TextTokenizer", "as_text_tokenizer"]
+__all__ = ["TextTokenizer", "as_text_tokenizer", "tokenizer_digest"]
 
 _EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|eos|>", "<|end_of_text|>")
 _BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>")
@@ -230,3 +230,25 @@ def _wrap(tokenizer: Any) -> TextTokenizer:
         f"a tokenizer must be a tokenizers.Tokenizer, a transformers tokenizer, or have "
         f"encode(text) and an int vocab_size; got {type(tokenizer).__name__}"
     )
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids: every token and its id, the end / start / padding
+    ids and the chat template (two tokenizers with the same digest tokenise alike)."""
+    import hashlib
+
+    tok = as_text_tokenizer(tokenizer)
+    vocab = _vocabulary(tok.raw)
+    if not vocab and _is_transformers(tok.raw):
+        vocab = dict(tok.raw.get_vocab())
+    record = {
+        "type": type(tok.raw).__name__,
+        "vocab": sorted(vocab.items(), key=lambda item: item[1]),
+        "vocab_size": tok.vocab_size,
+        "ids": [tok.eos_id, tok.bos_id, tok.pad_id],
+        "template": tok.template
+        or (getattr(tok.raw, "chat_template", None) if tok.has_chat_template else None),
+    }
+    if not vocab:  # an encode() callable: only its type and size are known
+        record["repr"] = repr(tok.raw)
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
