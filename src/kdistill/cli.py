@@ -236,7 +236,12 @@ def bench_command(args: argparse.Namespace) -> int:
         if key in options and value is not None
     ]
     flags = ["quick"] + (["compile", "bf16"] if args.versus else [])
-    return module.main(argv + [f"--{flag}" for flag in flags if getattr(args, flag)])
+    try:
+        return module.main(argv + [f"--{flag}" for flag in flags if getattr(args, flag)])
+    except SystemExit as stop:  # the script's own refusal: shown as kdistill's errors are
+        if isinstance(stop.code, str):
+            raise KdistillError(stop.code) from None
+        raise
 
 
 BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples", "repeats")
@@ -718,6 +723,18 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_closed()
     except KdistillError as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - no raw traceback reaches the user
+        if os.environ.get("KDISTILL_TRACEBACK"):
+            raise
+        message = " ".join(str(error).split()) or "(no message)"
+        if len(message) > 600:
+            message = message[:600] + " …"
+        print(
+            f"kdistill: error: {type(error).__name__}: {message} "
+            "(KDISTILL_TRACEBACK=1 shows where it came from)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(
