@@ -536,3 +536,16 @@ def test_image_folder_with_an_optional_val_split(tmp_path):
     png(tmp_path / "val" / "cow" / "0.png", gray(9))
     with pytest.raises(DataError, match=r"val: class folders \['cat', 'cow', 'dog'\] differ"):
         read_data("class", {"kind": "imagefolder", "root": str(tmp_path)})
+
+
+def test_palette_masks_read_as_indices_not_colours(tmp_path):
+    # VOC stores masks as palette PNGs: the pixel is the palette index (the class), whatever
+    # colour the palette gives it; 255 (void) drawn in a light colour
+    mask_folder(tmp_path, {"train": {"a": M1}, "test": {"c": M3}})
+    image = PIL.fromarray(M2, mode="L").convert("P")
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 252 + [224, 224, 192]
+    image.putpalette(palette)
+    image.putdata(M2.flatten().tolist())
+    image.save(tmp_path / "train/masks/a.png")
+    splits = read_data("mask", {"kind": "masks", "root": str(tmp_path)})
+    assert torch.equal(splits.train.masks[0], torch.tensor(M2, dtype=torch.int64))
