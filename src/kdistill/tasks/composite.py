@@ -47,7 +47,6 @@ class CompositeTask(DenseTargets):
     by `metric_order` (default: the sub-tasks' order)."""
 
     target_kind = "both"
-    target = "mask+boxes"
     default_hard_loss = "ce"  # each output's hard loss is its sub-task's (see recipes.objective)
 
     def __init__(
@@ -74,6 +73,15 @@ class CompositeTask(DenseTargets):
     @property
     def outputs(self):
         return dict(self.parts)
+
+    @property
+    def target(self) -> str:
+        """``mask+boxes`` for masks and boxes (the multitask data kinds); the one target all
+        parts share otherwise (its kinds then carry every output's target)."""
+        targets = {getattr(part, "target", "class") for part in self.parts.values()}
+        if targets == {"mask", "boxes"}:
+            return "mask+boxes"
+        return targets.pop() if len(targets) == 1 else "mask+boxes"
 
     def model_kwargs(self, data: Any) -> dict[str, int]:
         sizes = self.parts[self.sizes_from].model_kwargs(data)
