@@ -311,6 +311,11 @@ def test_report_samples_from_the_users_text_with_its_end_token(tmp_path, tokeniz
     first_ids = tokenizer.encode(CORPUS[1], add_special_tokens=False).ids[:8]
     prompt = tokenizer.decode(first_ids, skip_special_tokens=True).strip()
     assert task.prompts_for(splits, tokenizer) == [prompt]
+    # the KJV (a run's splits record it under `text`, its blocks are named kjv-…) keeps its own
+    kjv = SimpleNamespace(test=found.test, text={"corpus": "King James Bible (Debian …)"})
+    assert task.prompts_for(kjv, tokenizer) == list(task.sample_prompts)
+    named = SimpleNamespace(test=found.test.subset([0], name="kjv-test-take2"))
+    assert task.prompts_for(named, tokenizer) == list(task.sample_prompts)
     word = tokenizer.encode(" fox", add_special_tokens=False).ids[0]
     lines = task.report_section({"teacher": Says(tokenizer.get_vocab_size(), word, 2)}, splits)
     assert f"**{prompt} …**" in lines

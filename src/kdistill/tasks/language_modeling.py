@@ -204,9 +204,12 @@ class LanguageModelingTask(TaskDefaults):
     def prompts_for(self, splits: Any, tokenizer: Any) -> list[str]:
         """The report's prompts: `sample_prompts` for the KJV; for other text, the first
         `PROMPT_TOKENS` tokens of evenly spaced test blocks, decoded (the user's own text)."""
-        info = getattr(splits, "info", None) or {}
+        info = getattr(splits, "info", None) or getattr(splits, "text", None) or {}
         test = getattr(splits, "test", None)
-        if "King James" in str(info.get("corpus", "")) or not isinstance(test, TokenBlocks):
+        kjv = "King James" in str(info.get("corpus", "")) or str(
+            getattr(test, "name", "")
+        ).startswith("kjv")
+        if kjv or not isinstance(test, TokenBlocks):
             return list(self.sample_prompts)
         rows = sorted({int(i * len(test) / len(self.sample_prompts)) for i in range(3)})
         prompts = []
