@@ -339,3 +339,20 @@ def test_token_factory_of_texts_is_tokenised_like_a_text_file(tokenizer):
     assert stream_of(splits.test) == expected_stream(tokenizer, CORPUS[4:])
     kind, options = resolve("tokens", spec)
     assert kind.fingerprint(options) == splits.fingerprint
+
+
+def test_conversational_prompt_completion(tmp_path, tokenizer):
+    record = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "completion": [{"role": "assistant", "content": "hello"}],
+    }
+    jsonl(tmp_path / "train.jsonl", [record])
+    jsonl(tmp_path / "test.jsonl", [record])
+    spec = {"kind": "jsonl", "root": str(tmp_path), "chat_format": "plain"}
+    data = read_data("completions", spec, tokenizer=tokenizer).train
+    prompt = tokenizer.encode("user: hi\nassistant: ", add_special_tokens=False).ids
+    completion = tokenizer.encode("hello\n", add_special_tokens=False).ids + [2]
+    assert data.input_ids[0].tolist() == prompt + completion
+    assert data.labels[0][data.labels[0] != IGNORE_INDEX].tolist() == completion
+    with pytest.raises(DataError, match=r"without the given tokenizer's chat template"):
+        read_data("completions", {**spec, "chat_format": "template"}, tokenizer=tokenizer)

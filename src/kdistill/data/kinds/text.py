@@ -439,17 +439,19 @@ def _text_item(value: Any, label: str, index: int) -> str:
 
 
 # -- completions ------------------------------------------------------------------------------
-def _messages(record: Mapping[str, Any], where: str) -> list[dict[str, str]]:
-    messages = record["messages"]
+def _messages(
+    record: Mapping[str, Any], where: str, key: str = "messages", assistant: bool = True
+) -> list[dict[str, str]]:
+    messages = record[key]
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}}")
     for number, message in enumerate(messages):
-        spot = f"{where}: messages[{number}]"
+        spot = f"{where}: {key}[{number}]"
         if not isinstance(message, Mapping):
             raise DataError(f'{spot}: expected {{"role": …, "content": …}}, got {message!r}')
         _string(message, "role", spot)
         _string(message, "content", spot)
-    if not any(m["role"] == "assistant" for m in messages):
+    if assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message; the loss is on assistant turns")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -474,6 +476,19 @@ def completion_pairs(
                         "assistant turn cannot be told apart from the prompt"
                     )
                 pairs.append((f"{where}, turn {turn}", prompt, full[len(prompt) :], True))
+        elif isinstance(record.get("prompt"), list):  # TRL's conversational prompt-completion
+            prompt_messages = _messages(record, where, "prompt", assistant=False)
+            answer = _messages(record, where, "completion", assistant=False)
+            if any(m["role"] != "assistant" for m in answer):
+                raise DataError(f"{where}: 'completion' must hold assistant messages only")
+            prompt = tok.chat(prompt_messages, add_generation_prompt=True)
+            full = tok.chat(prompt_messages + answer, add_generation_prompt=False)
+            if not full.startswith(prompt):
+                raise DataError(
+                    f"{where}: the chat template renders prompt + completion without the "
+                    "prompt and its generation prompt as its start"
+                )
+            pairs.append((where, prompt, full[len(prompt) :], True))
         elif "prompt" in record or "completion" in record:
             pairs.append(
                 (
@@ -584,7 +599,11 @@ class CompletionJsonlKind(_TokenFiles):
             tok, status = _tokenizer_for(spec, None, texts)
         else:
             tok, status = as_text_tokenizer(tokenizer), "given"
-            chat = any("messages" in r for found in records.values() for _, r in found)
+            chat = any(
+                "messages" in r or isinstance(r.get("prompt"), list)
+                for found in records.values()
+                for _, r in found
+            )
             if chat and not tok.has_chat_template and spec.get("chat_format") != "plain":
                 raise DataError(
                     "data: the conversations (messages) would be rendered without the given "
