@@ -549,3 +549,34 @@ def test_palette_masks_read_as_indices_not_colours(tmp_path):
     image.save(tmp_path / "train/masks/a.png")
     splits = read_data("mask", {"kind": "masks", "root": str(tmp_path)})
     assert torch.equal(splits.train.masks[0], torch.tensor(M2, dtype=torch.int64))
+
+
+class BothItems:
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        mask = torch.zeros(H, W, dtype=torch.int64)
+        mask[2:6, 1:4] = 1
+        det = {"boxes": torch.tensor([[1.0, 2.0, 4.0, 6.0]]), "labels": torch.tensor([0])}
+        return torch.zeros(1, H, W), {"seg": mask, "det": det}
+
+
+def both_items():
+    return BothItems(), BothItems()
+
+
+def boxes_only():
+    return BoxItems([{"labels": [0]}]), BoxItems([[1, 2, 3]])
+
+
+def test_multitask_factory_and_a_sample_of_another_shape():
+    spec = {"kind": "factory", "factory": "test_data_kinds:both_items"}
+    data = read_data("mask+boxes", spec).train
+    inputs, target = data.get_batch(torch.tensor([0]))
+    assert torch.equal(target["det"], torch.tensor([[[0.0, 1, 2, 4, 6]]]))
+    assert int(target["seg"].sum()) == 12 and data.seg_classes == ["0", "1"]
+    with pytest.raises(DataError, match=r"sample 0: each sample must be \(image, \{\"seg\""):
+        read_data("mask+boxes", {"kind": "factory", "factory": "test_data_kinds:torchvision_boxes"})
+    with pytest.raises(DataError, match=r"sample 0: 0 boxes but 1 labels"):
+        read_data("boxes", {"kind": "factory", "factory": "test_data_kinds:boxes_only"})

@@ -520,8 +520,9 @@ class BoxFactoryKind(FactoryKind):
             if with_masks
             else '{"boxes": xyxy, "labels"}'
         )
+        self.item = f"(image, {item})"
         self.layout = (
-            f"factory: package.module:function returning (train, test) datasets of (image, {item})"
+            f"factory: package.module:function returning (train, test) datasets of {self.item}"
         )
         self.options = ("factory", "kwargs", "classes") + (
             ("seg_classes", "void") if with_masks else ()
@@ -547,7 +548,7 @@ class BoxFactoryKind(FactoryKind):
                 )
                 if not isinstance(det, Mapping) or (self.with_masks and "seg" not in target):
                     raise DataError(
-                        f"{where}: each sample must be (image, {self.layout.split('(image, ')[1]}"
+                        f"{where}: each sample must be {self.item} (torchvision's convention)"
                     )
                 image = sample_image(sample[0], where)
                 found = box_rows(det.get("boxes"), det.get("labels"), where)
