@@ -116,35 +116,31 @@ def coco_categories(data: Mapping[str, Any], path: Path) -> tuple[list[int], lis
     return ids, [found[i] for i in ids]
 
 
-def read_coco(
-    path: Path, images_dir: Path, ids: list[int] | None = None
-) -> tuple[list[str], list[Path], list[np.ndarray], list[Tensor], list[int], list[str], int]:
-    """(stems, image paths, decoded images, box rows per image, category ids, names, crowd
-    annotations left out) of one COCO split; `ids`: the category ids another split defined (its
-    map must be the same)."""
-    data = load_coco_json(path)
-    cat_ids, names = coco_categories(data, path)
-    if ids is not None and cat_ids != ids:
-        raise DataError(
-            f"{path}: categories have ids {cat_ids} but the training split's are {ids}; every "
-            "split needs the same categories (the class indices follow from them)"
-        )
-    index_of = {cid: i for i, cid in enumerate(cat_ids)}
+def _coco_images(data: Mapping[str, Any], path: Path) -> dict[int, dict[str, Any]]:
+    """image id → {file_name, width, height, rows: []} of a COCO file's ``images``."""
     images: dict[int, dict[str, Any]] = {}
     for number, image in enumerate(data["images"]):
         where = f"{path}: images[{number}]"
         iid = _field(image, "id", (int,), where)
         if iid in images:
             raise DataError(f"{where}: image id {iid} appears twice")
-        entry = {
+        images[iid] = {
             "file_name": _field(image, "file_name", (str,), where),
             "width": _field(image, "width", (int,), where),
             "height": _field(image, "height", (int,), where),
             "rows": [],
         }
-        images[iid] = entry
     if not images:
         raise DataError(f"{path}: 'images' is empty")
+    return images
+
+
+def _coco_boxes(
+    data: Mapping[str, Any], path: Path, images: dict[int, dict[str, Any]], cat_ids: list[int]
+) -> int:
+    """Append each annotation's row ``[class, x1, y1, x2, y2]`` to its image's ``rows`` (class
+    = the category's index in `cat_ids`); returns the crowd annotations left out."""
+    index_of = {cid: i for i, cid in enumerate(cat_ids)}
     crowd = 0
     for number, annotation in enumerate(data["annotations"]):
         where = f"{path}: annotations[{number}]"
@@ -171,18 +167,31 @@ def read_coco(
             "COCO boxes are [x, y, w, h] in pixels with (x, y) the top-left corner",
         )
         entry["rows"].append([float(index_of[cid]), *box])
+    return crowd
+
+
+def read_coco(
+    path: Path, images_dir: Path, ids: list[int] | None = None
+) -> tuple[list[str], list[Path], list[np.ndarray], list[Tensor], list[int], list[str], int]:
+    """(stems, image paths, decoded images, box rows per image, category ids, names, crowd
+    annotations left out) of one COCO split, images in file-name order; `ids`: the category
+    ids another split defined (its map must be the same)."""
+    data = load_coco_json(path)
+    cat_ids, names = coco_categories(data, path)
+    if ids is not None and cat_ids != ids:
+        raise DataError(
+            f"{path}: categories have ids {cat_ids} but the training split's are {ids}; every "
+            "split needs the same categories (the class indices follow from them)"
+        )
+    images = _coco_images(data, path)
+    crowd = _coco_boxes(data, path, images, cat_ids)
     order = sorted(images, key=lambda i: images[i]["file_name"])
-    paths, stems, rows = [], [], []
-    for iid in order:
-        entry = images[iid]
-        file = images_dir / entry["file_name"]
+    paths = [images_dir / images[iid]["file_name"] for iid in order]
+    for iid, file in zip(order, paths):
         if not file.is_file():
             raise DataError(
                 f"{path}: image {iid}: {file} does not exist (file_name is read under {images_dir})"
             )
-        paths.append(file)
-        stems.append(Path(entry["file_name"]).stem)
-        rows.append(torch.tensor(entry["rows"], dtype=torch.float32).reshape(-1, 5))
     arrays = decode_images(paths)
     for iid, file, array in zip(order, paths, arrays):
         entry = images[iid]
@@ -192,6 +201,8 @@ def read_coco(
                 f"(width×height) but the file says {entry['width']}×{entry['height']}; the boxes "
                 "are in the pixels the file names: fix width / height or the image"
             )
+    stems = [Path(images[iid]["file_name"]).stem for iid in order]
+    rows = [torch.tensor(images[i]["rows"], dtype=torch.float32).reshape(-1, 5) for i in order]
     return stems, paths, arrays, rows, cat_ids, names, crowd
 
 

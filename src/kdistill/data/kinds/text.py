@@ -361,75 +361,73 @@ class TokenFactoryKind(FactoryKind):
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
         path = str(spec["factory"])
-        sources = dict(zip(SPLITS, self.call(spec)))
-        texts = {
-            split: source
+        sources = {k: v for k, v in zip(SPLITS, self.call(spec)) if v is not None}
+        texts = [
+            split
             for split, source in sources.items()
-            if source is not None
-            and not isinstance(source, TokenBlocks)
-            and len(source)
-            and isinstance(source[0], str)
-        }
-        if texts and len(texts) != sum(s is not None for s in sources.values()):
+            if not isinstance(source, TokenBlocks) and len(source) and isinstance(source[0], str)
+        ]
+        if texts and len(texts) != len(sources):
             raise DataError(f"{path}: every split must hold texts, or none")
-        if texts:  # documents: tokenised like the text kinds
-            documents = {
-                split: [(f"{path} {split}, text {i}", _text_item(t, f"{path} {split}", i))
-                        for i, t in enumerate(source)]
-                for split, source in texts.items()
-            }  # fmt: skip
-            digest = hashlib.sha256(
-                json.dumps(
-                    {"kind": self.name, "factory": path, "kwargs": spec.get("kwargs") or {},
-                     "block_size": _block_size(spec), "texts": documents},
-                    sort_keys=True, default=str,
-                ).encode()
-            ).hexdigest()  # fmt: skip
-            found = _token_splits(self, spec, documents, tokenizer, digest)
-            found.info.update(factory=path, kwargs=spec.get("kwargs") or {})
-            return found
+        if texts:
+            return self._texts(spec, path, sources, tokenizer)
         tok = as_text_tokenizer(tokenizer) if tokenizer is not None else None
-        splits = {}
-        for split, source in sources.items():
-            if source is None:
-                continue
-            if isinstance(source, TokenBlocks):
-                splits[split] = source
-                continue
-            vocab = tok.vocab_size if tok else spec.get("vocab_size")
-            eos = tok.eos_id if tok else spec.get("eos_id")
-            if vocab is None or eos is None:
-                raise ConfigError(
-                    f"data: {path} returns token sequences; their vocabulary size and end token "
-                    "come from the tokenizer, or give data.vocab_size and data.eos_id"
-                )
-            token_bytes = tok.token_bytes if tok else torch.zeros(int(vocab), dtype=torch.int64)
-            stream: list[int] = []
-            for index in range(len(source)):
-                ids = torch.as_tensor(source[index]).reshape(-1)
-                if ids.is_floating_point() or ids.dtype == torch.bool:
-                    raise DataError(
-                        f"{path} {split}, sequence {index}: token ids must be integers, got "
-                        f"{ids.dtype}"
-                    )
-                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= int(vocab)):
-                    raise DataError(
-                        f"{path} {split}, sequence {index}: token ids must lie in [0, {vocab}), "
-                        f"found [{int(ids.min())}, {int(ids.max())}]"
-                    )
-                stream += ids.tolist() + [int(eos)]
-            splits[split] = pack_blocks(
-                torch.tensor(stream, dtype=torch.int64),
-                _block_size(spec),
-                token_bytes,
-                f"factory-{split}",
-            )
+        splits = {
+            split: source
+            if isinstance(source, TokenBlocks)
+            else self._blocks(spec, f"{path} {split}", source, tok, f"factory-{split}")
+            for split, source in sources.items()
+        }
         extra = {"factory": path, "kwargs": spec.get("kwargs") or {}, "target": self.target}
         info = {"kind": self.name, **extra}
         return DataSplits(
             splits["train"], splits["test"], splits.get("val"),
             split_digest(self.name, extra, *splits.values()), info, tokenizer,
         )  # fmt: skip
+
+    def _texts(
+        self, spec: Mapping[str, Any], path: str, sources: dict[str, Any], tokenizer: Any
+    ) -> DataSplits:
+        """Texts, one document each: tokenised as the text kinds tokenise files."""
+        documents = {
+            split: [(f"{path} {split}, text {i}", _text_item(t, f"{path} {split}", i))
+                    for i, t in enumerate(source)]
+            for split, source in sources.items()
+        }  # fmt: skip
+        record = {"kind": self.name, "factory": path, "kwargs": spec.get("kwargs") or {},
+                  "block_size": _block_size(spec), "texts": documents}  # fmt: skip
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode())
+        found = _token_splits(self, spec, documents, tokenizer, digest.hexdigest())
+        found.info.update(factory=path, kwargs=spec.get("kwargs") or {})
+        return found
+
+    def _blocks(
+        self, spec: Mapping[str, Any], label: str, source: Any, tok: Any, name: str
+    ) -> TokenBlocks:
+        """Token-id sequences, each followed by the end token, packed into blocks."""
+        vocab = tok.vocab_size if tok else spec.get("vocab_size")
+        eos = tok.eos_id if tok else spec.get("eos_id")
+        if vocab is None or eos is None:
+            raise ConfigError(
+                f"data: {label} holds token sequences; their vocabulary size and end token come "
+                "from the tokenizer, or give data.vocab_size and data.eos_id"
+            )
+        token_bytes = tok.token_bytes if tok else torch.zeros(int(vocab), dtype=torch.int64)
+        stream: list[int] = []
+        for index in range(len(source)):
+            ids = torch.as_tensor(source[index]).reshape(-1)
+            if ids.is_floating_point() or ids.dtype == torch.bool:
+                raise DataError(
+                    f"{label}, sequence {index}: token ids must be integers, got {ids.dtype}"
+                )
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= int(vocab)):
+                raise DataError(
+                    f"{label}, sequence {index}: token ids must lie in [0, {vocab}), found "
+                    f"[{int(ids.min())}, {int(ids.max())}]"
+                )
+            stream += ids.tolist() + [int(eos)]
+        tokens = torch.tensor(stream, dtype=torch.int64)
+        return pack_blocks(tokens, _block_size(spec), token_bytes, name)
 
 
 def _text_item(value: Any, label: str, index: int) -> str:
