@@ -42,6 +42,7 @@ from kdistill.data.kinds.base import DataSplits, FileKind, existing_dir, need, r
 from kdistill.data.kinds.classification import FactoryKind, split_digest
 from kdistill.data.kinds.images import (
     check_not_binary_void,
+    check_sizes,
     decode_images,
     decode_mask,
     image_stems,
@@ -370,10 +371,8 @@ class _BoxFiles(FileKind):
                     masks = [(p, resize_mask(m, size)) for p, m in masks]
             read[split] = (stems, paths, arrays, rows, masks)
         colour = any(a.ndim == 3 for _, _, arrays, _, _ in read.values() for a in arrays)
-        stack_images(
-            [a for r in read.values() for a in r[2]],
-            [p for r in read.values() for p in r[1]],
-            colour,
+        check_sizes(
+            [a for r in read.values() for a in r[2]], [p for r in read.values() for p in r[1]]
         )
         width = max(len(r) for _, _, _, rows, _ in read.values() for r in rows)
         classes, ids = state["classes"], state.get("category_ids")

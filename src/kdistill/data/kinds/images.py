@@ -27,6 +27,7 @@ __all__ = [
     "decode_mask",
     "image_stems",
     "check_not_binary_void",
+    "check_sizes",
     "infer_classes",
     "mask_files",
     "split_folders",
@@ -121,9 +122,8 @@ def decode_mask(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot be decoded as a PNG mask ({error})") from None
 
 
-def stack_images(arrays: Sequence[np.ndarray], paths: Sequence[Path], colour: bool) -> Tensor:
-    """``N×C×H×W`` float32 in [0, 1] from decoded H×W / H×W×3 uint8 arrays (C = 3 when
-    `colour`); DataError naming the first image of another size."""
+def check_sizes(arrays: Sequence[np.ndarray], paths: Sequence[Path]) -> None:
+    """DataError naming the first image whose size differs from the first one's."""
     first = arrays[0].shape[:2]
     for array, path in zip(arrays, paths):
         if array.shape[:2] != first:
@@ -132,6 +132,12 @@ def stack_images(arrays: Sequence[np.ndarray], paths: Sequence[Path], colour: bo
                 f"{first[0]}×{first[1]}; every image must have the same size: give "
                 "data.image_size: [height, width] (images bilinear, masks nearest, boxes scaled)"
             )
+
+
+def stack_images(arrays: Sequence[np.ndarray], paths: Sequence[Path], colour: bool) -> Tensor:
+    """``N×C×H×W`` float32 in [0, 1] from decoded H×W / H×W×3 uint8 arrays (C = 3 when
+    `colour`); DataError naming the first image of another size."""
+    check_sizes(arrays, paths)
     planes = []
     for array in arrays:
         if array.ndim == 2:

@@ -29,6 +29,7 @@ from kdistill.data.kinds.base import (
 from kdistill.data.kinds.classification import FactoryKind, split_digest
 from kdistill.data.kinds.images import (
     check_not_binary_void,
+    check_sizes,
     decode_images,
     decode_mask,
     image_stems,
@@ -127,7 +128,7 @@ class MaskFolderKind(FileKind):
         colour = any(a.ndim == 3 for _, _, arrays, _ in read.values() for a in arrays)
         every_path = [p for _, paths, _, _ in read.values() for p in paths]
         every_array = [a for _, _, arrays, _ in read.values() for a in arrays]
-        stack_images(every_array, every_path, colour)  # one size across the splits
+        check_sizes(every_array, every_path)  # one size across the splits
         splits = {}
         for split, (stems, paths, arrays, masks) in read.items():
             for path, mask in masks:
