@@ -8,6 +8,10 @@ directly, not through the registry: the registry's datasets are classification `
 Your own data (`load_train_test`, `kdistill.data.sources`): an image folder per class
 (`imagefolder`), `.npz` arrays (`arrays`) or a factory of torch Datasets (an import path);
 `channel_stats` / `standardize` normalise them per channel.
+
+Every format of every task — masks, COCO, YOLO, text, `.jsonl`, chat — is a registered data kind
+(`kdistill.data.kinds`: reader, validator, fingerprint), read into `ArrayDataset`, `MaskDataset`,
+`BoxDataset`, `MaskBoxDataset` (`kdistill.data.dense`), `TokenBlocks` or `PromptCompletions`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from kdistill.data.arrays import (
 )
 from kdistill.data.augment import Augmentation
 from kdistill.data.batches import as_batch
+from kdistill.data.dense import BoxDataset, MaskBoxDataset, MaskDataset
 from kdistill.data.digits import DIGITS_CLASSES, load_digits
 from kdistill.data.fashion_mnist import (
     DEFAULT_FASHION_MNIST_DIRS,
@@ -56,6 +61,9 @@ __all__ = [
     "ArrayDataset",
     "Batch",
     "BatchLoader",
+    "BoxDataset",
+    "MaskBoxDataset",
+    "MaskDataset",
     "ChannelStats",
     "SceneDataset",
     "channel_stats",

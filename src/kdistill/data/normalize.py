@@ -7,8 +7,10 @@ every sample and pixel of a dataset (`N×C×…` inputs; the recipe runner uses 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ class ChannelStats:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
-def channel_stats(data: ArrayDataset) -> ChannelStats:
+def channel_stats(data: ArrayDataset | Any) -> ChannelStats:
     """Mean and population std (divisor N·H·W) of each channel of `data.inputs` (`N×C×…`).
 
     Raises DataError for an empty dataset, non-float inputs, or a constant channel (std 0,
@@ -55,8 +57,12 @@ def channel_stats(data: ArrayDataset) -> ChannelStats:
     return ChannelStats(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
-def standardize(data: ArrayDataset, stats: ChannelStats) -> ArrayDataset:
-    """A new dataset with inputs `(x − mean[c]) / std[c]` (float32); `data` is not modified."""
+def standardize(data: Any, stats: ChannelStats) -> Any:
+    """A new dataset with inputs `(x − mean[c]) / std[c]` (float32); `data` is not modified.
+
+    `data`: any dataclass dataset with `inputs` `N×C×…` — `ArrayDataset`, `MaskDataset`,
+    `BoxDataset`, `MaskBoxDataset`, `SceneDataset`: the copy keeps every other field (targets,
+    masks, boxes, classes, void label)."""
     channels = data.inputs.shape[1] if data.inputs.dim() >= 2 else 0
     for label, values in (("mean", stats.mean), ("std", stats.std)):
         if len(values) != channels:
@@ -70,7 +76,9 @@ def standardize(data: ArrayDataset, stats: ChannelStats) -> ArrayDataset:
     mean = _column(stats.mean, shape)
     std = _column(stats.std, shape)
     inputs = ((data.inputs.to(torch.float64) - mean) / std).to(torch.float32)
-    return ArrayDataset(inputs, data.targets, classes=list(data.classes), name=data.name)
+    if not dataclasses.is_dataclass(data):
+        raise DataError(f"dataset {data.name!r}: standardize needs a dataclass with inputs")
+    return dataclasses.replace(data, inputs=inputs)
 
 
 def _column(values: Sequence[float], shape: tuple[int, ...]) -> torch.Tensor:

@@ -7,29 +7,27 @@ from typing import Any
 from torch import nn
 
 from kdistill.engine.metrics import Accuracy
+from kdistill.tasks.base import TaskDefaults
 
 
 class _AccuracyMetric(Accuracy):
     shardable = True
 
 
-class ClassificationTask:
+class ClassificationTask(TaskDefaults):
     """Targets: class indices `N` (int64); models built with `in_channels`, `num_classes`."""
 
     name = "classification"
     metrics = ("accuracy",)
     labels = {"accuracy": "accuracy"}
     default_hard_loss = "ce"
-    lower_is_better: tuple[str, ...] = ()
-
-    @property
-    def outputs(self):
-        return {None: self}
+    target = "class"
+    default_data = "fashion_mnist"
 
     def prepare(self, data: Any) -> Any:
-        if getattr(data, "target_kind", None) is not None:  # scenes: masks and boxes
+        if callable(getattr(data, "with_target", None)):  # scenes, masks, boxes
             raise ValueError(
-                f"task classification: dataset {getattr(data, 'name', data)!r} holds masks and "
+                f"task classification: dataset {getattr(data, 'name', data)!r} holds masks or "
                 "boxes, not class labels; choose task segmentation, detection or multitask"
             )
         return data

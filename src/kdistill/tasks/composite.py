@@ -66,9 +66,7 @@ class CompositeTask(DenseTargets):
             raise ValueError(f"metric_order {metric_order} must list the metrics {every}")
         self.labels = {k: v for part in self.parts.values() for k, v in part.labels.items()}
         self.lower_is_better = tuple(
-            metric
-            for part in self.parts.values()
-            for metric in getattr(part, "lower_is_better", ())
+            metric for part in self.parts.values() for metric in part.lower_is_better
         )
         self.sizes_from = sizes_from or next(iter(self.parts))
 
@@ -76,8 +74,23 @@ class CompositeTask(DenseTargets):
     def outputs(self):
         return dict(self.parts)
 
+    @property
+    def target(self) -> str:
+        """``mask+boxes`` for masks and boxes (the multitask data kinds); the one target all
+        parts share otherwise (its kinds then carry every output's target)."""
+        targets = {getattr(part, "target", "class") for part in self.parts.values()}
+        if targets == {"mask", "boxes"}:
+            return "mask+boxes"
+        return targets.pop() if len(targets) == 1 else "mask+boxes"
+
     def model_kwargs(self, data: Any) -> dict[str, int]:
-        return self.parts[self.sizes_from].model_kwargs(data)
+        sizes = self.parts[self.sizes_from].model_kwargs(data)
+        seg = getattr(data, "num_seg_classes", None)
+        if seg is not None and "num_classes" in sizes and seg != sizes["num_classes"] + 1:
+            # masks whose classes are not "background + the box classes" (the scenes' layout,
+            # `MultiTaskNet`'s default): the segmentation head is sized by the masks
+            sizes["seg_classes"] = int(seg)
+        return sizes
 
     def new_metric(self, model: nn.Module, data: Any) -> _CompositeMetric:
         metrics = {key: part.new_metric(model, data) for key, part in self.parts.items()}
