@@ -394,6 +394,7 @@ def init_command(args: argparse.Namespace) -> int:
         task=args.task,
         teacher_kwargs=_yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
         student_kwargs=_yaml_mapping(args.student_kwargs, "--student-kwargs"),
+        teacher_checkpoint=args.teacher_checkpoint,
         name=args.name or out.stem,
         command="kdistill " + " ".join(shlex.quote(a) for a in args.argv),
         file_name=str(out),
@@ -651,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--teacher-kwargs", help="the teacher's kwargs as YAML, e.g. '{width: 32}'")
     init.add_argument("--student-kwargs", help="the student's kwargs as YAML, e.g. '{width: 8}'")
+    init.add_argument(
+        "--teacher-checkpoint",
+        help="the teacher's trained weights (safetensors / .pt state dict): it is not trained "
+        "again, and the recipe reads the inputs as they are (normalize: none)",
+    )
     init.add_argument("--name", help="the recipe's name (default: the file name)")
     init.add_argument(
         "--out", default="recipe.yaml", help="the file to write (default: recipe.yaml)"

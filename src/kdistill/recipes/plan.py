@@ -57,7 +57,6 @@ from kdistill.recipes.runner import (
     Splits,
     build_model,
     grid_settings,
-    load_teacher_checkpoint,
 )
 from kdistill.recipes.schema import Recipe
 
@@ -404,6 +403,9 @@ def dry_run(
             _first_samples(full.val, EVAL_BATCH),
             _first_samples(full.test, EVAL_BATCH),
             full.normalization,
+            other_val=None
+            if full.other_val is None
+            else (full.other_val[0], _first_samples(full.other_val[1], EVAL_BATCH)),
         )
         found = _Found(_Timer(exp, full), other={"data loading": data_seconds})
         how = _rehearse_teacher(exp, recipe, Path(out_dir), methods, Path(scratch), found)
@@ -488,9 +490,16 @@ def _how_the_teacher_comes(recipe: Recipe, exp: Any, out_dir: Path, teacher: nn.
     """(whether the run trains the teacher, how the run gets it, in words); a checkpoint named
     by the recipe is loaded into `teacher` (and checked against it) here."""
     spec = recipe.teacher
-    if spec.checkpoint is not None:
-        load_teacher_checkpoint(spec, teacher)
-        return False, f"loaded from {spec.checkpoint} (the checkpoint fits the model)"
+    loaded = exp.load_given_teacher(teacher)
+    if loaded is not None and not spec.fine_tune:
+        scores = exp.check_loaded_teacher(teacher, loaded)  # the inputs it was trained on
+        shown = ", ".join(f"{value:.4f} with normalize {mode}" for mode, value in scores.items())
+        return False, f"loaded from {loaded.split(' ', 1)[1]} (fits the model; validation {shown})"
+    if loaded is not None:
+        return (
+            True,
+            f"loaded from {loaded.split(' ', 1)[1]}, then trained {spec.train.epochs} epochs",
+        )
     if Experiment._saved_teacher_matches(out_dir / "models", exp.teacher_identity()):
         return False, f"reused from {out_dir / 'models'} (trained by the same recipe)"
     store = out_dir.parent / "teachers" / exp.teacher_store().name

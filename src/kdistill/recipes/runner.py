@@ -48,6 +48,7 @@ from kdistill.data.completions import (
 )
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
 from kdistill.distill.distiller import Distiller, Term
+from kdistill.distill.model_output import pick_output, picked_output
 from kdistill.distill.onpolicy import teacher_sequences
 from kdistill.distill.teacher.sequences import TeacherSequences
 from kdistill.distill.teacher.store import (
@@ -76,6 +77,7 @@ from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
 from kdistill.models.cost import model_cost
+from kdistill.models.specs import pretrained_folder
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
     SCENES_DATASET,
@@ -88,6 +90,7 @@ from kdistill.recipes.schema import (
     TeacherSpec,
     TokenCacheSpec,
 )
+from kdistill.recipes.teacher_check import check_input_reading, check_stored_normalization
 from kdistill.tasks import (
     Task,
     best,
@@ -111,6 +114,9 @@ class Splits:
     test: Data
     normalization: dict = field(default_factory=dict)  # how inputs were standardised (data.json)
     tokenizer: Any = None  # text: the tokenizer of the token ids (decodes samples for reports)
+    # the validation split read the other way (("none", raw) when the recipe normalises,
+    # ("train", standardised) when it does not): a loaded teacher is scored on both
+    other_val: tuple[str, Data] | None = None
     text: dict | None = None  # text: books, tokens and bytes per split, tokenizer (data.json)
 
 
@@ -190,7 +196,10 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
     if spec.normalize == "auto" and (builtin or spec.dataset == SCENES_DATASET):
         return Splits(train, val, test, {"mode": "auto", "applied": "the dataset's own"})
     if spec.normalize == "none":
-        return Splits(train, val, test, {"mode": "none"})
+        other = (
+            ("train", standardize(val, channel_stats(train))) if _standardizable(train) else None
+        )
+        return Splits(train, val, test, {"mode": "none"}, other_val=other)
     if isinstance(spec.normalize, NormalizeSpec):
         stats, mode = ChannelStats(tuple(spec.normalize.mean), tuple(spec.normalize.std)), "given"
     else:  # "train", or "auto" for data without a normalisation of its own
@@ -198,7 +207,17 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
     record = {"mode": mode, **stats.as_dict()}
     if mode == "train":
         record["computed_on"] = f"the training split ({len(train)} samples)"
-    return Splits(*(standardize(data, stats) for data in (train, val, test)), record)
+    standardized = (standardize(data, stats) for data in (train, val, test))
+    return Splits(*standardized, record, other_val=("none", val))
+
+
+def _standardizable(data: Data) -> bool:
+    """Float N×C×… images whose channels vary (what `channel_stats` takes)."""
+    inputs = getattr(data, "inputs", None)
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() < 3:
+        return False
+    flat = inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
+    return bool((flat.std(dim=1) > 0).all())
 
 
 def text_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
@@ -254,7 +273,14 @@ def build_model(spec: ModelSpec, data: Data, seed: int, task: Task | None = None
     task = task or get_task("classification")
     sizes = {**task.model_kwargs(data), "image_size": data.input_shape[-1]}
     torch.manual_seed(seed)
-    return model_from_spec(spec.model, spec.kwargs, data_sizes=sizes)
+    model = model_from_spec(spec.model, spec.kwargs, data_sizes=sizes)
+    return pick_output(model, spec.output, model_label(spec))
+
+
+def model_label(spec: ModelSpec) -> str:
+    """How messages name the recipe field of `spec`: `teacher` or `students.<name>`."""
+    name = getattr(spec, "name", None)
+    return "teacher" if name is None else f"students.{name}"
 
 
 def method_terms(
@@ -452,6 +478,8 @@ class Experiment:
                     | ({"precision"} if spec.train.precision == "fp32" else set()),
                     # added later: left out while off, so earlier teachers are still recognised
                     **({"augment": True} if spec.augment is None else {}),
+                    **({"output": True} if spec.output is None else {}),
+                    **({"fine_tune": True} if not spec.fine_tune else {}),
                 },
             ),
             "data": self.recipe.data.identity(),
@@ -472,42 +500,25 @@ class Experiment:
         models_dir = self.out_dir / "models"
         identity = self.teacher_identity()
         started = time.perf_counter()
-        if spec.checkpoint is not None:
-            load_teacher_checkpoint(spec, teacher)
-            self.say(f"teacher: loaded {spec.checkpoint}")
-        elif self._saved_teacher_matches(models_dir, identity):
+        loaded = self.load_given_teacher(teacher)
+        if loaded is not None and not spec.fine_tune:
+            self.check_loaded_teacher(teacher, loaded)
+        elif loaded is None and self._saved_teacher_matches(models_dir, identity):
             tensors, _ = load_checkpoint(models_dir, "teacher")
             load_weights(teacher, tensors, "teacher", str(checkpoint_path(models_dir, "teacher")))
             self.say(f"teacher: loaded {models_dir / 'teacher.safetensors'} (same recipe and data)")
-        elif self._saved_teacher_matches(self.teacher_store(), identity):
+        elif loaded is None and self._saved_teacher_matches(self.teacher_store(), identity):
             store = checkpoint_path(self.teacher_store(), "teacher")
             tensors, _ = read_checkpoint_file(store)
             load_weights(teacher, tensors, "teacher", str(store))
             if self.is_main:  # the run folder stays complete on its own
-                save_checkpoint(models_dir, "teacher", teacher.state_dict(), {"identity": identity})
+                save_checkpoint(models_dir, "teacher", teacher.state_dict(), self._teacher_state())
             self.say(
                 f"teacher: reused {store} (trained by a run with the same teacher, training, "
                 "data and seed)"
             )
         else:
-            self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
-            config = self.train_config(spec.train)
-            fit(
-                Distiller(None, teacher, self.objective(None)),
-                self.augmented_loader(
-                    self.splits.train, self.recipe.seed, config.batch_size, spec.augment
-                ),
-                config,
-                evaluate=self.evaluator(self.splits.val),
-                label="teacher",
-                metrics_log=self.metrics,
-                checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
-                resume=self.resume,
-            )
-            if self.is_main:
-                state = {"identity": identity}
-                save_checkpoint(models_dir, "teacher", teacher.state_dict(), state)
-                save_checkpoint(self.teacher_store(), "teacher", teacher.state_dict(), state)
+            self.train_teacher(teacher, keep=loaded is None)
         teacher.eval()
         metrics = self.evaluator(self.splits.test)(teacher)
         val_metrics = self.evaluator(self.splits.val)(teacher)
@@ -527,6 +538,71 @@ class Experiment:
         self.teacher = teacher
         self.teacher_train_outputs = self.prepare_teacher_outputs(teacher)
         return teacher, record
+
+    def _teacher_state(self) -> dict:
+        """What a saved teacher keeps beside its weights: its identity, and the normalisation
+        of the inputs it was trained on (checked when a recipe loads it again)."""
+        return {"identity": self.teacher_identity(), "normalization": self.splits.normalization}
+
+    def load_given_teacher(self, teacher: nn.Module) -> str | None:
+        """Load the trained weights the recipe gives (`teacher.checkpoint`; an `hf:<folder>`
+        comes loaded); returns where they came from, or None when the teacher is not given."""
+        spec: TeacherSpec = self.recipe.teacher
+        if spec.checkpoint is not None:
+            check_stored_normalization(spec.checkpoint, self.splits.normalization)
+            load_teacher_checkpoint(spec, teacher)
+            self.say(f"teacher: loaded {spec.checkpoint}")
+            return f"teacher.checkpoint {spec.checkpoint}"
+        if pretrained_folder(spec.model) is not None:
+            self.say(f"teacher: loaded {spec.model} (its own trained weights)")
+            return f"teacher.model {spec.model}"
+        return None
+
+    def check_loaded_teacher(self, teacher: nn.Module, source: str) -> dict[str, float]:
+        """A teacher the run did not train, scored on the validation split as the recipe reads
+        it and read the other way; refused when the other way is markedly better
+        (`recipes.teacher_check.check_input_reading`)."""
+        teacher.eval()
+        device = self.recipe.train.device
+        scores = check_input_reading(
+            self.task,
+            lambda data: evaluate(
+                teacher, self.loader(data, 0, self.eval_batch, shuffle=False), self.task, device
+            ),
+            self.splits.val,
+            str(self.splits.normalization.get("mode", "none")),
+            self.splits.other_val,
+            source,
+        )
+        self.say(
+            "teacher: validation "
+            + ", ".join(f"{value:.4f} ({mode})" for mode, value in scores.items())
+        )
+        return scores
+
+    def train_teacher(self, teacher: nn.Module, keep: bool = True) -> None:
+        """Train the teacher with `teacher.train` (after loading it, with `teacher.fine_tune`);
+        saved in the run folder, and with `keep` in the store other recipes reuse."""
+        spec: TeacherSpec = self.recipe.teacher
+        self.say(f"teacher: training {spec.model} ({count_parameters(teacher):,} parameters)")
+        config = self.train_config(spec.train)
+        fit(
+            Distiller(None, teacher, self.objective(None)),
+            self.augmented_loader(
+                self.splits.train, self.recipe.seed, config.batch_size, spec.augment
+            ),
+            config,
+            evaluate=self.evaluator(self.splits.val),
+            label="teacher",
+            metrics_log=self.metrics,
+            checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
+            resume=self.resume,
+        )
+        if self.is_main:
+            state = self._teacher_state()
+            save_checkpoint(self.out_dir / "models", "teacher", teacher.state_dict(), state)
+            if keep:
+                save_checkpoint(self.teacher_store(), "teacher", teacher.state_dict(), state)
 
     def teacher_layers(self) -> list[str]:
         """Every teacher layer a method of the recipe taps, in first-use order."""
@@ -781,7 +857,10 @@ class Experiment:
         whole_model = getattr(spec, "whole_model", None)
         if whole_model is None:
             return build_model(spec, self.splits.train, seed, self.task)
-        return load_whole_model(whole_model, trust=spec.trust_checkpoint)
+        model = load_whole_model(whole_model, trust=spec.trust_checkpoint)
+        if picked_output(model) is None:
+            pick_output(model, spec.output, model_label(spec))
+        return model
 
     def tune(self, spec, method: str) -> tuple[dict, list[dict]]:
         """The grid point with the best validation score (`metric`; ties: the first listed).

@@ -355,6 +355,19 @@ class ModelSpec(Strict):
         default_factory=dict,
         description="keyword arguments of the model's constructor, checked against its signature",
     )
+    output: str | int | None = Field(
+        None,
+        description="for a model returning several outputs (a tuple or a dict): the position or "
+        "key of the one it is scored on; the hard loss, the evaluation and every soft term read "
+        "it (`kdistill init` finds it on one batch)",
+    )
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def output_is_key_or_position(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"output: a key (str) or a position (int), got {value!r}")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -407,6 +420,11 @@ class TeacherSpec(ModelSpec):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2),
         description="the teacher's own budget (when it is trained, not loaded)",
+    )
+    fine_tune: bool = Field(
+        False,
+        description="a teacher that comes trained (checkpoint, hf:<folder>) is used as it is; "
+        "true: trained further with teacher.train first",
     )
     augment: AugmentSpec | None = Field(
         None,

@@ -76,6 +76,23 @@ class DataGuess:
     channels: int | None = None
     notes: dict[str, str] = field(default_factory=dict)  # field → end-of-line comment
 
+    def sample(self, count: int = 2) -> Any:
+        """The first `count` training inputs as one batch (`N×C×H×W`), or None for data not
+        read here (a built-in set of masks and boxes)."""
+        if "dataset" not in self.fields or self.classes is None:
+            return None
+        from kdistill.data.sources import load_train_test
+
+        fields = self.fields
+        train, _ = load_train_test(
+            fields["dataset"],
+            root=fields.get("root"),
+            train=fields.get("train"),
+            test=fields.get("test"),
+            builtin_normalize=fields.get("normalize") == "auto",
+        )
+        return train.inputs[:count].float()
+
 
 def guess_data(text: str) -> DataGuess:
     """The `data:` block `text` names (see the module table); ConfigError when it names none."""
@@ -162,6 +179,68 @@ def _model_kwargs(
     return kwargs, filled
 
 
+def _scored_output(
+    spec: str, kwargs: Mapping[str, Any], data: DataGuess, role: str
+) -> tuple[str | int, str] | None:
+    """Which output of the model a classification recipe scores, found on one batch of the
+    data: None when the model returns one tensor; for a tuple or a dict, the position or key of
+    the `N×classes` output (a dict's `logits` first), with a comment saying what was seen."""
+    sample = data.sample()
+    if sample is None:
+        return None
+    import torch
+
+    from kdistill.models import model_from_spec
+
+    sizes = {"image_size": sample.shape[-1]}
+    if data.classes is not None:
+        sizes["num_classes"] = data.classes
+    if data.channels is not None:
+        sizes["in_channels"] = data.channels
+    try:
+        model = model_from_spec(spec, dict(kwargs), data_sizes=sizes).eval()
+        with torch.no_grad():
+            output = model(sample)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's model, named
+        raise ConfigError(
+            f"--{role} {spec!r}: one batch of the data (shape {tuple(sample.shape)}) through "
+            f"the model failed: {type(error).__name__}: {error}"
+        ) from None
+    if isinstance(output, torch.Tensor):
+        return None
+    if isinstance(output, Mapping):
+        items = list(output.items())
+        kind = f"a dict with keys {[key for key, _ in items]}"
+    elif isinstance(output, list | tuple):
+        items = list(enumerate(output))
+        kind = f"a {type(output).__name__} of {len(items)}"
+    else:
+        raise ConfigError(
+            f"--{role} {spec!r}: the model returns {type(output).__name__}; a classifier returns "
+            "a tensor of class scores, or a tuple / dict holding one"
+        )
+
+    def scores(value: Any) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 2
+            and value.shape[0] == sample.shape[0]
+            and (data.classes is None or value.shape[1] == data.classes)
+        )
+
+    named = [key for key, value in items if key == "logits" and scores(value)]
+    fitting = named or [key for key, value in items if scores(value)]
+    if not fitting:
+        shapes = {key: tuple(getattr(value, "shape", ())) for key, value in items}
+        raise ConfigError(
+            f"--{role} {spec!r}: the model returns {kind} and none is N×classes "
+            f"({data.classes}) class scores: shapes {shapes}"
+        )
+    key = fitting[0]
+    shape = "×".join(str(n) for n in dict(items)[key].shape)
+    return key, f"it returns {kind}: this one ({shape}) is scored"
+
+
 def _flow(value: Any) -> str:
     """A YAML value on one line (`{channels: 1, classes: 10}`, a quoted path when needed)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
@@ -181,6 +260,7 @@ def starter_recipe(
     task: str = "classification",
     teacher_kwargs: Mapping[str, Any] | None = None,
     student_kwargs: Mapping[str, Any] | None = None,
+    teacher_checkpoint: str | None = None,
     name: str = "recipe",
     command: str = "kdistill init",
     file_name: str = "recipe.yaml",
@@ -197,6 +277,17 @@ def starter_recipe(
         ("student", student, student_kwargs),
     ):
         models[role] = _model_kwargs(spec, given or {}, known, role)
+    outputs = {
+        role: _scored_output(spec, models[role][0], guess, role) if classification else None
+        for role, spec in (("teacher", teacher), ("student", student))
+    }
+    if teacher_checkpoint is not None:
+        guess.fields["normalize"] = "none"
+        guess.notes["normalize"] = (
+            "the teacher was trained elsewhere: inputs as read (x/255 for 8-bit images); the "
+            "run refuses it when it scores markedly better read another way — give "
+            "{mean: [...], std: [...]} if it was trained on standardised inputs"
+        )
     method, source, terms = TASK_METHODS.get(task, TASK_METHODS["classification"])
     grid = {"alpha": [0.5, 0.9], "temperature": [2.0, 4.0]} if method == "kd" else {}
     if task in ("segmentation", "detection"):
@@ -233,7 +324,16 @@ def starter_recipe(
         if kwargs:
             note = f"{', '.join(filled)}: from the data" if filled else ""
             lines.append(_line("kwargs", kwargs, note, indent=pad))
-        if role == "teacher":
+        if outputs[role] is not None:
+            key, note = outputs[role]
+            lines.append(_line("output", key, note, indent=pad))
+        if role == "teacher" and teacher_checkpoint is not None:
+            lines += [
+                _line("checkpoint", teacher_checkpoint, "trained weights: not trained again", 2),
+                "  train: {epochs: 10, optimizer: adam, lr: 0.001, schedule: cosine, "
+                "batch_size: 64}  # only with fine_tune: true",
+            ]
+        elif role == "teacher":
             lines += [
                 "  # checkpoint: teacher.pt  # trained weights: the teacher is then not trained",
                 "  train: {epochs: 10, optimizer: adam, lr: 0.001, schedule: cosine, "
