@@ -129,7 +129,8 @@ def test_cost_columns_in_the_results_table():
     ]
     table = markdown_table(build_rows(records))
     header = table.splitlines()[0]
-    for column in ("params", "MACs", "size", "latency b1 (ms, 1 thr)", "latency b64", "peak mem"):
+    for column in ("params", "MACs", "size", "latency b1 (ms, median [IQR] of 1, 1 thr)",
+                   "latency b64", "peak mem"):  # fmt: skip
         assert column in header
     assert f"| {format_count(cost['macs'])} | {format_bytes(cost['size_bytes'])} |" in table
     assert "+50 %" in table  # (80 − 70) / (90 − 70)

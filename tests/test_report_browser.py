@@ -1,8 +1,14 @@
 """report.html in a real browser (headless Chromium, Debian package `chromium`): it renders, every
-image loads, and the console stays silent. Slow (a real run, then a browser); skipped where no
-Chromium is installed (CI does not need it).
+image loads, the legend draws its colours, and the console stays silent. Part of the default
+suite (a small run, then two browser calls: seconds).
 
-Set KDISTILL_SCREENSHOT=<file.png> to keep the screenshot the test takes."""
+Skipped only where no Chromium is installed, with the reason. `.ci/run` installs Chromium and
+sets KDISTILL_REQUIRE_CHROMIUM=1, which turns that skip into a failure: CI never passes without
+having looked at the page.
+
+The screenshot is saved beside the report in the test's run folder (`report-screenshot.png`);
+with KDISTILL_ARTIFACTS=<folder> (`.ci/run`: runs/ci) it is copied there with report.html and
+`browser-test.log`, the line the CI log shows. KDISTILL_SCREENSHOT=<file.png> copies it too."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +31,24 @@ from kdistill.data.imagefolder import write_image_folder
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM = next((path for path in map(shutil.which, BROWSERS) if path), None)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)"),
-]
+REQUIRED = os.environ.get("KDISTILL_REQUIRE_CHROMIUM") == "1"  # set by .ci/run
+MISSING = "no Chromium (Debian: apt-get install chromium; .ci/run installs it)"
+
+# a closed network: nothing to fetch at start-up, a fresh profile per call
+FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0", "--window-size=1280,2600",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _chromium_here():  # module scope: decided before the run the test needs is made
+    if CHROMIUM is None:
+        if REQUIRED:
+            pytest.fail(f"KDISTILL_REQUIRE_CHROMIUM=1 (set by .ci/run) but {MISSING}")
+        pytest.skip(MISSING)
+
 
 # runs in the page before anything loads: records errors, then on `load` writes what it found
 # into the page, where --dump-dom shows it (the report itself carries no script)
@@ -48,6 +69,10 @@ window.addEventListener("load", () => {
     tables: document.querySelectorAll("table").length,
     rows: document.querySelectorAll("tr").length,
     text: document.body.innerText.length,
+    swatches: [...document.querySelectorAll(".legend .swatch")].map((s) => ({
+      colour: getComputedStyle(s).backgroundColor, width: s.getBoundingClientRect().width})),
+    markers: [...document.querySelectorAll(".legend svg.marker")].map(
+      (m) => m.getBoundingClientRect().width),
   });
   document.body.appendChild(probe);
 });
@@ -55,11 +80,16 @@ window.addEventListener("load", () => {
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-         "--v=0", "--window-size=1280,2600", *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="kdistill-chromium-") as profile:
+        return subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+
+def chromium_version() -> str:
+    found = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, timeout=60)
+    return found.stdout.strip() or "Chromium (version unknown)"
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +127,36 @@ def test_report_html_renders_with_every_image_and_a_silent_console(run_folder, t
     # the PNGs decode at their saved size (matplotlib, dpi 120) and are drawn at a visible size
     assert all(image["width"] >= 800 and image["shown"] >= 600 for image in probe["images"])
     assert probe["tables"] == 1 and probe["rows"] == 1 + 3  # header, teacher, alone, kd
+    # the legend: a visible swatch in each method's colour (teacher black, alone grey, kd
+    # blue), a marker per model (teacher, the student)
+    assert [s["colour"] for s in probe["swatches"]] == [
+        "rgb(0, 0, 0)", "rgb(127, 127, 127)", "rgb(31, 119, 180)"
+    ]  # fmt: skip
+    assert all(s["width"] > 5 for s in probe["swatches"])
+    assert len(probe["markers"]) == 2 and all(width > 5 for width in probe["markers"])
 
     # the report as shipped (no probe): the console shows nothing, the screenshot has content
-    shot = tmp_path / "report.png"
+    shot = run_folder / "report-screenshot.png"
     finished = chromium(f"--screenshot={shot}", (run_folder / "report.html").as_uri())
     assert finished.returncode == 0, finished.stderr[-2000:]
     console = [line for line in finished.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape == (2600, 1280) and len(np.unique(image)) > 50  # not a blank page
+    line = (
+        f"browser test: {chromium_version()} rendered report.html: {len(probe['images'])} of "
+        f"{len(probe['images'])} images loaded, {probe['tables']} table of {probe['rows']} rows, "
+        f"{len(probe['swatches'])} legend colours, console silent ({len(console)} messages), "
+        f"screenshot {image.shape[1]}×{image.shape[0]} with {len(np.unique(image))} grey levels"
+    )
+    artifacts = os.environ.get("KDISTILL_ARTIFACTS")
+    if artifacts:
+        folder = Path(artifacts)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, folder / shot.name)
+        shutil.copy(run_folder / "report.html", folder / "report.html")
+        line += f", saved as {folder / shot.name}"
+        (folder / "browser-test.log").write_text(line + "\n")
     if os.environ.get("KDISTILL_SCREENSHOT"):
         shutil.copy(shot, os.environ["KDISTILL_SCREENSHOT"])
+    print(line)

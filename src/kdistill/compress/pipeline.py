@@ -285,6 +285,7 @@ class CompressionRun:
         student = self.distill_pruned(pruned, masks)
         int8 = self.quantize(student)
         exports, notes = self.export(student, int8)
+        self.experiment.measure_latency()  # every stage's architecture, in one pass
         summary = CompressSummary(
             self.out_dir,
             self.stages,

@@ -10,6 +10,7 @@ from kdistill.io import MetricsLog, atomic_write_text
 from kdistill.models.cost import COST_NOTE, format_bytes, format_count
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_tradeoff
+from kdistill.report.table import format_latency
 
 
 def compression_table(stages: Sequence[Stage]) -> str:
@@ -24,7 +25,7 @@ def compression_table(stages: Sequence[Stage]) -> str:
     if costs:
         head += (
             " | MACs | size | "
-            + " | ".join(f"latency b{b} (ms, {threads} thr)" for b in batches)
+            + " | ".join(f"latency b{b} (ms, median [IQR], {threads} thr)" for b in batches)
             + f" | peak mem (b{peak_batch})"
         )
         align += "---:|---:|" + "---:|" * len(batches) + "---:|"
@@ -42,7 +43,7 @@ def compression_table(stages: Sequence[Stage]) -> str:
             if cost is None:
                 cells += " | —" * (3 + len(batches))
             else:
-                latency = " | ".join(f"{cost['latency_ms'][b]:.2f}" for b in batches)
+                latency = " | ".join(format_latency(cost, b) for b in batches)
                 cells += (
                     f" | {format_count(cost['macs'])} | {format_bytes(cost['size_bytes'])} "
                     f"| {latency} | {format_bytes(cost['peak_bytes'])}"

@@ -411,7 +411,7 @@ def dry_run(
         how = _rehearse_teacher(exp, recipe, Path(out_dir), methods, Path(scratch), found)
         term_lines, settings_lines, grid = _rehearse_students(exp, recipe, methods, found)
         if recipe.cost.enabled:
-            found.other["model costs"] = found.costs
+            found.other["model costs"] = found.costs + _timed(exp.measure_latency)[1]
         return DryRun(
             recipe,
             description,

@@ -76,7 +76,7 @@ from kdistill.engine.checkpoint import (
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
 from kdistill.errors import CacheError, CheckpointError
 from kdistill.models import count_parameters, model_from_spec
-from kdistill.models.cost import model_cost
+from kdistill.models.cost import CostBook
 from kdistill.models.specs import pretrained_folder
 from kdistill.recipes.objective import build_objective, task_options
 from kdistill.recipes.schema import (
@@ -347,7 +347,7 @@ class Experiment:
         self.splits = load_splits(recipe, self.task, self.out_dir)
         self.teacher: nn.Module | None = None
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
-        self._costs: dict[str, dict | None] = {}
+        self._costs: CostBook | None = None  # built on the first cost (`cost_of`)
         self._sequences: dict[str, Data] = {}  # method → sequence-level training data
 
     @property
@@ -361,22 +361,26 @@ class Experiment:
             tqdm.write(message)
 
     def cost_of(self, name: str, model: nn.Module, **kwargs) -> dict | None:
-        """The model's cost (`recipe.cost`), measured once per architecture `name`."""
+        """The cost (`recipe.cost`) of the model's architecture (`models.cost.architecture_key`,
+        not `name`): counted once and shared by every model of that architecture. Its latency
+        is filled in by `measure_latency`, for all architectures at once."""
         spec = self.recipe.cost
         if not spec.enabled:
             return None
-        if name not in self._costs:
-            cost = model_cost(
-                model,
+        if self._costs is None:
+            self._costs = CostBook(
                 self.splits.train.input_shape,
                 threads=spec.threads,
                 repeats=spec.repeats,
                 warmup=spec.warmup,
                 batch_sizes=spec.batch_sizes,
-                **kwargs,
             )
-            self._costs[name] = cost.as_dict()
-        return self._costs[name]
+        return self._costs.add(model, name=name, **kwargs)
+
+    def measure_latency(self) -> None:
+        """Time every architecture costed so far in one interleaved pass (`CostBook`)."""
+        if self._costs is not None:
+            self._costs.measure_latency()
 
     def loader(self, data: Data, seed: int, batch_size: int, shuffle: bool) -> BatchLoader:
         return BatchLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
@@ -990,6 +994,7 @@ class Experiment:
                         )
                     )
                     self.say(f"{label}: test {describe_metrics(metrics)}")
+        self.measure_latency()  # every architecture of the run, in one pass, after training
         summary = RunSummary(
             self.out_dir,
             records,

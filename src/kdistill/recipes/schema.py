@@ -711,7 +711,12 @@ class CostSpec(Strict):
 
     enabled: bool = Field(True, description="measure MACs, size, latency and memory per model")
     threads: int = Field(1, ge=1, description="torch.set_num_threads during the latency runs")
-    repeats: int = Field(5, ge=1, description="timed forward passes; the median is reported")
+    repeats: int = Field(
+        20,
+        ge=1,
+        description="timed forward passes per architecture and batch size, interleaved with "
+        "the other architectures'; the median and quartiles are reported",
+    )
     warmup: int = Field(2, ge=0, description="untimed forward passes before the timed ones")
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 64], min_length=1, description="latency batch sizes"

@@ -21,9 +21,14 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; }
 th { background: #f2f2f2; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 code { background: #f4f4f4; padding: 0.1em 0.3em; }
 img { max-width: 100%; }
+.legend p { margin: 0.3em 0; }
+.legend .key { margin-right: 1.2em; white-space: nowrap; }
+.legend .swatch { display: inline-block; width: 1.6em; height: 0.8em; margin-right: 0.35em;
+                  vertical-align: middle; }
+.legend svg.marker { margin-right: 0.3em; vertical-align: middle; }
 """
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
@@ -64,8 +69,12 @@ def _table(lines: list[str]) -> str:
     return "\n".join(out)
 
 
-def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
-    """The HTML page for `markdown`, with images read from `folder` and inlined."""
+def markdown_to_html(
+    markdown: str, folder: Path, title: str, raw: dict[str, str] | None = None
+) -> str:
+    """The HTML page for `markdown`, with images read from `folder` and inlined. `raw`: lines
+    (stripped) replaced by the given HTML, e.g. the report's legend in words by its colours."""
+    raw = raw or {}
     blocks: list[str] = []
     lines = markdown.splitlines()
     index = 0
@@ -81,6 +90,9 @@ def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
         stripped = line.strip()
         if not stripped:
             flush()
+        elif stripped in raw:
+            flush()
+            blocks.append(raw[stripped])
         elif stripped.startswith("#"):
             flush()
             level = min(len(stripped) - len(stripped.lstrip("#")), 6)
@@ -110,8 +122,15 @@ def markdown_to_html(markdown: str, folder: Path, title: str) -> str:
     )
 
 
-def write_html(markdown: str, folder: Path, title: str, name: str = "report.html") -> Path:
-    """Write `<folder>/<name>`: the Markdown report as one self-contained HTML file."""
+def write_html(
+    markdown: str,
+    folder: Path,
+    title: str,
+    name: str = "report.html",
+    raw: dict[str, str] | None = None,
+) -> Path:
+    """Write `<folder>/<name>`: the Markdown report as one self-contained HTML file (`raw`:
+    see `markdown_to_html`)."""
     path = Path(folder) / name
-    atomic_write_text(path, markdown_to_html(markdown, Path(folder), title))
+    atomic_write_text(path, markdown_to_html(markdown, Path(folder), title, raw))
     return path

@@ -181,26 +181,54 @@ def format_used(used: Sequence) -> str:
     )
 
 
+def cost_batches(costs: Sequence[dict]) -> list[str]:
+    """The latency batch sizes of the costs (those measured, in their order)."""
+    batches: list[str] = []
+    for cost in costs:
+        batches += [b for b in cost["latency_ms"] if b not in batches]
+    return batches
+
+
 def cost_header(costs: Sequence[dict]) -> tuple[str, str]:
-    """Header cells and alignment for the cost columns (batch sizes of the first cost)."""
+    """Header cells and alignment for the cost columns: MACs, size, the latency of each batch
+    size (median [interquartile range] over the stated repeats) and peak memory."""
     first = costs[0]
     threads = first["threads"]
-    batches = list(first["latency_ms"])
+    batches = cost_batches(costs)
+    repeats = sorted({cost.get("repeats", 0) for cost in costs if cost["latency_ms"]})
+    spread = f", median [IQR] of {'/'.join(map(str, repeats))}" if repeats else ""
     cells = (
         " | MACs | size | "
-        + " | ".join(f"latency b{b} (ms, {threads} thr)" for b in batches)
-        + f" | peak mem (b{first['peak_batch']})"
+        + " | ".join(f"latency b{b} (ms{spread}, {threads} thr)" for b in batches)
+        + (" | " if batches else "")
+        + f"peak mem (b{first['peak_batch']})"
     )
     return cells, "---:|---:|" + "---:|" * len(batches) + "---:|"
+
+
+def format_ms(value: float) -> str:
+    """Milliseconds to 3 significant digits: "0.127", "3.64", "41.2", "1234"."""
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+def format_latency(cost: dict, batch: str) -> str:
+    """ "0.127 [0.121–0.135]": the median and interquartile range; "—" when unmeasured."""
+    if batch not in cost["latency_ms"]:
+        return "—"
+    median = format_ms(cost["latency_ms"][batch])
+    iqr = cost.get("latency_iqr_ms", {}).get(batch)
+    if iqr is None:
+        return median
+    return f"{median} [{format_ms(iqr[0])}–{format_ms(iqr[1])}]"
 
 
 def cost_cells(cost: dict | None, batches: Sequence[str]) -> str:
     """MACs, size, latency per batch size and peak memory of one row ("—" when unmeasured)."""
     if cost is None:
         return " | —" * (3 + len(batches))
-    latency = " | ".join(f"{cost['latency_ms'][b]:.2f}" for b in batches)
+    latency = "".join(f" | {format_latency(cost, b)}" for b in batches)
     return (
-        f" | {format_count(cost['macs'])} | {format_bytes(cost['size_bytes'])} | {latency} "
+        f" | {format_count(cost['macs'])} | {format_bytes(cost['size_bytes'])}{latency} "
         f"| {format_bytes(cost['peak_bytes'])}"
     )
 
@@ -236,7 +264,7 @@ def markdown_table(
     seeds = max(len(row.scores) for row in rows)
     costs = [row.cost for row in rows if row.cost is not None]
     cost_head, cost_align = cost_header(costs) if costs else ("", "")
-    batches = list(costs[0]["latency_ms"]) if costs else []
+    batches = cost_batches(costs)
     header = [
         "| model | method | params"
         + cost_head

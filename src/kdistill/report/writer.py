@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 from kdistill.io import MetricsLog, atomic_write_text
-from kdistill.models.cost import COST_NOTE
+from kdistill.models.cost import COST_NOTE, latency_note
 from kdistill.report.html import write_html
 from kdistill.report.plots import plot_curves, plot_label_budget, plot_tradeoff
+from kdistill.report.style import ReportStyle
 from kdistill.report.table import (
     DEFAULT_MARK,
     DEFAULT_NOTE,
@@ -68,6 +69,7 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
     percent = tuple(summary.metrics) if percent is None else tuple(percent)
     rows = build_rows(summary.records, lower, metric)
     show_settings_used(rows, recipe)
+    style = ReportStyle.of((row.model, row.method) for row in rows)  # every figure's colours
     name = summary.labels.get(metric, metric)
     columns = [(key, summary.labels.get(key, key)) for key in summary.metrics]
     # a single accuracy column keeps the classic layout (mean ± std of the scores)
@@ -90,6 +92,7 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
         metric=metric,
         name=name,
         percent=metric in percent,
+        style=style,
     )
 
     lines = [
@@ -130,7 +133,9 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
                 f"| {trial['student']} | {trial['method']} | {format_settings(trial['settings'])} "
                 f"| {format_value([trial['val_score']], metric in percent)} |"
             )
+    legend = style.text()
     if curves is not None:
+        lines += ["", legend]  # before the first figure; report.html draws it in colour
         lines += ["", f"![validation {name} per epoch, mean and spread over seeds](curves.png)"]
     sections = list(getattr(summary, "sections", []))
     if sections:
@@ -138,7 +143,7 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
     tradeoff = plot_tradeoff(
         [
             {
-                "label": f"{row.model}/{row.method}",
+                "label": "teacher" if row.method == "teacher" else f"{row.model}/{row.method}",
                 "score": row.mean,
                 "std": row.std,
                 **(row.cost or {}),
@@ -148,17 +153,26 @@ def write_run_report(summary, recipe, command: str) -> tuple[str, list[str]]:
         out_dir / "tradeoff.png",
         name=name,
         percent=metric in percent,
+        style=style,
     )
     budgets = {s.name: s.labelled for s in recipe.students if getattr(s, "labelled", None)}
     labels_plot = (
-        plot_label_budget(rows, budgets, out_dir / "labels.png", name) if budgets else None
+        plot_label_budget(rows, budgets, out_dir / "labels.png", name, style=style)
+        if budgets
+        else None
     )
+    if curves is None and (labels_plot is not None or tradeoff is not None):
+        lines += ["", legend]
     if labels_plot is not None:
         lines += ["", f"![test {name} against labelled images](labels.png)"]
+    costs = [row.cost for row in rows if row.cost is not None]
+    timing = latency_note(costs)
+    if costs:
+        lines += ["", COST_NOTE] + (["", timing] if timing else [])
     if tradeoff is not None:
-        lines += ["", COST_NOTE, "", f"![{name} against parameters and latency](tradeoff.png)"]
+        lines += ["", f"![{name} against parameters and latency](tradeoff.png)"]
     atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
-    write_html("\n".join(lines) + "\n", out_dir, recipe.name)
+    write_html("\n".join(lines) + "\n", out_dir, recipe.name, raw={legend: style.html()})
     written = ["report.md", "report.html", "results.json"]
     written += [path.name for path in (curves, tradeoff, labels_plot) if path is not None]
     return table, written
