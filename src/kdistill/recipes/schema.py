@@ -232,6 +232,12 @@ class DataSpec(Strict):
         None, ge=1, description="use a random subset (quick runs; kjv: of the token blocks)"
     )
     test_limit: int | None = Field(None, ge=1, description="use a random test subset (quick runs)")
+    tokenizer: str | None = Field(
+        None,
+        description="text: the teacher's tokenizer, `hf:<folder>` (its tokenizer.json) or a "
+        "tokenizer.json; none: a byte-level BPE trained on the training text (models built "
+        "from configs). A teacher folder holding a tokenizer must be named here",
+    )
     augment: AugmentSpec | None = Field(
         None,
         description="keyed augmentation of the students' training batches (none: off); the "
@@ -332,7 +338,7 @@ class DataSpec(Strict):
         the first recipes are left out while at their defaults (older runs stay recognised)."""
         data = self.model_dump(mode="json")
         del data["augment"]  # the students' views: the teacher trains on the plain images
-        for name, default in (("train", None), ("test", None), ("kwargs", {})):
+        for name, default in (("train", None), ("test", None), ("kwargs", {}), ("tokenizer", None)):
             if data[name] == default:
                 del data[name]
         if data["normalize"] == "auto":
@@ -874,6 +880,14 @@ class Recipe(Strict):
                 f"students {scarce}: labelled (label-scarce transfer) hides class labels; task "
                 f"{self.task} has masks / boxes (use it with task classification)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def tokenizer_is_the_teachers(self) -> Recipe:
+        """`data.tokenizer` (`recipes.vocabulary.check_vocabularies`)."""
+        from kdistill.recipes.vocabulary import check_vocabularies
+
+        check_vocabularies(self)
         return self
 
     @model_validator(mode="after")
