@@ -140,3 +140,49 @@ def test_kdistill_teacher_keeps_its_normalisation(digits, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "data.normalize" in error and "was trained by kdistill" in error
     assert "{mean: [" in error  # the fix: the statistics it was trained with
+
+
+@pytest.mark.parametrize(
+    ("student", "key"),
+    [("own_data_models:TupleDigits", 1), ("own_data_models:DictDigits", "logits")],
+)
+def test_init_finds_the_scored_output_and_its_recipe_runs(digits, tmp_path, student, key):
+    folder, teacher = digits
+    recipe_file = tmp_path / "tuple.yaml"
+    argv = ["init", "--teacher", "own_data_models:DigitsMLP", "--student", student]
+    argv += ["--student-kwargs", "{hidden: 8}", "--teacher-checkpoint", str(folder / "teacher.pt")]
+    argv += ["--data", f"{folder / 'train.npz'},{folder / 'test.npz'}", "--out", str(recipe_file)]
+    assert main(argv) == 0
+    recipe = yaml.safe_load(recipe_file.read_text())
+    assert recipe["students"][0]["output"] == key  # the N×10 output, found on one batch
+    assert "output" not in recipe["teacher"]  # a plain tensor
+    assert main(["run", str(recipe_file), "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    out = tmp_path / "run"
+    assert main(["run", str(recipe_file), "--out", str(out), *TINY]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    # the student's reported score is its selected output's accuracy on the test digits,
+    # recomputed here from the saved weights
+    from own_data_models import TupleDigits
+
+    from kdistill.engine.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(out / "models", "student__kd__seed0")
+    model = TupleDigits(hidden=8)
+    model.load_state_dict(tensors)
+    test = np.load(folder / "test.npz")
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(test["x"]))[1]
+    expected = (logits.argmax(1) == torch.from_numpy(test["y"])).double().mean().item()
+    reported = next(r for r in records if r["method"] == "kd")["test_score"]
+    assert reported == pytest.approx(expected, abs=1e-9)
+
+
+def test_an_output_the_model_lacks_is_named(digits, tmp_path, capsys):
+    folder, _ = digits
+    recipe_file = tmp_path / "digits.yaml"
+    init(folder, recipe_file, "--teacher-checkpoint", str(folder / "teacher.pt"))
+    capsys.readouterr()
+    argv = ["run", str(recipe_file), "--dry-run", "--out", str(tmp_path / "dry")]
+    assert main([*argv, "--set", "students.0.output=logits"]) != 0
+    error = capsys.readouterr().err
+    assert "students.student.output: 'logits'" in error and "Traceback" not in error

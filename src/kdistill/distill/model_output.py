@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from kdistill.distill.distiller import select_output
+from kdistill.errors import ConfigError
 
 __all__ = ["OutputPick", "pick_output", "picked_output"]
 
@@ -31,7 +32,7 @@ class OutputPick:
             return select_output(output, self.key, self.label)
         except (KeyError, IndexError, TypeError, ValueError) as error:
             message = str(error.args[0] if error.args else error)
-            raise ValueError(f"{self.label}.output: {self.key!r}: {message}") from None
+            raise ConfigError(f"{self.label}.output: {self.key!r}: {message}") from None
 
 
 def pick_output(model: nn.Module, key: str | int | None, label: str = "model") -> nn.Module:
