@@ -95,6 +95,18 @@ def test_digits_checkpoint_teacher_is_scored_on_its_own_inputs(digits, tmp_path,
     assert expected > 0.9  # a real teacher
     assert reported == pytest.approx(expected, abs=1e-9)
     assert not list((out / "checkpoints").glob("teacher*"))  # never trained again
+    # the run store holds the plan the run executed: the teacher given, every training made
+    from kdistill.recipes.run_store import read_plan
+
+    plan = read_plan(out)
+    assert plan["teacher"]["source"] == "checkpoint"
+    assert plan["teacher"]["path"] == str(folder / "teacher.pt")
+    made = [r["label"] for r in records if r["method"] != "teacher"]
+    assert (
+        [t["label"] for t in plan["trainings"]]
+        == made
+        == ["student/alone/seed0", "student/kd/seed0"]
+    )
 
 
 def test_digits_checkpoint_teacher_with_standardised_inputs_is_refused(digits, tmp_path, capsys):

@@ -101,7 +101,7 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
             )
     out_dir = args.out or Path("runs") / recipe.name
     if args.dry_run:
-        from kdistill.recipes.plan import dry_run
+        from kdistill.recipes.rehearsal import dry_run
 
         print(dry_run(recipe, out_dir, methods).text())
         return 0
