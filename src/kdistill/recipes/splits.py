@@ -62,10 +62,10 @@ class Splits:
     test: Data
     normalization: dict = field(default_factory=dict)  # how inputs were standardised (data.json)
     tokenizer: Any = None  # text: the tokenizer of the token ids (decodes samples for reports)
+    text: dict | None = None  # text: books, tokens and bytes per split, tokenizer (data.json)
     # the validation split read the other way (("none", raw) when the recipe normalises,
     # ("train", standardised) when it does not): a loaded teacher is scored on both
     other_val: tuple[str, Data] | None = None
-    text: dict | None = None  # text: books, tokens and bytes per split, tokenizer (data.json)
 
 
 def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None = None) -> Splits:
