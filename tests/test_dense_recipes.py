@@ -167,7 +167,10 @@ def test_dense_evaluation_of_perfect_predictions():
     seg_only = BatchLoader(data.with_target("seg"), batch_size=4, shuffle=False)
     assert evaluate(Oracle(data, "seg"), seg_only, get_task("segmentation"))["miou"] == 1.0
     det_only = BatchLoader(data.with_target("det"), batch_size=4, shuffle=False)
-    assert set(evaluate(Oracle(data, "det"), det_only, get_task("detection"))) == {"map50"}
+    det = evaluate(Oracle(data, "det"), det_only, get_task("detection"))
+    # mAP@0.5 and pycocotools' COCO AP (Fashion-MNIST items are < 32² pixels: APs only)
+    assert set(det) == {"map50", "ap", "ap50", "ap75", "ap_small"}
+    assert det["ap50"] > 0.99 and det["ap"] > 0.5
 
 
 def test_dense_evaluation_of_an_all_background_prediction():
@@ -219,10 +222,12 @@ def test_dense_recipe_runs_end_to_end_on_real_scenes(tmp_path, task, teacher, st
     recipe = load_recipe(write(tmp_path, text))
     summary = Experiment(recipe, tmp_path / "run", progress=False).run()
     table = write_report(summary, recipe, "pytest")
+    coco = {"ap", "ap50", "ap75"}  # pycocotools' (+ APs/m/l where the data has such boxes)
+    sizes = {"ap_small", "ap_medium", "ap_large"}
     expected = {
         "segmentation": {"miou", "pixel_accuracy"},
-        "detection": {"map50"},
-        "multitask": {"miou", "pixel_accuracy", "map50"},
+        "detection": {"map50", *coco},
+        "multitask": {"miou", "pixel_accuracy", "map50", *coco},
     }[task]
     assert [r.method for r in summary.records] == [
         "teacher",
@@ -230,12 +235,15 @@ def test_dense_recipe_runs_end_to_end_on_real_scenes(tmp_path, task, teacher, st
         next(iter(recipe.distill.methods)),
     ]
     for record in summary.records:
-        assert set(record.test_metrics) == expected
+        assert expected <= set(record.test_metrics) <= expected | sizes
         assert all(0 <= v <= 1 and math.isfinite(v) for v in record.test_metrics.values())
     label = {"segmentation": "mIoU", "detection": "mAP@0.5", "multitask": "mAP@0.5"}[task]
     assert f"test {label} %" in table
+    if task == "detection":  # COCO AP@[.5:.95] ranks: the first column, and gap closed's
+        assert table.index("AP@[.5:.95]") < table.index("mAP@0.5")
+        assert all(r.test_score == r.test_metrics["ap"] for r in summary.records)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(results["records"][0]["test_metrics"]) == expected
+    assert expected <= set(results["records"][0]["test_metrics"]) <= expected | sizes
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     key = "val_miou" if task != "detection" else "val_map50"
     assert all(key in line for line in lines)
@@ -310,3 +318,14 @@ def test_grid_keys_scoped_to_one_method():
         load_recipe(RECIPES / "scenes_segmentation.yaml", ["tune.grid={pkd.tau: [1]}"])
     with pytest.raises(ConfigError, match="no loss of method 'pixel_kd' has a parameter 'tau'"):
         load_recipe(RECIPES / "scenes_segmentation.yaml", ["tune.grid={pixel_kd.tau: [1]}"])
+
+
+def test_the_recipe_names_the_ranking_metric(tmp_path):
+    text = SCENES.format(task="detection", teacher="det_student", student="det_student")
+    text += "distill: {alpha: 0.5, hard_loss: yolo, methods: {mse: [{loss: det_logit_mse}]}}\n"
+    default = load_recipe(write(tmp_path, text))
+    assert default.metric is None  # the task's first: COCO AP@[.5:.95]
+    chosen = load_recipe(write(tmp_path, text + "metric: map50\n"))
+    assert chosen.metric == "map50"
+    with pytest.raises(Exception, match=r"metric: 'miou' is not a metric of task 'detection'"):
+        load_recipe(write(tmp_path, text + "metric: miou\n"))

@@ -10,6 +10,8 @@
     6 tasks     tasks/ (with the problem metrics)
     7 recipes   recipes/
     8 front     report/, compress/, export, cli, __init__, __main__
+    9 integrations  integrations/ (Hugging Face Trainer, Lightning, trackers): other people's
+                loops around the public API; nothing in kdistill imports them
 
 Every `import kdistill…` counts, including those inside functions (a late import is still a
 dependency). The README's architecture section and docs/architecture.md show the same layout.
@@ -40,6 +42,7 @@ LAYERS = {
     "recipes": 7,
     "report": 8, "compress": 8, "export": 8, "cli": 8, "__init__": 8,
     "__main__": 8, "examples": 8,
+    "integrations": 9,
 }  # fmt: skip
 
 

@@ -113,6 +113,7 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
             return 0
         command = "kdistill " + " ".join(shlex.quote(a) for a in args.argv)
         table, written = write_run_report(summary, recipe, command)
+        experiment.close_trackers([out_dir / name for name in written])
         print(table)
         print(
             f"\n{out_dir}: {', '.join(run_files(out_dir, written))} "

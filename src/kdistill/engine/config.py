@@ -54,6 +54,12 @@ class TrainConfig(BaseModel):
         "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"
     )
     progress: bool = Field(True, description="progress bars (CLI: --quiet turns them off)")
+    log: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="trackers that also receive every metrics.jsonl record: tensorboard (event "
+        "files in <run>/tensorboard), mlflow (a local store in <run>/mlflow); optional extras "
+        "pip install 'kdistill[tensorboard]' / 'kdistill[mlflow]'",
+    )
 
     @model_validator(mode="after")
     def precision_fits_device(self) -> TrainConfig:

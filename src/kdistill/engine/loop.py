@@ -51,6 +51,7 @@ from kdistill.engine.distributed import (
 from kdistill.engine.optim import make_optimizer, make_scheduler
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.engine.preflight import check_before_training, check_loader
+from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.errors import ConfigError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 
@@ -293,6 +294,7 @@ def fit(
     resume: bool = False,
     teacher_outputs: TeacherSource | None = None,
     batch_transforms: Sequence[BatchTransform] = (),
+    loggers: list[str | Tracker] | None = None,
 ) -> FitResult:
     """Train `distiller`'s student (and connectors) for `config.epochs` epochs.
 
@@ -347,10 +349,20 @@ def fit(
     wrapped in DDP without its teacher,
     training losses are averaged over ranks, and only rank 0 writes metrics and checkpoints
     (`engine.distributed`).
+
+    `loggers`: trackers that also receive every epoch's record (`engine.trackers`):
+    ``"tensorboard"`` / ``"mlflow"`` (made in `metrics_log`'s folder and closed on return) or
+    `Tracker` objects (left open for the caller); None: `config.log`.
     """
     run = _start(distiller, train_loader, config, label, teacher_outputs, batch_transforms)
     if checkpoint_dir is not None:
         _resume(run, Path(checkpoint_dir), resume)
+    folder = metrics_log.path.parent if metrics_log is not None else None
+    trackers, made = (
+        open_trackers(config.log if loggers is None else loggers, folder, run_name=label)
+        if run.world.is_main
+        else ([], [])
+    )
     run.started = time.perf_counter()
     progress = run.progress
     while progress.epoch < config.epochs:
@@ -367,8 +379,12 @@ def fit(
             progress.epoch = config.epochs  # the step budget is spent: training is over
         if metrics_log is not None and run.world.is_main:  # the one place an epoch's record goes
             metrics_log.write(record)
+        for tracker in trackers:
+            tracker.log_epoch(record)
         if checkpoint_dir is not None:
             _save_run(run, checkpoint_dir)
+    for tracker in made:
+        tracker.close()
     return FitResult(progress.history, time.perf_counter() - run.started, progress.skipped_batches)
 
 

@@ -192,7 +192,7 @@ def make_plan(recipe: Recipe, methods: list[str] | None = None) -> RunPlan:
     return RunPlan(
         recipe.name,
         recipe.task,
-        primary_metric(task),
+        recipe.metric or primary_metric(task),
         data,
         _teacher_plan(recipe),
         tuple(models),

@@ -27,6 +27,7 @@ from kdistill.distill.teacher.store import MemoryTeacherOutputs, TeacherCache
 from kdistill.engine import MetricsLog, TrainConfig
 from kdistill.engine.checkpoint import atomic_write_text, save_checkpoint
 from kdistill.engine.distributed import barrier, is_main_process, resolve_device
+from kdistill.engine.trackers import Tracker, open_trackers
 from kdistill.models import count_parameters
 from kdistill.models.cost import CostBook
 from kdistill.recipes.objective import (  # noqa: F401  (grid_settings, settings_label: re-exported)
@@ -123,6 +124,12 @@ class Experiment(TeacherSteps, StudentSteps):
         self.teacher_train_outputs: MemoryTeacherOutputs | TeacherCache | None = None
         self._costs: CostBook | None = None  # built on the first cost (`cost_of`)
         self._sequences: dict[str, Data] = {}  # method → sequence-level training data
+        self.trackers: list[Tracker] = []  # train.log: one run of each tracker for the recipe
+        if self.is_main:
+            names = list(dict.fromkeys([*recipe.teacher.train.log, *recipe.train.log]))
+            self.trackers = open_trackers(names, self.out_dir, recipe.name, recipe.name)[0]
+            for tracker in self.trackers:
+                tracker.log_params(recipe.model_dump(mode="json"))
 
     @property
     def eval_batch(self) -> int:
@@ -195,8 +202,9 @@ class Experiment(TeacherSteps, StudentSteps):
 
     @property
     def metric(self) -> str:
-        """The metric that ranks models: accuracy, mIoU or mAP@0.5 (`tasks.primary_metric`)."""
-        return primary_metric(self.task)
+        """The metric that ranks models (tuning, gap closed): the recipe's `metric`, else the
+        task's first (`tasks.primary_metric`: accuracy, mIoU, COCO AP@[.5:.95], …)."""
+        return self.recipe.metric or primary_metric(self.task)
 
     def objective(self, method: str | None, settings: dict | None = None) -> list[Term]:
         """The terms of `method` (None: the student alone) with grid `settings`, for this
@@ -309,11 +317,24 @@ class Experiment(TeacherSteps, StudentSteps):
             chosen,
             tuning,
             time.perf_counter() - started,
-            self.task.metrics,
+            (self.metric, *(m for m in self.task.metrics if m != self.metric)),  # ranking first
             dict(self.task.labels),
             lower_is_better_metrics(self.task),
             percent_metrics(self.task),
         )
         if report_section and self.is_main:
             summary.sections = list(report_section(shown, self.splits))
+        for tracker in self.trackers:  # the results table: one row per trained model
+            for record in records:
+                row = {**record.test_metrics, "params": record.params, "seconds": record.seconds}
+                tracker.log_results(record.label, {**row, "cost": record.cost or {}})
         return summary
+
+    def close_trackers(self, files: list[Path] = ()) -> None:
+        """Hand the run's report `files` to the trackers (artifacts) and close them."""
+        for tracker in self.trackers:
+            for path in files:
+                if Path(path).is_file():
+                    tracker.log_artifact(Path(path))
+            tracker.close()
+        self.trackers = []

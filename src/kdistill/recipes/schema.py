@@ -785,6 +785,12 @@ class Recipe(Strict):
         "classification | segmentation | detection | multitask, or `package.module:attr` "
         "naming your own Task (kdistill.tasks)",
     )
+    metric: str | None = Field(
+        None,
+        description="the test metric that ranks models: tuning on validation, gap closed and "
+        "the report's first column; one of the task's metrics (detection: ap = COCO "
+        "AP@[.5:.95], map50, ap50, ap75); default: the task's first (detection: ap)",
+    )
     seed: int = Field(0, description="first seed: data split, teacher and students")
     seeds: int = Field(1, ge=1, description="students are trained once per seed: seed, seed+1, …")
     data: DataSpec = Field(default_factory=DataSpec, description="where the data comes from")
@@ -809,6 +815,20 @@ class Recipe(Strict):
     def known_task(cls, name: str) -> str:
         get_task(name)  # a ValueError names the task and the known ones
         return name
+
+    @model_validator(mode="after")
+    def metric_of_the_task(self) -> Recipe:
+        if self.metric is not None:
+            known = tuple(get_task(self.task).metrics)
+            if self.metric not in known:
+                coco = ""
+                if self.metric in ("ap", "ap50", "ap75") and "map50" in known:
+                    coco = "; the COCO metrics need pycocotools: pip install 'kdistill[coco]'"
+                raise ValueError(
+                    f"metric: {self.metric!r} is not a metric of task {self.task!r} "
+                    f"(it has {list(known)}){coco}"
+                )
+        return self
 
     @model_validator(mode="after")
     def compress_method_exists(self) -> Recipe:

@@ -109,6 +109,7 @@ class StudentSteps:
                     label,
                     tapped,
                 ),
+                loggers=self.trackers,
                 batch_transforms=transforms,
             )
         finally:

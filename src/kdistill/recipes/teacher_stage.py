@@ -162,6 +162,7 @@ class TeacherSteps:
             metrics_log=self.metrics,
             checkpoint_dir=self.out_dir / "checkpoints" / "teacher",
             resume=self.resume,
+            loggers=self.trackers,
         )
         if self.is_main:
             state = self._teacher_state()

@@ -26,7 +26,7 @@ from kdistill.report.table import (
 
 # what the runner writes beside the report, in the order the closing line names them
 RUN_FILES = ("metrics.jsonl", "tuning.json", "recipe.yaml", "plan.json", "data.json")
-RUN_FOLDERS = ("models", "checkpoints", "teacher_cache")
+RUN_FOLDERS = ("models", "checkpoints", "teacher_cache", "tensorboard", "mlflow")
 
 
 def write_report(summary, recipe, command: str) -> str:
