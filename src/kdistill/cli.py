@@ -151,12 +151,12 @@ def cache_command(args: argparse.Namespace) -> int:
     from kdistill.recipes import Experiment, load_recipe
 
     given = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
-    overrides = [*given, "distill.teacher_cache=off"]  # only the teacher, not a copy
-    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    recipe = load_recipe(resolve_recipe(args.recipe), given)  # read once
+    wanted = recipe.distill.teacher_cache
+    recipe.distill.teacher_cache = "off"  # prepare only the teacher, not a copy of its outputs
     run_dir = args.run_dir or Path("runs") / recipe.name
     experiment = Experiment(recipe, run_dir, resume=True, progress=not args.quiet)
     teacher, _ = experiment.prepare_teacher()  # trained, or loaded from the run folder
-    wanted = load_recipe(resolve_recipe(args.recipe), given).distill.teacher_cache
     if not isinstance(wanted, str):  # stored top-k token distributions (language_modeling)
         return _token_cache_command(args, experiment, teacher, wanted, run_dir)
     layers = None
