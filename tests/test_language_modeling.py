@@ -195,9 +195,10 @@ def test_lower_is_better_for_losses_higher_for_accuracies():
     assert not is_better(lm, "nll", math.nan, 4.0) and is_better(lm, "nll", 4.0, math.nan)
     with pytest.raises(ValueError, match="task classification has no metric 'nll'"):
         is_better(classification, "nll", 1.0, 2.0)
-    # a user's task written without lower_is_better: every metric is better when higher
+    # a user's task written without lower_is_better gets the declared default (): every metric
+    # is better when higher
     own = get_task("test_tasks:RegressionTask")
-    assert not hasattr(own, "lower_is_better") and is_better(own, "neg_mae", -1.0, -2.0)
+    assert own.lower_is_better == () and is_better(own, "neg_mae", -1.0, -2.0)
 
 
 # -- sampling ------------------------------------------------------------------------------------

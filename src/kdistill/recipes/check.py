@@ -959,7 +959,7 @@ def check_recipe(
                 vocab_size=vocab_size,
                 standard=standard,
                 checks=checks,
-                output=getattr(task, "model_output", "logits"),
+                output=task.model_output,
                 device=device if device is not None else _device(recipe),
             )
             for result in found.results:

@@ -125,7 +125,7 @@ def build_objective(
     settings = settings or {}
     specs: Sequence[TermSpec] = distill.methods[method] if method is not None else ()
     terms: list[Term] = []
-    scored = getattr(task, "model_output", None)  # e.g. "logits" of a causal LM's output
+    scored = task.model_output  # e.g. "logits" of a causal LM's output
     for mix in output_mixes(task, distill):
         soft = [spec for spec in specs if mix.key is None or spec.output == mix.key]
         prefix = "" if mix.key is None else f"{mix.key}_"

@@ -135,7 +135,7 @@ class Experiment(TeacherSteps, StudentSteps):
     def eval_batch(self) -> int:
         """Batch size of evaluation and teacher-output passes: the task's `eval_batch_size`
         when it sets one (language models: N×L×V logits), else `EVAL_BATCH`."""
-        return int(getattr(self.task, "eval_batch_size", EVAL_BATCH))
+        return int(self.task.eval_batch_size or EVAL_BATCH)
 
     def say(self, message: str) -> None:
         if self.progress and self.is_main:
@@ -264,7 +264,7 @@ class Experiment(TeacherSteps, StudentSteps):
                         f"{spec.name}/{method}: chose {settings_label(settings)} on validation"
                     )
         # the first seed's models, for a task that shows them in the report (`report_section`)
-        report_section = getattr(self.task, "report_section", None)
+        report_section = self.task.report_section if self.task.report_models else None
         shown: dict[str, nn.Module] = {"teacher": self.teacher} if report_section else {}
         for index in range(recipe.seeds):
             seed = recipe.seed + index

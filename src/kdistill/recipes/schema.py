@@ -844,8 +844,8 @@ class Recipe(Strict):
     def task_fits_data(self) -> Recipe:
         task = get_task(self.task)
         text = self.data.dataset in TEXT_DATASETS
-        wanted = getattr(task, "text_dataset", KJV_DATASET)
-        if text != bool(getattr(task, "reads_text", False)) and ":" not in self.data.dataset:
+        wanted = task.default_data
+        if text != task.reads_text and ":" not in self.data.dataset:
             blocks = self.data.dataset == KJV_DATASET
             raise ValueError(
                 f"task: dataset {self.data.dataset} holds "
@@ -872,7 +872,7 @@ class Recipe(Strict):
                 f"of prompts: they need prompt → completion data ({KJV_COMPLETIONS_DATASET} with "
                 f"task completion), got data.dataset {self.data.dataset!r}"
             )
-        dense = getattr(task, "target_kind", None) is not None  # masks / boxes targets
+        dense = task.dense  # masks / boxes targets
         scenes = self.data.dataset == SCENES_DATASET
         if scenes and not dense:
             raise ValueError(
@@ -918,7 +918,7 @@ class Recipe(Strict):
         if not isinstance(spec, TokenCacheSpec):
             return self
         task = get_task(self.task)
-        if not getattr(task, "reads_text", False):
+        if not task.reads_text:
             raise ValueError(
                 f"distill.teacher_cache: stored top-k token distributions need token sequences "
                 f"(task language_modeling); task {self.task} stores outputs with memory or disk"

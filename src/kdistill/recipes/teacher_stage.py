@@ -301,7 +301,7 @@ class TeacherSteps:
                     self.splits.train,
                     directory,
                     batch_size=self.eval_batch,
-                    output=getattr(self.task, "model_output", "logits"),
+                    output=self.task.model_output,
                     measure_positions=spec.measure_positions,
                     progress=self.progress,
                     **wanted,

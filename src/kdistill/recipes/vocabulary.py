@@ -55,7 +55,7 @@ def _models(recipe: Any) -> list[tuple[str, Any]]:
 def check_vocabularies(recipe: Any) -> None:
     """Raise ConfigError (a ValueError: the recipe is refused when read) naming the field and
     the fix when the data's tokenizer and the models' vocabularies disagree (module doc)."""
-    text = bool(getattr(get_task(recipe.task), "reads_text", False))  # declared by kinds-ready
+    text = get_task(recipe.task).reads_text
     named = recipe.data.tokenizer
     if not text:
         if named is not None:

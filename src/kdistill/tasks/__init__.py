@@ -27,6 +27,7 @@ from kdistill.registry import unknown_name_message
 from kdistill.tasks.base import (
     Metric,
     Task,
+    TaskDefaults,
     best,
     better_of,
     evaluate,
@@ -37,6 +38,7 @@ from kdistill.tasks.base import (
     missing_members,
     percent_metrics,
     primary_metric,
+    with_defaults,
 )
 from kdistill.tasks.classification import ClassificationTask
 from kdistill.tasks.completion import CompletionTask
@@ -112,7 +114,7 @@ def _checked(task: Any, spec: str) -> Task:
         raise ValueError(f"task {spec}: not a kdistill Task; it lacks {missing}")
     if not task.metrics:
         raise ValueError(f"task {spec}: `metrics` is empty; the first metric ranks models")
-    return task
+    return with_defaults(task)
 
 
 __all__ = [
@@ -126,6 +128,7 @@ __all__ = [
     "Metric",
     "SegmentationTask",
     "Task",
+    "TaskDefaults",
     "better_of",
     "evaluate",
     "is_better",
@@ -139,4 +142,5 @@ __all__ = [
     "percent_metrics",
     "sample_continuations",
     "task_names",
+    "with_defaults",
 ]

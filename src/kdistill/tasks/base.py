@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from kdistill.data.arrays import move_to
+from kdistill.data.arrays import Batch, move_to
 from kdistill.data.batches import as_batch, call_model
 from kdistill.distill.distiller import select_output
 from kdistill.ops.collectives import info
@@ -44,18 +44,44 @@ class Metric(Protocol):
 
 
 class Task(Protocol):
-    """What a kind of problem decides. See `ClassificationTask` for a complete example."""
+    """What a kind of problem decides. See `ClassificationTask` for a complete example.
+
+    Every member a caller uses is declared here. The required ones (`REQUIRED_MEMBERS`) every
+    task has; the others have defaults in `TaskDefaults`, which built-in tasks subclass and which
+    `with_defaults` supplies to a user's task that does not (``get_task`` does it), so a caller
+    reads ``task.member`` directly, never ``getattr(task, member, default)``.
+    """
 
     name: str
     metrics: tuple[str, ...]  # every metric `evaluate` returns (besides "loss"); first ranks
     labels: Mapping[str, str]  # metric → how reports name it ("miou" → "mIoU")
     default_hard_loss: str  # registered loss name of the student-alone objective
     # the metrics that are better when lower ("nll", "perplexity"); the others are better when
-    # higher. Optional: a task without it (a user's task written before it existed) reads as ().
+    # higher.
     lower_is_better: tuple[str, ...]
+    percent_metrics: tuple[str, ...]  # fractions, shown in % by reports (default: all metrics)
+    # what a batch's target carries: one of `kdistill.data.kinds.TARGETS` ("class", "mask",
+    # "boxes", "mask+boxes", "tokens", "completions"); the data kinds a task reads follow from it
+    target: str
+    reads_text: bool  # token data (target "tokens" or "completions")
+    dense: bool  # masks / boxes: inputs cannot be cropped or flipped alone, no class labels
+    default_data: str | None  # the built-in data source of this task ("fashion_mnist", "kjv")
+    model_output: str | int | None  # the output of a model the task scores ("logits"; None: all)
+    eval_batch_size: int | None  # evaluation batch size (None: the caller's)
+    report_models: bool  # `report_section` samples from the models (keep the first seed's)
 
     @property
     def outputs(self) -> Mapping[str | None, Task]: ...
+
+    @property
+    def data_kinds(self) -> tuple[str, ...]:
+        """Names of the registered data kinds this task reads (`kdistill.data.kinds`)."""
+        ...
+
+    def check(self, data_spec: Mapping[str, Any]) -> None:
+        """Validate a recipe's data section for this task: ConfigError naming the kinds this
+        task reads (and their files) for another kind, DataError / ConfigError naming the field
+        and the fix for a bad field of a kind it reads."""
 
     def prepare(self, data: Any) -> Any:
         """`data` with the targets this task trains on (e.g. scene masks for segmentation);
@@ -65,26 +91,130 @@ class Task(Protocol):
         """Sizes a registry model of this task is built with (channels, class counts)."""
 
     def new_metric(self, model: nn.Module, data: Any) -> Metric:
-        """An empty metric for `model` evaluated on `data`."""
+        """An empty metric for `model` evaluated on `data` (any dataset, or None)."""
+
+    def to_batch(self, raw: Any) -> Batch:
+        """One item a loader yielded, as a `Batch` (`kdistill.data.batches.as_batch`)."""
+
+    def report_section(self, models: Mapping[str, nn.Module], splits: Any) -> list[str]:
+        """Markdown lines the run report adds for this task ([] for none)."""
 
 
-class DenseTargets:
-    """Shared by tasks whose targets a dataset provides through `with_target(kind)` (masks,
-    boxes, or both for scenes): one output unless a subclass says otherwise."""
+class TaskDefaults:
+    """The defaults of the optional `Task` members; built-in tasks subclass it."""
 
-    name: str
-    target_kind: str  # "seg", "det" or "both"
+    lower_is_better: tuple[str, ...] = ()
+    target: str = "class"
+    default_data: str | None = None
+    model_output: str | int | None = None
+    eval_batch_size: int | None = None
+    report_models: bool = False
+
+    @property
+    def percent_metrics(self) -> tuple[str, ...]:
+        return tuple(self.metrics)  # type: ignore[attr-defined]
+
+    @property
+    def reads_text(self) -> bool:
+        return self.target in TEXT_TARGETS
+
+    @property
+    def dense(self) -> bool:
+        return self.target in DENSE_TARGETS
 
     @property
     def outputs(self) -> Mapping[str | None, Any]:
         return {None: self}
 
+    @property
+    def data_kinds(self) -> tuple[str, ...]:
+        from kdistill.data.kinds import kinds_for
+
+        return tuple(kinds_for(self.target))
+
+    def check(self, data_spec: Mapping[str, Any]) -> None:
+        from kdistill.data.kinds import resolve
+
+        resolve(self.target, data_spec, task=self.name)  # type: ignore[attr-defined]
+
+    def prepare(self, data: Any) -> Any:
+        return data
+
+    def to_batch(self, raw: Any) -> Batch:
+        return as_batch(raw)
+
+    def report_section(self, models: Mapping[str, nn.Module], splits: Any) -> list[str]:
+        return []
+
+
+TEXT_TARGETS = ("tokens", "completions")
+DENSE_TARGETS = ("mask", "boxes", "mask+boxes")
+
+#: the optional members `TaskDefaults` holds (`with_defaults` supplies them).
+OPTIONAL_MEMBERS = (
+    "lower_is_better",
+    "percent_metrics",
+    "target",
+    "reads_text",
+    "dense",
+    "default_data",
+    "model_output",
+    "eval_batch_size",
+    "report_models",
+    "outputs",
+    "data_kinds",
+    "check",
+    "prepare",
+    "to_batch",
+    "report_section",
+)
+
+
+class _WithDefaults(TaskDefaults):
+    """A user's task that does not subclass `TaskDefaults`: its own members, the defaults for
+    the optional members it lacks."""
+
+    def __init__(self, task: Any) -> None:
+        object.__setattr__(self, "_task", task)
+
+    def __getattribute__(self, name: str) -> Any:
+        task = object.__getattribute__(self, "_task")
+        if name == "_task":
+            return task
+        if name.startswith("__") or not hasattr(task, name):
+            return object.__getattribute__(self, name)
+        return getattr(task, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._task, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._task)
+
+
+def with_defaults(task: Any) -> Task:
+    """`task` itself when it subclasses `TaskDefaults`, else a view of it with the defaults of
+    the optional members it lacks (`OPTIONAL_MEMBERS`). Its own members always win."""
+    if isinstance(task, TaskDefaults):
+        return task  # type: ignore[return-value]
+    return _WithDefaults(task)  # type: ignore[return-value]
+
+
+class DenseTargets(TaskDefaults):
+    """Shared by tasks whose targets a dataset provides through `with_target(kind)` (masks,
+    boxes, or both for scenes): one output unless a subclass says otherwise."""
+
+    name: str
+    target_kind: str  # "seg", "det" or "both": what `with_target` is asked for
+    default_data = "fashion_mnist_scenes"
+
     def prepare(self, data: Any) -> Any:
         if not callable(getattr(data, "with_target", None)):
             raise ValueError(
                 f"task {self.name}: dataset {getattr(data, 'name', type(data).__name__)!r} has "
-                "no dense targets (masks / boxes); use data.dataset: fashion_mnist_scenes or a "
-                "dataset factory whose dataset has with_target('seg' | 'det' | 'both')"
+                "no dense targets (masks / boxes); read one of the data kinds "
+                f"{list(self.data_kinds)} (kdistill.data.kinds) or give a dataset with "
+                "with_target('seg' | 'det' | 'both')"
             )
         return data.with_target(self.target_kind)
 
@@ -98,14 +228,12 @@ def metric_label(task: Task, metric: str) -> str:
     return task.labels.get(metric, metric)
 
 
-#: what a Task must have; `lower_is_better` is optional (see `Task`).
+#: what a Task must have; the other members have defaults (`TaskDefaults`, `OPTIONAL_MEMBERS`).
 REQUIRED_MEMBERS = (
     "name",
     "metrics",
     "labels",
     "default_hard_loss",
-    "outputs",
-    "prepare",
     "model_kwargs",
     "new_metric",
 )
@@ -121,7 +249,7 @@ def lower_is_better(task: Task, metric: str) -> bool:
     ValueError for a metric the task does not have."""
     if metric not in task.metrics:
         raise ValueError(f"task {task.name} has no metric {metric!r}; it has {list(task.metrics)}")
-    return metric in getattr(task, "lower_is_better", ())
+    return metric in with_defaults(task).lower_is_better
 
 
 def is_better(task: Task, metric: str, a: float, b: float) -> bool:
@@ -150,6 +278,12 @@ def evaluate(
 ) -> dict[str, float]:
     """`task`'s metrics of `model` over `loader` (the model's train/eval mode is restored).
 
+    `loader`: any iterable of the task's batches — kdistill's `BatchLoader`, a plain torch
+    ``DataLoader`` over the datasets of `kdistill.data.kinds` or over the user's own dataset
+    (each item read by `task.to_batch`). Sizes the metric needs that the loader's dataset does
+    not declare (``num_seg_classes``, ``input_shape``, token byte lengths) come from the batches,
+    the samples or the model (see each task's `new_metric`).
+
     `task`: a `Task` or a name / import path (`kdistill.tasks.get_task`). `output`: for a model
     returning a tuple or a dict-like output (e.g. ``(logits, features)``), the position or key
     of the output the task scores, as `Term(output=…)` picks it.
@@ -162,6 +296,7 @@ def evaluate(
         from kdistill.tasks import get_task
 
         task = get_task(task)
+    task = with_defaults(task)
     world = info()
     metric = task.new_metric(model, getattr(loader, "dataset", None))
     step = world.world_size if metric.shardable else 1
@@ -171,7 +306,7 @@ def evaluate(
     try:
         for number, raw in enumerate(loader):
             if number % step == offset:
-                batch = as_batch(raw)
+                batch = task.to_batch(raw)
                 result = call_model(model, move_to(batch.inputs, device))
                 if output is not None:
                     result = select_output(result, output, "model")
@@ -186,13 +321,13 @@ def evaluate(
 def lower_is_better_metrics(task: Task) -> tuple[str, ...]:
     """The metrics of `task` where a lower value is better (NLL, perplexity, bits per byte);
     a task says so with a `lower_is_better` attribute (default: none)."""
-    return tuple(getattr(task, "lower_is_better", ()))
+    return tuple(with_defaults(task).lower_is_better)
 
 
 def percent_metrics(task: Task) -> tuple[str, ...]:
     """The metrics of `task` that are fractions, shown in % by reports (accuracy, mIoU, mAP);
     a task lists them in a `percent_metrics` attribute (default: all of its metrics)."""
-    return tuple(getattr(task, "percent_metrics", task.metrics))
+    return tuple(with_defaults(task).percent_metrics)
 
 
 def best(task: Task, metric: str, items, key):

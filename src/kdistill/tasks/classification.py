@@ -7,24 +7,22 @@ from typing import Any
 from torch import nn
 
 from kdistill.engine.metrics import Accuracy
+from kdistill.tasks.base import TaskDefaults
 
 
 class _AccuracyMetric(Accuracy):
     shardable = True
 
 
-class ClassificationTask:
+class ClassificationTask(TaskDefaults):
     """Targets: class indices `N` (int64); models built with `in_channels`, `num_classes`."""
 
     name = "classification"
     metrics = ("accuracy",)
     labels = {"accuracy": "accuracy"}
     default_hard_loss = "ce"
-    lower_is_better: tuple[str, ...] = ()
-
-    @property
-    def outputs(self):
-        return {None: self}
+    target = "class"
+    default_data = "fashion_mnist"
 
     def prepare(self, data: Any) -> Any:
         if getattr(data, "target_kind", None) is not None:  # scenes: masks and boxes

@@ -16,8 +16,7 @@ from torch import nn
 
 from kdistill.data.completions import KJV_COMPLETIONS_DATASET, PromptCompletions
 from kdistill.distill.onpolicy import generate_completions
-from kdistill.models.lm import check_vocabulary
-from kdistill.tasks.language_modeling import LanguageModelingTask, NextTokenMetric
+from kdistill.tasks.language_modeling import LanguageModelingTask
 
 __all__ = ["CompletionTask"]
 
@@ -26,7 +25,8 @@ class CompletionTask(LanguageModelingTask):
     """Causal LM on prompt → completion sequences (`PromptCompletions`)."""
 
     name = "completion"
-    text_dataset = KJV_COMPLETIONS_DATASET  # recipes check that the data is this kind of text
+    target = "completions"
+    default_data = KJV_COMPLETIONS_DATASET
     eval_batch_size = 64
     report_prompts = 4  # held-out prompts shown in the report
     sample_temperature = 0.8
@@ -41,13 +41,6 @@ class CompletionTask(LanguageModelingTask):
                 f"{KJV_COMPLETIONS_DATASET}, or a factory returning PromptCompletions"
             )
         return data
-
-    def new_metric(self, model: nn.Module, data: Any) -> NextTokenMetric:
-        if data is None:
-            raise ValueError("task completion: the loader has no `dataset` (its token bytes)")
-        completions = self.prepare(data)
-        check_vocabulary(model, completions.vocab_size)
-        return NextTokenMetric(completions.token_bytes)
 
     def report_section(self, models: Mapping[str, nn.Module], splits: Any) -> list[str]:
         """Markdown: for the first `report_prompts` test prompts, the reference completion and

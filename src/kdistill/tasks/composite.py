@@ -47,6 +47,7 @@ class CompositeTask(DenseTargets):
     by `metric_order` (default: the sub-tasks' order)."""
 
     target_kind = "both"
+    target = "mask+boxes"
     default_hard_loss = "ce"  # each output's hard loss is its sub-task's (see recipes.objective)
 
     def __init__(
@@ -66,9 +67,7 @@ class CompositeTask(DenseTargets):
             raise ValueError(f"metric_order {metric_order} must list the metrics {every}")
         self.labels = {k: v for part in self.parts.values() for k, v in part.labels.items()}
         self.lower_is_better = tuple(
-            metric
-            for part in self.parts.values()
-            for metric in getattr(part, "lower_is_better", ())
+            metric for part in self.parts.values() for metric in part.lower_is_better
         )
         self.sizes_from = sizes_from or next(iter(self.parts))
 
@@ -77,7 +76,13 @@ class CompositeTask(DenseTargets):
         return dict(self.parts)
 
     def model_kwargs(self, data: Any) -> dict[str, int]:
-        return self.parts[self.sizes_from].model_kwargs(data)
+        sizes = self.parts[self.sizes_from].model_kwargs(data)
+        seg = getattr(data, "num_seg_classes", None)
+        if seg is not None and "num_classes" in sizes and seg != sizes["num_classes"] + 1:
+            # masks whose classes are not "background + the box classes" (the scenes' layout,
+            # `MultiTaskNet`'s default): the segmentation head is sized by the masks
+            sizes["seg_classes"] = int(seg)
+        return sizes
 
     def new_metric(self, model: nn.Module, data: Any) -> _CompositeMetric:
         metrics = {key: part.new_metric(model, data) for key, part in self.parts.items()}

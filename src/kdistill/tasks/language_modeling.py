@@ -36,6 +36,7 @@ from kdistill.data.text import EOS_ID, IGNORE_INDEX, TokenBlocks
 from kdistill.distill.distiller import select_output
 from kdistill.models.lm import check_vocabulary, context_limit
 from kdistill.ops.collectives import all_reduce_sum
+from kdistill.tasks.base import TaskDefaults
 
 __all__ = ["LanguageModelingTask", "NextTokenMetric", "logits_of", "sample_continuations"]
 
@@ -55,8 +56,12 @@ class NextTokenMetric:
     shardable = True  # sums: each rank feeds every W-th batch, reduce() adds them up
     CHUNK = 4096  # positions scored at a time (a float32 copy of CHUNK × V logits)
 
-    def __init__(self, token_bytes: Tensor, ignore_index: int = IGNORE_INDEX) -> None:
-        self.token_bytes = token_bytes.detach().to("cpu", torch.int64)
+    def __init__(self, token_bytes: Tensor | None, ignore_index: int = IGNORE_INDEX) -> None:
+        # None: the data does not say how many bytes each token spells (a user's loader):
+        # bits per byte is NaN and the vocabulary is the model's
+        self.token_bytes = (
+            None if token_bytes is None else token_bytes.detach().to("cpu", torch.int64)
+        )
         self.ignore_index = ignore_index
         self.sums = torch.zeros(4, dtype=torch.float64)  # nll, correct, counted, bytes
 
@@ -67,7 +72,7 @@ class NextTokenMetric:
                 f"language modelling: logits must be N×L×V and labels N×L with the same N, L; got "
                 f"logits {tuple(logits.shape)} and labels {tuple(target.shape)}"
             )
-        vocab = len(self.token_bytes)
+        vocab = logits.shape[-1] if self.token_bytes is None else len(self.token_bytes)
         if logits.shape[-1] < vocab:
             raise ValueError(
                 f"language modelling: the model gives {logits.shape[-1]} logits per position but "
@@ -92,7 +97,11 @@ class NextTokenMetric:
             token_nll = F.cross_entropy(scored, wanted, reduction="none")
             nll += token_nll.double().sum().cpu()
             correct += (scored.argmax(dim=-1) == wanted).sum().double().cpu()
-        spelled = self.token_bytes[labels.cpu()].sum()
+        spelled = (
+            torch.zeros((), dtype=torch.int64)
+            if self.token_bytes is None
+            else self.token_bytes[labels.cpu()].sum()
+        )
         self.sums += torch.stack(
             [
                 nll,
@@ -114,14 +123,22 @@ class NextTokenMetric:
             "nll": nll,
             "perplexity": math.exp(nll),
             "next_token_accuracy": correct / counted,
-            "bits_per_byte": nll_sum / math.log(2) / spelled if spelled else math.nan,
+            "bits_per_byte": (
+                nll_sum / math.log(2) / spelled
+                if spelled and self.token_bytes is not None
+                else math.nan
+            ),
         }
 
 
-class LanguageModelingTask:
+class LanguageModelingTask(TaskDefaults):
     """Causal language modelling on `TokenBlocks` (`kdistill.data.text`): targets are the
     blocks' labels, registry models are built with the tokenizer's `vocab_size`, the student
-    alone learns with next-token cross-entropy (``token_ce``)."""
+    alone learns with next-token cross-entropy (``token_ce``).
+
+    `evaluate` also takes a user's loader of ``{"input_ids", "attention_mask", "labels"}``
+    batches (Hugging Face's convention): without the dataset's ``token_bytes`` bits per byte is
+    NaN and the vocabulary is the model's."""
 
     name = "language_modeling"
     metrics = ("nll", "perplexity", "next_token_accuracy", "bits_per_byte")
@@ -136,8 +153,9 @@ class LanguageModelingTask:
     default_hard_loss = "token_ce"
     model_output = "logits"  # what the hard loss, soft terms and metrics read of a CausalLMOutput
     eval_batch_size = 32  # N×L×V logits per evaluation batch: 32×128×2048 floats = 32 MiB
-    reads_text = True  # recipes check that the data is text (recipes.schema)
-    text_dataset = "kjv"  # the built-in dataset of this kind of text (recipes.schema)
+    target = "tokens"
+    default_data = "kjv"  # the built-in source of this kind of data
+    report_models = True  # report_section samples continuations from the models
 
     # prompts of the report's sampled continuations (the same for every model)
     sample_prompts = ("And it came to pass, when", "In the beginning was", "Blessed are they that")
@@ -173,10 +191,6 @@ class LanguageModelingTask:
                 lines.append(f"| {label} | {text} |")
         return lines
 
-    @property
-    def outputs(self) -> Mapping[str | None, Any]:
-        return {None: self}
-
     def prepare(self, data: Any) -> TokenBlocks:
         if not isinstance(data, TokenBlocks):
             name = getattr(data, "name", type(data).__name__)
@@ -191,14 +205,11 @@ class LanguageModelingTask:
         return {"vocab_size": self.prepare(data).vocab_size}
 
     def new_metric(self, model: nn.Module, data: Any) -> NextTokenMetric:
-        if data is None:
-            raise ValueError(
-                "task language_modeling: the loader has no `dataset`; bits per byte needs the "
-                "TokenBlocks it iterates (their token byte lengths)"
-            )
-        blocks = self.prepare(data)
-        check_vocabulary(model, blocks.vocab_size)
-        return NextTokenMetric(blocks.token_bytes)
+        token_bytes = getattr(data, "token_bytes", None)
+        if isinstance(token_bytes, Tensor):
+            check_vocabulary(model, len(token_bytes))
+            return NextTokenMetric(token_bytes)
+        return NextTokenMetric(None)
 
 
 # -- sampling ---------------------------------------------------------------------------------
