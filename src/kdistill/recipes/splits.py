@@ -4,6 +4,7 @@ loaded teacher), the teacher's checkpoint, and seeded models with the output the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from kdistill.data.completions import (
     PromptCompletions,
     kjv_completion_splits,
 )
+from kdistill.data.kinds import read_data
 from kdistill.data.text import BOS_ID, EOS_ID, TokenBlocks, kjv_splits
+from kdistill.data.tokenizer import load_tokenizer
 from kdistill.distill.model_output import pick_output
 from kdistill.engine.checkpoint import (
     load_state_dict_file,
@@ -75,6 +78,8 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
     unless ``data.text.tokenizer_dir`` says; None and no folder given: not saved)."""
     task = task or recipe_task(recipe)
     spec = recipe.data
+    if spec.kind is not None:
+        return kind_splits(recipe, task, out_dir)
     if spec.dataset in TEXT_DATASETS:
         return text_splits(recipe, task, out_dir)
     builtin = dataset_kind(spec.dataset) == "registry"
@@ -104,20 +109,7 @@ def load_splits(recipe: Recipe, task: Task | None = None, out_dir: Path | None =
     train, val = split_train_val(full_train, spec.val_size, seed=recipe.seed, stratify=stratify)
     if spec.normalize == "auto" and (builtin or spec.dataset == SCENES_DATASET):
         return Splits(train, val, test, {"mode": "auto", "applied": "the dataset's own"})
-    if spec.normalize == "none":
-        other = (
-            ("train", standardize(val, channel_stats(train))) if _standardizable(train) else None
-        )
-        return Splits(train, val, test, {"mode": "none"}, other_val=other)
-    if isinstance(spec.normalize, NormalizeSpec):
-        stats, mode = ChannelStats(tuple(spec.normalize.mean), tuple(spec.normalize.std)), "given"
-    else:  # "train", or "auto" for data without a normalisation of its own
-        stats, mode = channel_stats(train), "train"
-    record = {"mode": mode, **stats.as_dict()}
-    if mode == "train":
-        record["computed_on"] = f"the training split ({len(train)} samples)"
-    standardized = (standardize(data, stats) for data in (train, val, test))
-    return Splits(*standardized, record, other_val=("none", val))
+    return _normalized(train, val, test, spec.normalize)  # "auto": the training split's
 
 
 def _standardizable(data: Data) -> bool:
@@ -190,3 +182,61 @@ def model_label(spec: ModelSpec) -> str:
     """How messages name the recipe field of `spec`: `teacher` or `students.<name>`."""
     name = getattr(spec, "name", None)
     return "teacher" if name is None else f"students.{name}"
+
+
+def kind_splits(recipe: Recipe, task: Task, out_dir: Path | None) -> Splits:
+    """`data.kind`: the splits the kind reads (`kdistill.data.kinds.read_data`) with the task's
+    targets; the limits, the validation split (held out of the training split unless the files
+    have one) and the normalisation as for every dataset. Token kinds are tokenised with
+    `data.tokenizer` (the teacher's), else with a BPE trained on the training text and kept in
+    ``<run>/tokenizer``."""
+    spec, seed = recipe.data, recipe.seed
+    options = spec.kind_spec()
+    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer is not None else None
+    if task.reads_text and tokenizer is None and out_dir is not None:
+        options.setdefault("tokenizer_dir", str(Path(out_dir) / "tokenizer"))
+    found = read_data(task.target, options, tokenizer=tokenizer, seed=seed)
+    train, test = task.prepare(found.train), task.prepare(found.test)
+    stratify = isinstance(train, ArrayDataset)  # class labels (a scene holds several)
+    train = take(train, spec.train_limit, seed=seed, stratify=stratify)
+    test = take(test, spec.test_limit, seed=seed, stratify=stratify)
+    if found.val is not None:
+        val = task.prepare(found.val)
+    else:
+        train, val = split_train_val(train, spec.val_size, seed=seed, stratify=stratify)
+    info = {**found.info, "fingerprint": found.fingerprint}
+    if task.reads_text:
+        text = {**info, "tokenizer": spec.tokenizer or options.get("tokenizer_dir")}
+        return Splits(train, val, test, {"mode": "none"}, found.tokenizer, text)
+    if spec.normalize == "auto" and found.info.get("normalized"):
+        return Splits(train, val, test, {"mode": "auto", "applied": found.info["normalized"]})
+    return _normalized(train, val, test, spec.normalize)
+
+
+def _normalized(train: Data, val: Data, test: Data, normalize: Any) -> Splits:
+    """The splits with `data.normalize` applied to the inputs (targets untouched): none, the
+    training split's per-channel statistics (train, or auto for data without its own), or the
+    given ones; with the validation split read the other way for a loaded teacher's check."""
+    if normalize == "none":
+        other = (
+            ("train", _standardized(val, channel_stats(train))) if _standardizable(train) else None
+        )
+        return Splits(train, val, test, {"mode": "none"}, other_val=other)
+    if isinstance(normalize, NormalizeSpec):
+        stats, mode = ChannelStats(tuple(normalize.mean), tuple(normalize.std)), "given"
+    else:
+        stats, mode = channel_stats(train), "train"
+    record = {"mode": mode, **stats.as_dict()}
+    if mode == "train":
+        record["computed_on"] = f"the training split ({len(train)} samples)"
+    parts = (_standardized(data, stats) for data in (train, val, test))
+    return Splits(*parts, record, other_val=("none", val))
+
+
+def _standardized(data: Data, stats: ChannelStats) -> Data:
+    """`data` with standardised inputs: `standardize` for class arrays; a dataset of masks or
+    boxes (a dataclass with `inputs`) keeps its targets and gets the standardised inputs."""
+    if isinstance(data, ArrayDataset):
+        return standardize(data, stats)
+    plain = ArrayDataset(data.inputs, torch.zeros(len(data), dtype=torch.long), ["0"])
+    return dataclasses.replace(data, inputs=standardize(plain, stats).inputs)
