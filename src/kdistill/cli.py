@@ -642,14 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--data",
         required=True,
-        help="a folder holding train/<class>/ and test/<class>/ images, two .npz files "
-        "'train.npz,test.npz' (x, y), a dataset factory package.module:function, or a "
-        "built-in dataset (fashion_mnist, digits)",
+        help="your data, in any kind the task reads (docs/data-kinds.md): a folder (image "
+        "classes, masks, COCO / YOLO, text files, jsonl), one text file, two files "
+        "'train.npz,test.npz' or 'train.jsonl,test.jsonl', a factory package.module:function, "
+        "or a built-in set (fashion_mnist, digits, fashion_mnist_scenes, kjv)",
     )
     init.add_argument(
         "--task",
         default="classification",
-        help="classification (default), segmentation, detection, multitask or pkg.module:Task",
+        help="classification (default), segmentation, detection, multitask, language_modeling, "
+        "completion or pkg.module:Task",
     )
     init.add_argument("--teacher-kwargs", help="the teacher's kwargs as YAML, e.g. '{width: 32}'")
     init.add_argument("--student-kwargs", help="the student's kwargs as YAML, e.g. '{width: 8}'")

@@ -188,7 +188,8 @@ def make_plan(recipe: Recipe, methods: list[str] | None = None) -> RunPlan:
         for method in methods
     }
     objectives["alone"] = [f"{recipe.distill.hard_loss or task.default_hard_loss} (hard)"]
-    data = {"dataset": recipe.data.dataset, "identity": recipe.data.identity()}
+    source = {"kind": recipe.data.kind} if recipe.data.kind else {"dataset": recipe.data.dataset}
+    data = {**source, "identity": recipe.data.identity()}
     return RunPlan(
         recipe.name,
         recipe.task,

@@ -435,7 +435,12 @@ class DataSpec(Strict):
         for name in ("kind", *KIND_FIELDS):  # added with the data kinds: left out while unset
             if data[name] is None:
                 del data[name]
-        if self.dataset in TEXT_DATASETS:
+        if self.kind is not None:  # the kind and its fields say what is read
+            for name in ("dataset", "scenes", "text"):
+                if name not in self.model_fields_set:
+                    del data[name]
+            data.pop("tokenizer_dir", None)  # where it is kept; its content follows from the text
+        elif self.dataset in TEXT_DATASETS:
             del data["text"]["tokenizer_dir"]  # where it is kept; its content follows from text
         else:
             del data["text"]
