@@ -1002,6 +1002,15 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
+    def cost_reads_images(self) -> Recipe:
+        if self.cost.enabled and get_task(self.task).reads_text:
+            raise ValueError(
+                f"cost.enabled: model costs (MACs, latency) are measured on image inputs; task "
+                f"{self.task} reads token ids: set cost: {{enabled: false}}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def tokenizer_is_the_teachers(self) -> Recipe:
         """`data.tokenizer` (`recipes.vocabulary.check_vocabularies`)."""
         from kdistill.recipes.vocabulary import check_vocabularies

@@ -433,6 +433,10 @@ def starter_recipe(
     if tokenizer is not None:
         guess.fields["tokenizer"] = tokenizer
         guess.notes["tokenizer"] = "the teacher's own tokenizer: the data are its token ids"
+    context = _teacher_context(teacher) if task_object.reads_text else None
+    if context is not None and context < 128 and target == "tokens":
+        guess.fields["block_size"] = context
+        guess.notes["block_size"] = "tokens per block: the teacher's context (its config)"
     methods = _methods(
         task_object,
         {
@@ -508,11 +512,19 @@ def starter_recipe(
         "  batch_size: 64" if not task_object.reads_text else "  batch_size: 16",
         "distill:",
         _line("alpha", 0.9, "loss = (1 − α)·hard loss + α·soft terms", indent=2),
+    ]
+    if task_object.reads_text:
+        lines.append(
+            _line("teacher_cache", "off", "N×L×V logits per block: the teacher runs online", 2)
+        )
+    lines += [
         "  methods:",
     ]
     for method, (source, terms) in methods.items():
         lines.append(f"    {method}:{' ' * max(1, 27 - len(method))}# {source}")
         lines += [f"      - {_flow(term)}" for term in terms]
+    if task_object.reads_text:
+        lines.append("cost: {enabled: false}          # costs are measured on image inputs")
     if grid:
         lines += [
             "tune:                           # tried on the validation split; the best is used",
@@ -535,6 +547,19 @@ def _teacher_tokenizer(teacher: str) -> str | None:
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
     return f"hf:{folder.resolve()}"
+
+
+def _teacher_context(teacher: str) -> int | None:
+    """The positions an `hf:<folder>` teacher takes (`n_positions` / `max_position_embeddings`
+    of its config.json), or None."""
+    folder = pretrained_folder(teacher)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    value = config.get("n_positions", config.get("max_position_embeddings"))
+    return int(value) if isinstance(value, int) else None
 
 
 def _methods(
