@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 KJV_PACKAGES := bible-kjv bible-kjv-text
 
-.PHONY: setup data demo test test-slow lint bench bench-trl reference clean
+.PHONY: setup data demo test test-slow lint docs docs-serve bench bench-trl reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,8 +72,15 @@ bench-trl: $(TRL_VENV)/.installed
 	PYTHONPATH=$(CURDIR)/src nice -n 10 $(TRL_VENV)/bin/python bench/bench_trl.py \
 		--json bench/results/trl-$$(date +%F).json
 
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or page fails
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
+docs-serve: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 reference: $(VENV)/.installed
 	$(BIN)/kdistill reference --out docs/recipe-reference.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -236,7 +236,12 @@ def bench_command(args: argparse.Namespace) -> int:
         if key in options and value is not None
     ]
     flags = ["quick"] + (["compile", "bf16"] if args.versus else [])
-    return module.main(argv + [f"--{flag}" for flag in flags if getattr(args, flag)])
+    try:
+        return module.main(argv + [f"--{flag}" for flag in flags if getattr(args, flag)])
+    except SystemExit as stop:  # the script's own refusal: shown as kdistill's errors are
+        if isinstance(stop.code, str):
+            raise KdistillError(stop.code) from None
+        raise
 
 
 BENCH_OPTIONS = ("json", "pairs", "batch_size", "threads", "steps", "warmup", "samples", "repeats")
@@ -426,6 +431,18 @@ def reference_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    """`kdistill report <results.json>`: the results table rebuilt from a run's results file;
+    with --out, the whole report (report.md, report.html, plots) written there."""
+    from kdistill.report.regenerate import regenerate_report, results_table
+
+    print(results_table(args.results, args.recipe))
+    if args.out is not None:
+        written = regenerate_report(args.results, args.out, args.recipe)
+        print(f"{args.out}: {', '.join(written)}")
+    return 0
+
+
 def version_text() -> str:
     """ "kdistill 0.1.0 (torch 2.13.0+cpu, Python 3.11.2)" """
     import platform
@@ -474,6 +491,9 @@ EXAMPLES = {
   kdistill check recipes/kjv_lm.yaml                   # its teacher, students and divergences
   kdistill check recipes/kjv_lm.yaml --run-dir runs/kjv_lm --batches 2 --json
   kdistill check --teacher hf:path/to/teacher --student hf:path/to/student""",
+    "report": """examples:
+  kdistill report runs/demo/results.json             # the table, rebuilt from the file
+  kdistill report docs/results/demo.json --out /tmp/demo   # report.md, report.html, plots""",
     "recipes": """examples:
   kdistill recipes
   kdistill run fashion_mnist_feature --dry-run""",
@@ -630,6 +650,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--data-root", help="folder holding the dataset files")
     check.set_defaults(handler=check_command)
 
+    report = _subcommand(
+        commands, "report", "regenerate a run's results table and report from its results.json"
+    )
+    report.add_argument("results", type=Path, help="a results.json written by `kdistill run`")
+    report.add_argument("--out", type=Path, help="also write report.md, report.html and plots here")
+    report.add_argument(
+        "--recipe", help="the run's recipe (default: recipe.yaml beside the file, else built in)"
+    )
+    report.set_defaults(handler=report_command)
+
     recipes = _subcommand(commands, "recipes", "list the built-in recipes")
     recipes.set_defaults(handler=list_recipes)
 
@@ -701,6 +731,18 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_closed()
     except KdistillError as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - no raw traceback reaches the user
+        if os.environ.get("KDISTILL_TRACEBACK"):
+            raise
+        message = " ".join(str(error).split()) or "(no message)"
+        if len(message) > 600:
+            message = message[:600] + " …"
+        print(
+            f"kdistill: error: {type(error).__name__}: {message} "
+            "(KDISTILL_TRACEBACK=1 shows where it came from)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

@@ -40,6 +40,8 @@ import yaml
 from torch import nn
 
 from kdistill.compress.prune import (
+    PRUNABLE,
+    UnsupportedModelError,
     apply_masks,
     magnitude_masks,
     make_permanent,
@@ -52,8 +54,9 @@ from kdistill.export import ExportResult, export_student, onnx_available
 from kdistill.io import atomic_write_text
 from kdistill.models import count_parameters
 from kdistill.recipes.run_store import save_model
-from kdistill.recipes.runner import Experiment
+from kdistill.recipes.runner import Experiment, build_model
 from kdistill.recipes.schema import CompressSpec, Recipe
+from kdistill.tasks import metric_label, percent_metrics
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Stage:
 
     name: str
     description: str
-    test_accuracy: float  # the task's ranking metric (accuracy for classification)
+    test_score: float  # the task's ranking metric (accuracy, mIoU, mAP@0.5, …) on the test set
     params: int
     nonzero: int
     cost: dict | None = None
@@ -76,6 +79,9 @@ class CompressSummary:
     exports: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    metric: str = "accuracy"  # the task's ranking metric, `Stage.test_score`
+    metric_label: str = "accuracy"  # how reports name it ("mIoU")
+    percent: bool = True  # a fraction, shown in %
 
 
 def nonzero_weights(model: nn.Module) -> int:
@@ -102,9 +108,62 @@ class CompressionRun:
         self.out_dir = self.experiment.out_dir
         self.method = self.spec.method or next(iter(recipe.distill.methods))
         self.stages: list[Stage] = []
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Refuse, before anything trains, a teacher that a compression step cannot handle:
+        channel pruning (and magnitude pruning) and int8 quantization are rehearsed on an
+        untrained copy of the teacher and one small training batch; ConfigError naming the
+        step and the layer. The global RNG is left as it was."""
+        recipe, experiment = self.recipe, self.experiment
+        with torch.random.fork_rng():
+            teacher = build_model(
+                recipe.teacher, experiment.splits.train, recipe.seed, experiment.task
+            )
+        teacher.eval()
+        where = f"compress: the teacher {recipe.teacher.model} ({type(teacher).__name__})"
+        layers = [name for name, m in teacher.named_modules() if isinstance(m, PRUNABLE)]
+        try:
+            pruned = prune_channels(
+                copy.deepcopy(teacher), self.spec.channels, only=self.spec.layers
+            )
+            if self.spec.magnitude > 0:
+                apply_masks(pruned, magnitude_masks(pruned, self.spec.magnitude), permanent=True)
+        except (UnsupportedModelError, ValueError, KeyError, AttributeError) as error:
+            named = self.spec.layers
+            step = f"step 'pruned', compress.channels = {self.spec.channels}" + (
+                f", compress.layers = {named}" if named else ""
+            )
+            if "does not know how the layers" in str(error) and layers:
+                reason = (
+                    f"its layer {layers[0]!r} (first of {len(layers)} conv/linear layers) is in "
+                    "no channel group kdistill knows (it knows classic_teacher, middle_student "
+                    "and the CIFAR ResNets)"
+                )
+            else:
+                reason = " ".join(str(error).split())
+            raise ConfigError(
+                f"{where} cannot be channel-pruned ({step}): {reason}. Compress a teacher it "
+                "knows, or prune in Python: kdistill.compress.prune_channels(model, amount, "
+                "groups=[ChannelGroup(producer, consumers, norms, flatten), …])"
+            ) from None
+        loader = experiment.loader(experiment.splits.train, recipe.seed, 2, shuffle=False)
+        inputs = next(iter(loader)).inputs
+        try:
+            quantize_dynamic_linear(pruned)
+            quantize_static(pruned, [inputs], inputs[:1])
+        except Exception as error:  # noqa: BLE001 - any failure here would come after training
+            raise ConfigError(
+                f"{where}, channel-pruned, cannot be quantized to int8 (steps 'int8 dynamic' / "
+                f"'int8'): {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            ) from None
 
     def say(self, message: str) -> None:
         self.experiment.say(message)
+
+    @property
+    def label(self) -> str:
+        return metric_label(self.experiment.task, self.experiment.metric)
 
     def evaluate(self, model: nn.Module) -> float:
         return self.experiment.evaluator(self.experiment.splits.test)(model)[self.experiment.metric]
@@ -130,7 +189,7 @@ class CompressionRun:
             time.perf_counter() - started,
         )
         self.stages.append(stage)
-        self.say(f"{name}: test {self.experiment.metric} {accuracy:.4f}")
+        self.say(f"{name}: test {self.label} {accuracy:.4f}")
         return stage
 
     # -- the stages ---------------------------------------------------------------------------
@@ -292,12 +351,16 @@ class CompressionRun:
             [{**asdict(e), "path": str(e.path)} for e in exports],
             notes,
             time.perf_counter() - started,
+            self.experiment.metric,
+            self.label,
+            self.experiment.metric in percent_metrics(self.experiment.task),
         )
         atomic_write_text(
             self.out_dir / "results.json",
             json.dumps(
                 {
                     "recipe": self.recipe.name,
+                    "metric": summary.metric,
                     "seconds": round(summary.seconds, 1),
                     "stages": [asdict(stage) for stage in self.stages],
                     "exports": summary.exports,

@@ -13,14 +13,21 @@ from kdistill.report.plots import plot_curves, plot_tradeoff
 from kdistill.report.table import format_latency
 
 
-def compression_table(stages: Sequence[Stage]) -> str:
-    """One row per stage: accuracy, its change from the teacher, and the model's cost."""
+def compression_table(
+    stages: Sequence[Stage], metric_label: str = "accuracy", percent: bool = True
+) -> str:
+    """One row per stage: the task's metric (`metric_label`; in % when `percent`), its change
+    from the teacher, and the model's cost."""
     costs = [s.cost for s in stages if s.cost is not None]
     batches = list(costs[0]["latency_ms"]) if costs else []
     threads = costs[0]["threads"] if costs else 1
     peak_batch = costs[0]["peak_batch"] if costs else 0
     teacher = next((s for s in stages if s.name == "teacher"), None)
-    head = "| model | test accuracy % | Δ vs teacher (pts) | params | nonzero"
+    scale = 100 if percent else 1
+    head = (
+        f"| model | test {metric_label}{' %' if percent else ''} | Δ vs teacher"
+        f"{' (pts)' if percent else ''} | params | nonzero"
+    )
     align = "|---|---:|---:|---:|---:|"
     if costs:
         head += (
@@ -33,9 +40,9 @@ def compression_table(stages: Sequence[Stage]) -> str:
     for stage in stages:
         delta = "—"
         if teacher is not None and stage is not teacher:
-            delta = f"{100 * (stage.test_accuracy - teacher.test_accuracy):+.2f}"
+            delta = f"{scale * (stage.test_score - teacher.test_score):+.2f}"
         cells = (
-            f"| {stage.name} | {100 * stage.test_accuracy:.2f} | {delta} | {stage.params:,} "
+            f"| {stage.name} | {scale * stage.test_score:.2f} | {delta} | {stage.params:,} "
             f"| {stage.nonzero:,}"
         )
         if costs:
@@ -55,7 +62,7 @@ def compression_table(stages: Sequence[Stage]) -> str:
 def write_compress_report(summary: CompressSummary, recipe, command: str) -> str:
     """Write the report files into the run folder; returns the table (what the CLI prints)."""
     out_dir = Path(summary.out_dir)
-    table = compression_table(summary.stages)
+    table = compression_table(summary.stages, summary.metric_label, summary.percent)
     lines = [
         f"# {recipe.name}: prune → distill → int8",
         "",
@@ -83,18 +90,25 @@ def write_compress_report(summary: CompressSummary, recipe, command: str) -> str
         lines += ["", note]
     tradeoff = plot_tradeoff(
         [
-            {"label": s.name, "score": s.test_accuracy, **(s.cost or {}), "params": s.params}
+            {"label": s.name, "score": s.test_score, **(s.cost or {}), "params": s.params}
             for s in summary.stages
         ],
         out_dir / "tradeoff.png",
+        name=summary.metric_label,
+        percent=summary.percent,
     )
     if tradeoff is not None:
-        lines += ["", "![accuracy against parameters and latency](tradeoff.png)"]
+        lines += ["", f"![{summary.metric_label} against parameters and latency](tradeoff.png)"]
     curves = plot_curves(
-        MetricsLog(out_dir / "metrics.jsonl").read(), out_dir / "curves.png", recipe.seed
+        MetricsLog(out_dir / "metrics.jsonl").read(),
+        out_dir / "curves.png",
+        recipe.seed,
+        metric=summary.metric,
+        name=summary.metric_label,
+        percent=summary.percent,
     )
     if curves is not None:
-        lines += ["", "![validation accuracy per epoch](curves.png)"]
+        lines += ["", f"![validation {summary.metric_label} per epoch](curves.png)"]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / "report.md", markdown)
     write_html(markdown, out_dir, f"{recipe.name}: compression")

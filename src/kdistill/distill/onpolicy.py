@@ -20,7 +20,13 @@ then trains the student on its own mistakes. λ = 0 is supervised KD on the data
   ever counted (the token losses refuse one), and the prompt never is.
 
 Hugging Face models sample with ``generate`` (``do_sample=True, top_k=0, top_p=1.0``,
-prompts padded on the **left**, KV cache), seeded through `torch.random.fork_rng`; any other
+prompts padded on the **left**, KV cache), seeded through `torch.random.fork_rng`, against a
+fresh ``GenerationConfig`` (the model's own ``generation_config`` — min_p, typical_p,
+suppress_tokens, no_repeat_ngram_size, … — is set aside during the call and logged once as
+ignored; transformers ≥ 5 would otherwise fill every unset field from it). Once per model and
+mode, a probe on the first prompt checks that the scores ``generate`` decodes from are the raw
+logits / T (greedy: the logits); anything else changing them (the model's own ``generate``, a
+logits processor) is refused with a ConfigError. Any other
 model returning logits ``N×L×V`` (a tensor or a mapping with ``"logits"``), called as
 ``model(input_ids=…, attention_mask=…)``, samples with a plain loop (right-padded, no cache:
 position i reads only positions ≤ i of a causal model, so each row's next token is read at its
@@ -37,9 +43,12 @@ three match; any difference regenerates them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +60,7 @@ from torch import Tensor, nn
 from kdistill.data.arrays import Batch
 from kdistill.data.completions import sequences_from_parts
 from kdistill.data.text import EOS_ID, IGNORE_INDEX, PAD_ID
-from kdistill.errors import DataError
+from kdistill.errors import ConfigError, DataError
 from kdistill.io import atomic_write_bytes, atomic_write_text, tensors_digest
 from kdistill.models.lm import context_limit
 
@@ -63,7 +72,9 @@ __all__ = [
     "teacher_sequences",
 ]
 
-SEQUENCES_FORMAT = 1  # bump when the stored layout or the decoding changes
+log = logging.getLogger(__name__)
+
+SEQUENCES_FORMAT = 2  # bump when the stored layout or the decoding changes
 
 
 def _logits(output: Any) -> Tensor:
@@ -186,15 +197,100 @@ def _hf_generate(model, prompts, max_new_tokens, temperature, greedy, seed, eos_
         **sampling,
     )
     devices = [device] if device.type == "cuda" else []
+    # transformers ≥ 5 fills every field the caller leaves unset from model.generation_config
+    # (min_p, typical_p, suppress_tokens, no_repeat_ngram_size, …): generate against a fresh
+    # one, so that only what kdistill states applies (issue 27)
+    own = getattr(model, "generation_config", None)
+    _report_ignored_settings(model, own, transformers)
+    try:
+        model.generation_config = transformers.GenerationConfig()
+        if not _verified(model, greedy):
+            _verify_pure(model, prompts[0], config, temperature, greedy, seed, device, devices)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+            )
+    finally:
+        if own is not None:
+            model.generation_config = own
+    sequences = output if isinstance(output, Tensor) else output.sequences
+    return list(sequences[:, width:].cpu())
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_META_FIELDS = {"transformers_version", "_from_model_config", "bos_token_id", "eos_token_id"}
+_META_FIELDS |= {"pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens"}
+
+
+def _verified(model: nn.Module, greedy: bool) -> bool:
+    return greedy in _VERIFIED.get(model, set())
+
+
+def _report_ignored_settings(model: nn.Module, own: Any, transformers: Any) -> None:
+    """Log once per model the generation settings of its own that kdistill does not apply."""
+    if own is None or model in _REPORTED:
+        return
+    _REPORTED[model] = True
+    try:
+        mine, default = own.to_dict(), transformers.GenerationConfig().to_dict()
+    except Exception:  # noqa: BLE001 - an odd config: nothing to report
+        return
+    ignored = {
+        key: value
+        for key, value in mine.items()
+        if key not in _META_FIELDS and key in default and default[key] != value
+    }
+    if ignored:
+        log.warning(
+            "%s.generation_config sets %s: kdistill ignores them (on-policy samples are pure "
+            "sampling at the configured temperature, sequence-level KD decodes greedily)",
+            type(model).__name__,
+            ", ".join(f"{key}={value!r}" for key, value in sorted(ignored.items())),
+        )
+
+
+def _verify_pure(model, prompt, config, temperature, greedy, seed, device, devices) -> None:
+    """Run ``generate`` once on `prompt` with the scores it samples from and the raw logits;
+    ConfigError when the scores are not logits / T (sampling) or the logits (greedy) at every
+    step: something (the model's own ``generate``, a logits processor) changes the
+    distribution. Once per model and mode."""
+    probe = copy.deepcopy(config)
+    probe.return_dict_in_generate = True
+    probe.output_scores = True
+    probe.output_logits = True
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
+            input_ids=prompt[None].to(device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.int64, device=device),
+            generation_config=probe,
         )
-    sequences = output if isinstance(output, Tensor) else output.sequences
-    return list(sequences[:, width:].cpu())
+    scores = getattr(output, "scores", None)
+    logits = getattr(output, "logits", None)
+    what = "greedy decoding (the argmax)" if greedy else f"pure sampling at T = {temperature}"
+    if not scores or not logits or len(scores) != len(logits):
+        raise ConfigError(
+            f"{type(model).__name__}.generate did not return the scores it decodes from and the "
+            f"raw logits (return_dict_in_generate, output_scores, output_logits), so kdistill "
+            f"cannot verify that it does {what}; use the plain loop (use_generate=False)"
+        )
+    for step, (score, logit) in enumerate(zip(scores, logits)):
+        expected = logit.float() if greedy else logit.float() / float(temperature)
+        same = (score == expected) | torch.isclose(score.float(), expected, rtol=1e-5, atol=1e-6)
+        if not bool(same.all()):
+            tokens = torch.nonzero(~same[0]).reshape(-1)[:8].tolist()
+            raise ConfigError(
+                f"{type(model).__name__}.generate changes the distribution: at step {step + 1} "
+                f"the scores of tokens {tokens} are not the model's logits"
+                f"{'' if greedy else ' / T'} (a logits processor kdistill did not ask for, "
+                f"e.g. from the model's own generate); kdistill needs {what}: remove it, or "
+                "sample with the plain loop (generate_completions(..., use_generate=False))"
+            )
+    _VERIFIED.setdefault(model, set()).add(greedy)
 
 
 def _sampling_loop(

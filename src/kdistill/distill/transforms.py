@@ -60,8 +60,12 @@ class OnPolicyConfig(BaseModel):
     max_new_tokens: int = Field(
         32, ge=1, description="longest sampled completion (tokens, its end token included)"
     )
-    seed: int = Field(
-        0, description="with the batch's position in training, fixes the coin and the samples"
+    seed: int | None = Field(
+        None,
+        description="with the batch's position in training, fixes the coin and the samples; "
+        "default: the training loader's seed (in a recipe the student's seed, so every seed "
+        "draws its own batches); a number: the same draws whatever the loader's seed (in a "
+        "recipe, plus the student's seed index: seed + 1 draws as on_policy.seed + 1)",
     )
 
 
@@ -92,15 +96,20 @@ class OnPolicyTransform:
 
 def on_policy_transform(spec: OnPolicyConfig, loader: Any) -> OnPolicyTransform:
     """`spec` as a transform sampling ids below the loader's dataset's `vocab_size` and stopping
-    at its `end_id` (when it has them; else <eos>)."""
+    at its `end_id` (when it has them; else <eos>), keyed by `spec.seed` or, unset, the loader's
+    `seed` (0 when it has none)."""
     dataset = getattr(loader, "dataset", None)
     vocab_size = getattr(dataset, "vocab_size", None)
     end_id = getattr(dataset, "end_id", None)
+    seed = spec.seed  # unset: the loader's seed, so runs with different seeds draw differently
+    if seed is None:
+        seed = getattr(loader, "seed", 0)
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     sampler = OnPolicy(
         spec.lmbda,
         spec.temperature,
         spec.max_new_tokens,
-        spec.seed,
+        seed,
         vocab_size if isinstance(vocab_size, int) else None,
         **({"eos_id": end_id} if isinstance(end_id, int) else {}),
     )

@@ -53,6 +53,12 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the forward; fp16 (with loss scaling) needs CUDA"
     )
+    allow_uncounted_epochs: bool = Field(
+        False,
+        description="an epoch in which a token-counting term counts no token (every label "
+        "−100) is an error naming the term, as it trained that term on nothing; true: a "
+        "warning only",
+    )
     progress: bool = Field(True, description="progress bars (CLI: --quiet turns them off)")
     log: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,

@@ -52,7 +52,7 @@ from kdistill.engine.optim import make_optimizer, make_scheduler
 from kdistill.engine.precision import autocast, check_precision, grad_scaler
 from kdistill.engine.preflight import check_before_training, check_loader
 from kdistill.engine.trackers import Tracker, open_trackers
-from kdistill.errors import ConfigError, NonFiniteLossError
+from kdistill.errors import ConfigError, DataError, NonFiniteLossError
 from kdistill.io import MetricsLog  # noqa: F401  (re-exported)
 
 log = logging.getLogger("kdistill")
@@ -259,6 +259,74 @@ def _accumulate_window(
     return parts, None, 0
 
 
+@dataclass
+class _Uncounted:
+    """Token counts of an epoch: per term, positions counted and label positions seen."""
+
+    whole_epoch: bool  # False when resumed mid-epoch (the counts miss the first batches)
+    counted: dict[str, int] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    warned: int = 0
+
+
+UNCOUNTED_WARNINGS = 3  # per epoch; the epoch's check says how many batches there were
+
+
+def _note_uncounted(distiller, batch, uncounted: _Uncounted, label, epoch, number) -> None:
+    """Add the batch's counted positions per token-counting term; warn (naming the run, the
+    batch, its samples and the count) when a term counts none of them."""
+    counts = distiller.count_tokens(batch.target, batch.inputs)
+    uncounted.batches += 1
+    target = batch.target
+    positions = int(target.numel()) if isinstance(target, torch.Tensor) else 0
+    for name, count in counts.items():
+        uncounted.counted[name] = uncounted.counted.get(name, 0) + count
+        uncounted.positions[name] = uncounted.positions.get(name, 0) + positions
+        if count == 0 and uncounted.warned < UNCOUNTED_WARNINGS:
+            uncounted.warned += 1
+            index = batch.index
+            samples = index.reshape(-1)[:16].tolist() if isinstance(index, torch.Tensor) else None
+            log.warning(
+                "%s epoch %d, batch %d%s: term %r counts 0 of %d label positions (every label "
+                "−100), so the batch trains it on nothing%s",
+                label,
+                epoch + 1,
+                number + 1,
+                f" (samples {samples})" if samples is not None else "",
+                name,
+                positions,
+                "; later such batches of this epoch are not listed"
+                if uncounted.warned == UNCOUNTED_WARNINGS
+                else "",
+            )
+
+
+def _check_uncounted(distiller, uncounted: _Uncounted, label, epoch, allowed: bool) -> None:
+    """DataError when a token-counting term counted no token over the whole epoch (summed over
+    ranks), unless `allowed` (then a warning)."""
+    names = [  # the same list on every rank, even one that ran no batch
+        name
+        for name, term in zip(distiller.term_names, distiller.terms)
+        if getattr(term.loss, "counts_tokens", False)
+    ]
+    counted = [uncounted.counted.get(name, 0) for name in names]
+    if info().world_size > 1:
+        counted = [int(v) for v in all_reduce_sum(torch.tensor(counted, dtype=torch.float64))]
+    for name, count in zip(names, counted):
+        if count or not uncounted.whole_epoch:
+            continue
+        message = (
+            f"{label}, epoch {epoch + 1}: term {name!r} counted 0 tokens over {uncounted.batches} "
+            f"batches ({uncounted.positions.get(name, 0)} label positions on this rank, every one "
+            "−100): it trained on nothing. Check the data's labels (prompt → completion data: "
+            "a completion cut off by max_length, or masked by mistake)"
+        )
+        if not allowed:
+            raise DataError(message + ", or set train.allow_uncounted_epochs: true to allow it")
+        log.warning("%s (allowed by train.allow_uncounted_epochs)", message)
+
+
 def _gradient_sync(model, sync: bool):
     """DDP's `no_sync()` for a micro-batch that is not the window's last (its gradients are
     summed locally and reduced with the last one's); nothing for a single process."""
@@ -340,6 +408,11 @@ def fit(
     sampling needs the live teacher). The epoch's record gives the share of batches each changed
     (``<name>_share``).
 
+    Training on nothing is not silent: a batch in which a token-counting term counts no
+    position (every label −100) is logged as a warning naming the run, the batch, its samples
+    and the count (the first 3 of an epoch); an epoch in which such a term counts no token at
+    all raises DataError at its end, unless `config.allow_uncounted_epochs` (then a warning).
+
     Before the first step the models run once on the first batch (`engine.preflight`): wrong
     input channels, teacher/student class-count mismatches and out-of-range labels fail here.
     `config.precision` bf16/fp16 runs the forward under autocast (`engine.precision`).
@@ -409,6 +482,7 @@ class _Run:
     progress: Progress = field(default_factory=Progress)
     started: float = field(default_factory=time.perf_counter)
     postfix_due: float = 0.0  # when the bar's loss parts are next refreshed (time.monotonic)
+    uncounted: _Uncounted | None = None  # this epoch's token counts (token-counting terms)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -518,6 +592,8 @@ def _train_epoch(run: _Run, epoch: int, budget_left: int | None, checkpoint_dir)
         leave=False,
         dynamic_ncols=True,
     )
+    counting = any(getattr(term.loss, "counts_tokens", False) for term in distiller.terms)
+    run.uncounted = _Uncounted(whole_epoch=progress.step == 0) if counting else None
     accumulate = config.accumulate_steps
     for window in _windows(enumerate(bar, start=progress.step), accumulate):
         _train_window(run, epoch, window)
@@ -541,6 +617,8 @@ def _train_epoch(run: _Run, epoch: int, budget_left: int | None, checkpoint_dir)
             _collapse_sums(progress, distiller.term_names)
             _save_run(run, checkpoint_dir)
     bar.close()
+    if run.uncounted is not None:
+        _check_uncounted(distiller, run.uncounted, run.label, epoch, config.allow_uncounted_epochs)
     _collapse_sums(progress, distiller.term_names, everywhere=True)  # the same record on all
 
 
@@ -567,6 +645,9 @@ def _train_window(run: _Run, epoch: int, window: list) -> None:
     step = window[0][0]  # the window's first batch
     distiller.set_progress(epoch + step / run.steps_per_epoch)
     batches = _transformed(run, epoch, window)
+    if run.uncounted is not None:
+        for position, batch in enumerate(batches):
+            _note_uncounted(distiller, batch, run.uncounted, run.label, epoch, window[position][0])
     token_counts = _window_token_counts(distiller, batches) if run.exact_counts else None
     optimizer.zero_grad(set_to_none=True)
     parts, error, failed = _accumulate_window(

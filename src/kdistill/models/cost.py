@@ -494,6 +494,13 @@ def latency_note(costs: Sequence[dict]) -> str | None:
     if not timed:
         return None
     first = timed[0]
+    if "measured_at" not in first:  # a results file written before the interleaved pass
+        return (
+            "Latency was measured model by model, each at the end of its own training (a results "
+            "file written before kdistill timed all architectures in one interleaved pass): rows "
+            "were timed at different moments, so their latencies also differ by the machine's "
+            "load then; compare them with care."
+        )
     load = first.get("load_average")
     return (
         f"Latency is this machine's at the moment it was measured ({first['measured_at']}"

@@ -21,6 +21,13 @@ it runs, on one or two real batches:
 | `teacher_deterministic` | max \|Δ logit\| between two teacher forwards (eval mode) | ≤ 1e-5 |
 | `labels_in_vocab` | counted labels outside [0, V′) | 0 |
 | `vocab_sizes` | student V vs teacher V (and `vocab_size`) | comparable |
+| `tokenizers` | tokens whose id differs + special tokens (pad, eos, bos, unk) that differ | 0 |
+
+The tokenizer check needs both tokenizers: a model spec ``hf:<folder>`` whose folder holds one
+(``tokenizer.json`` / ``tokenizer_config.json``); a model of a recipe uses the data's tokenizer.
+When either is unknown it is skipped, saying which. Two tokenizers of the same size whose ids
+differ pass every other check (they see ids, not strings) and distil one token's logit into
+another's.
 
 The micro-batch check splits a batch whose sequences have different lengths, so that the two
 halves count different numbers of tokens (`Distiller.count_tokens`, as the engine's gradient
@@ -85,6 +92,7 @@ CHECKS = (
     "micro_batches",
     "endpoints",
     "teacher",
+    "tokenizers",
 )
 
 TOL_IDENTITY = 1e-5  # nats per token (× T²), and max |gradient|
@@ -758,6 +766,87 @@ def _chunked_difference(entry, loss, teacher, student, inputs, labels, output, d
     )
 
 
+# -- tokenizers ---------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("pad", "eos", "bos", "unk")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def spec_tokenizer(spec: str | None) -> Any:
+    """The tokenizer saved with a ``hf:<folder>`` model spec, or None (another spec, or a folder
+    without one)."""
+    if not spec or not spec.startswith("hf:"):
+        return None
+    folder = Path(spec[3:])
+    if not folder.is_dir() or not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _token_map(tokenizer: Any) -> tuple[dict[str, int], dict[str, int | None]]:
+    """(token string → id, special name → id) of a transformers or `tokenizers` tokenizer."""
+    vocab = dict(tokenizer.get_vocab())
+    if hasattr(tokenizer, "pad_token_id"):  # transformers
+        specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in SPECIAL_TOKENS}
+    else:  # a `tokenizers.Tokenizer`, e.g. kdistill's text data: <pad>, <bos>, <eos> by name
+        specials = {name: vocab.get(f"<{name}>") for name in SPECIAL_TOKENS}
+    return vocab, specials
+
+
+def _tokenizer_row(teacher_spec, student_spec, data_tokenizer) -> CheckResult:
+    """The `tokenizers` row for two specs (None: the data's tokenizer); a tokenizer that does
+    not load is a FAIL naming it."""
+    try:
+        teacher = spec_tokenizer(teacher_spec) if teacher_spec is not None else data_tokenizer
+        student = spec_tokenizer(student_spec) if student_spec is not None else data_tokenizer
+        return compare_tokenizers(teacher, student)
+    except Exception as error:  # noqa: BLE001 - a check that raises is reported as failing
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:400]
+        return CheckResult("tokenizers", "teacher/student", None, 0, FAIL, message, "see the error")
+
+
+def compare_tokenizers(teacher: Any, student: Any, where: str = "teacher/student") -> CheckResult:
+    """`tokenizers` row: the tokens of the smaller vocabulary whose id differs (or that the other
+    lacks) plus the special tokens whose ids differ; PASS at 0, SKIP when one is None."""
+    if teacher is None or student is None:
+        unknown = [n for n, t in (("teacher", teacher), ("student", student)) if t is None]
+        return CheckResult(
+            "tokenizers", where, None, 0, SKIP,
+            f"the {' and '.join(unknown)}'s tokenizer is not known (give hf:<folder> specs "
+            "whose folders hold one) — nothing to compare",
+        )  # fmt: skip
+    t_vocab, t_special = _token_map(teacher)
+    s_vocab, s_special = _token_map(student)
+    small, large = (t_vocab, s_vocab) if len(t_vocab) <= len(s_vocab) else (s_vocab, t_vocab)
+    moved = sorted((token for token, i in small.items() if large.get(token) != i), key=small.get)
+    specials = [name for name in SPECIAL_TOKENS if t_special[name] != s_special[name]]
+    figure = len(moved) + len(specials)
+    parts = [f"sizes {len(t_vocab)} (teacher) and {len(s_vocab)} (student)"]
+    if moved:
+        shown = ", ".join(
+            f"{token!r} {t_vocab.get(token)}→{s_vocab.get(token)}" for token in moved[:6]
+        )
+        parts.append(f"{len(moved)} tokens with other ids (teacher→student): {shown}")
+    if specials:
+        parts.append(
+            "special tokens with other ids: "
+            + ", ".join(f"{name} {t_special[name]}→{s_special[name]}" for name in specials)
+        )
+    same_size = len(t_vocab) == len(s_vocab)
+    return CheckResult(
+        "tokenizers", where, float(figure), 0, PASS if figure == 0 else FAIL,
+        "; ".join(parts) + ("" if figure else ": the same ids for every token"),
+        (
+            "the models index different tokens"
+            + (" (the sizes agree, so nothing else notices)" if same_size else "")
+            + ": distil between models that share a tokenizer, or map the vocabularies first"
+        )
+        if figure
+        else "",
+    )  # fmt: skip
+
+
 # -- the API ------------------------------------------------------------------------------------
 
 
@@ -970,6 +1059,10 @@ def check_recipe(
                     else (result.term)
                 )
             report.add(found)
+    data_tokenizer = getattr(splits, "tokenizer", None)
+    known = data_tokenizer is not None or teacher_spec is not None or student_spec is not None
+    if "tokenizers" in checks and known:
+        report.results.append(_tokenizer_row(teacher_spec, student_spec, data_tokenizer))
     if tokenizer_size is not None:
         heads = {embedding_rows(teacher)} | {embedding_rows(s) for _, s in students}
         if any(rows is not None and rows > tokenizer_size for rows in heads) and vocab_size is None:
@@ -1027,4 +1120,6 @@ def check_models(
         f"batch: {samples} × {length} random token ids below {tokens} (no recipe: give one to "
         "check on real text with your own terms)",
     )
+    if "tokenizers" in checks:
+        report.results.append(_tokenizer_row(teacher_spec, student_spec, None))
     return report

@@ -92,7 +92,11 @@ class StudentSteps:
             transforms.append(TeacherSequences(self.sequence_level_data(method)))
         loader = self.student_loader(data, seed, config.batch_size)
         if method in distill.on_policy:
-            transforms.append(on_policy_transform(distill.on_policy[method], loader))
+            on_policy = distill.on_policy[method]
+            if on_policy.seed is not None:  # a fixed seed still differs from seed to seed
+                offset = seed - self.recipe.seed
+                on_policy = on_policy.model_copy(update={"seed": on_policy.seed + offset})
+            transforms.append(on_policy_transform(on_policy, loader))
         try:
             result = fit(
                 distiller,
