@@ -16,7 +16,7 @@ import yaml
 from kdistill.cli import main
 from kdistill.data.imagefolder import write_image_folder
 from kdistill.recipes import load_recipe
-from kdistill.recipes.plan import TimedLoader, Training
+from kdistill.recipes.rehearsal import TimedLoader, Training
 
 TEACHER = "kdistill.examples.my_models:WideCNN"
 STUDENT = "kdistill.examples.my_models:TinyCNN"
@@ -183,7 +183,7 @@ def test_training_seconds_by_hand():
 
 def test_timed_loader_measures_steps_and_the_epoch_end(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("kdistill.recipes.plan.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("kdistill.recipes.rehearsal.time.perf_counter", lambda: now[0])
 
     class Batches(list):
         batch_size = 2
@@ -237,7 +237,7 @@ def test_every_command_help_ends_with_examples_that_parse(capsys):
 
 
 def test_the_estimate_stops_where_max_steps_stops_the_run():
-    from kdistill.recipes.plan import Training
+    from kdistill.recipes.rehearsal import Training
 
     # 3 epochs of 10 steps but max_steps 12: 12 steps at 0.5 s and two epoch ends of 1 s
     capped = Training("x", 1, 3, 10, 0.5, 1.0, 2.0, 0.25, max_batches=12)
@@ -250,7 +250,7 @@ def test_the_dry_run_times_augmented_students_on_their_own_loaders(tmp_path):
     """With `data.augment` (and `teacher.augment`) the students' batches come from augmenting
     loaders; each training line must time its own steps, not repeat the teacher's figures (it
     did: every student line showed the teacher's s/step and a negative set-up)."""
-    from kdistill.recipes.plan import dry_run
+    from kdistill.recipes.rehearsal import dry_run
 
     path = tmp_path / "augmented.yaml"
     path.write_text(

@@ -103,7 +103,7 @@ def test_a_recipes_seeds_reach_its_on_policy_draws(on_policy, tmp_path, monkeypa
     whether `on_policy.seed` is left unset or fixed."""
     from test_text_data import fake_kjv_lines
 
-    from kdistill.recipes import load_recipe, runner
+    from kdistill.recipes import load_recipe, runner, student_stage
 
     text_file = tmp_path / "kjv.txt"
     text_file.write_text("\n".join(fake_kjv_lines()) + "\n")
@@ -121,7 +121,7 @@ def test_a_recipes_seeds_reach_its_on_policy_draws(on_policy, tmp_path, monkeypa
         policies.append(transform.sampler)
         raise Stop
 
-    monkeypatch.setattr(runner, "fit", fit)
+    monkeypatch.setattr(student_stage, "fit", fit)  # the students' steps train through it
     spec = experiment.recipe.students[0]
     for seed in (0, 1, 0):
         with pytest.raises(Stop):

@@ -45,7 +45,7 @@ def test_another_recipe_reuses_the_stored_teacher(tmp_path, monkeypatch):
     second = experiment(tmp_path, "second")  # another name and students, the same teacher
     assert second.teacher_store() == store
     trained = []
-    monkeypatch.setattr("kdistill.recipes.runner.fit", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr("kdistill.recipes.teacher_stage.fit", lambda *a, **k: trained.append(a))
     reused, _ = second.prepare_teacher()
     assert trained == []  # loaded, not trained
     assert torch.equal(weights(reused), weights(teacher))
@@ -58,7 +58,7 @@ def test_a_teacher_with_another_identity_is_trained(tmp_path, monkeypatch):
     other = experiment(tmp_path, "other", seed=1)  # another seed: another teacher
     assert other.teacher_store() != first.teacher_store()
     trained = []
-    monkeypatch.setattr("kdistill.recipes.runner.fit", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr("kdistill.recipes.teacher_stage.fit", lambda *a, **k: trained.append(a))
     other.prepare_teacher()
     assert len(trained) == 1
 
@@ -100,7 +100,7 @@ def test_teacher_augment_trains_on_views_and_is_part_of_the_identity(tmp_path, m
 
     loaders = []
     monkeypatch.setattr(
-        "kdistill.recipes.runner.fit", lambda d, loader, *a, **k: loaders.append(loader)
+        "kdistill.recipes.teacher_stage.fit", lambda d, loader, *a, **k: loaders.append(loader)
     )
     augmented.prepare_teacher()
     plain.prepare_teacher()

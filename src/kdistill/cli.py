@@ -101,7 +101,7 @@ def run_command(args: argparse.Namespace, recipe_arg: str) -> int:
             )
     out_dir = args.out or Path("runs") / recipe.name
     if args.dry_run:
-        from kdistill.recipes.plan import dry_run
+        from kdistill.recipes.rehearsal import dry_run
 
         print(dry_run(recipe, out_dir, methods).text())
         return 0
@@ -151,12 +151,12 @@ def cache_command(args: argparse.Namespace) -> int:
     from kdistill.recipes import Experiment, load_recipe
 
     given = [*args.overrides] + ([f"data.root={args.data_root}"] if args.data_root else [])
-    overrides = [*given, "distill.teacher_cache=off"]  # only the teacher, not a copy
-    recipe = load_recipe(resolve_recipe(args.recipe), overrides)
+    recipe = load_recipe(resolve_recipe(args.recipe), given)  # read once
+    wanted = recipe.distill.teacher_cache
+    recipe.distill.teacher_cache = "off"  # prepare only the teacher, not a copy of its outputs
     run_dir = args.run_dir or Path("runs") / recipe.name
     experiment = Experiment(recipe, run_dir, resume=True, progress=not args.quiet)
     teacher, _ = experiment.prepare_teacher()  # trained, or loaded from the run folder
-    wanted = load_recipe(resolve_recipe(args.recipe), given).distill.teacher_cache
     if not isinstance(wanted, str):  # stored top-k token distributions (language_modeling)
         return _token_cache_command(args, experiment, teacher, wanted, run_dir)
     layers = None
@@ -400,6 +400,7 @@ def init_command(args: argparse.Namespace) -> int:
         task=args.task,
         teacher_kwargs=_yaml_mapping(args.teacher_kwargs, "--teacher-kwargs"),
         student_kwargs=_yaml_mapping(args.student_kwargs, "--student-kwargs"),
+        teacher_checkpoint=args.teacher_checkpoint,
         name=args.name or out.stem,
         command="kdistill " + " ".join(shlex.quote(a) for a in args.argv),
         file_name=str(out),
@@ -671,17 +672,24 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--data",
         required=True,
-        help="a folder holding train/<class>/ and test/<class>/ images, two .npz files "
-        "'train.npz,test.npz' (x, y), a dataset factory package.module:function, or a "
-        "built-in dataset (fashion_mnist, digits)",
+        help="your data, in any kind the task reads (docs/data-kinds.md): a folder (image "
+        "classes, masks, COCO / YOLO, text files, jsonl), one text file, two files "
+        "'train.npz,test.npz' or 'train.jsonl,test.jsonl', a factory package.module:function, "
+        "or a built-in set (fashion_mnist, digits, fashion_mnist_scenes, kjv)",
     )
     init.add_argument(
         "--task",
         default="classification",
-        help="classification (default), segmentation, detection, multitask or pkg.module:Task",
+        help="classification (default), segmentation, detection, multitask, language_modeling, "
+        "completion or pkg.module:Task",
     )
     init.add_argument("--teacher-kwargs", help="the teacher's kwargs as YAML, e.g. '{width: 32}'")
     init.add_argument("--student-kwargs", help="the student's kwargs as YAML, e.g. '{width: 8}'")
+    init.add_argument(
+        "--teacher-checkpoint",
+        help="the teacher's trained weights (safetensors / .pt state dict): it is not trained "
+        "again, and the recipe reads the inputs as they are (normalize: none)",
+    )
     init.add_argument("--name", help="the recipe's name (default: the file name)")
     init.add_argument(
         "--out", default="recipe.yaml", help="the file to write (default: recipe.yaml)"

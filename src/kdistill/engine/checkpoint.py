@@ -201,6 +201,12 @@ def load_weights(
     When every name in `state` carries one extra prefix (`module.` from DataParallel / DDP,
     `_orig_mod.` from torch.compile, …) the message says to set `<field>strip_prefix`."""
     own = model.state_dict()
+    tied = tied_names(model)
+    state = {**state}
+    for key in sorted(set(own) - set(state)):  # a tied head saved once (Hugging Face omits it)
+        given = [name for name in tied.get(key, ()) if name in state]
+        if given:
+            state[key] = state[given[0]]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
@@ -230,6 +236,21 @@ def load_weights(
             + hint
         )
     model.load_state_dict(state, strict=True)
+
+
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each weight name of `model` → the other names of the same tensor (tied weights, e.g. a
+    language model's `lm_head.weight` and its token embedding): a file that stores one of them
+    (as `save_pretrained` / safetensors do) fills the others."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {
+        name: [other for other in names if other != name]
+        for names in by_tensor.values()
+        if len(names) > 1
+        for name in names
+    }
 
 
 def _extra_prefix(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str | None:

@@ -31,7 +31,7 @@ from kdistill.data.batches import call_model, describe_inputs, shard_count
 from kdistill.distill.distiller import Distiller, select_output, select_target
 from kdistill.distill.teacher.base import as_source
 from kdistill.engine.config import TrainConfig
-from kdistill.errors import ConfigError, DataError
+from kdistill.errors import ConfigError, DataError, KdistillError
 from kdistill.losses.base import INDEX, TARGET
 
 log = logging.getLogger("kdistill")
@@ -67,6 +67,8 @@ def run_checked(model: nn.Module, inputs: Tensor | Mapping[str, Any], side: str)
     model.eval()
     try:
         return call_model(model, inputs)
+    except KdistillError:
+        raise  # already names the field and the fix (e.g. a model's `output:` it lacks)
     except (RuntimeError, ValueError, TypeError) as error:
         model_name = type(model).__name__
         if not isinstance(inputs, Tensor):

@@ -55,6 +55,7 @@ __all__ = [
     "check_model_spec",
     "import_callable",
     "model_from_spec",
+    "pretrained_folder",
     "resolve_model",
 ]
 
@@ -229,6 +230,15 @@ def _timm_source(spec: str, name: str) -> ModelSource:
 # -- Hugging Face transformers ------------------------------------------------------------------
 def _is_folder_spec(target: str) -> bool:
     return "/" in target or target.startswith((".", "~")) or Path(target).is_dir()
+
+
+def pretrained_folder(spec: str) -> Path | None:
+    """The folder of an `hf:<folder>` spec (a model saved with `save_pretrained`: trained
+    weights, and often its tokenizer), else None (`hf:<model_type>` is built untrained)."""
+    prefix, colon, target = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if prefix != "hf" or not colon or not _is_folder_spec(target):
+        return None
+    return Path(target).expanduser()
 
 
 def _hf_source(spec: str, target: str) -> ModelSource:

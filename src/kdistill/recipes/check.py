@@ -57,7 +57,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -989,15 +988,10 @@ def check_recipe(
     from kdistill.data import BatchLoader
     from kdistill.engine.checkpoint import checkpoint_path, load_checkpoint, load_weights
     from kdistill.models import model_from_spec
-    from kdistill.recipes.objective import build_objective
-    from kdistill.recipes.runner import (
-        Experiment,
-        build_model,
-        grid_settings,
-        load_splits,
-        load_teacher_checkpoint,
-        recipe_task,
-    )
+    from kdistill.recipes.objective import build_objective, grid_settings
+    from kdistill.recipes.plan import make_plan, recipe_task
+    from kdistill.recipes.run_store import saved_teacher_matches
+    from kdistill.recipes.splits import build_model, load_splits, load_teacher_checkpoint
 
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / recipe.name
     task = recipe_task(recipe)
@@ -1011,11 +1005,11 @@ def check_recipe(
     else:
         teacher = build_model(recipe.teacher, train, recipe.seed, task)
         models_dir = run_dir / "models"
-        identity = Experiment.teacher_identity(SimpleNamespace(recipe=recipe))
+        identity = make_plan(recipe).teacher.identity
         if recipe.teacher.checkpoint is not None:
             load_teacher_checkpoint(recipe.teacher, teacher)
             notes.append(f"teacher loaded from {recipe.teacher.checkpoint}")
-        elif Experiment._saved_teacher_matches(models_dir, identity):
+        elif saved_teacher_matches(models_dir, identity):
             tensors, _ = load_checkpoint(models_dir, "teacher")
             load_weights(teacher, tensors, "teacher", str(checkpoint_path(models_dir, "teacher")))
             notes.append(f"teacher loaded from {checkpoint_path(models_dir, 'teacher')}")

@@ -26,6 +26,7 @@ releases, bit for bit).
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from kdistill.distill.multitask import mix_terms
 from kdistill.losses import LOSSES, create_loss
 from kdistill.recipes.schema import (  # noqa: F401  (check_methods: re-exported)
     DistillSpec,
+    Recipe,
     TermSpec,
     check_methods,
     loss_parameters,
@@ -206,3 +208,24 @@ def settings_used(
             name = key if len(specs) == 1 and key != "alpha" else f"{spec.loss}.{key}"
             used.setdefault(name, Setting(name, float(value), chosen))
     return list(used.values())
+
+
+def grid_settings(recipe: Recipe, method: str | None = None) -> list[dict]:
+    """Every point of `tune.grid` for `method`: the plain keys (`alpha`, `temperature`, …) and
+    the keys scoped to it (`cwd.tau` → `tau`); keys scoped to other methods are left out."""
+    grid = recipe.tune.grid if recipe.tune.enabled else {}
+    scoped = {}
+    for key, values in grid.items():
+        owner, dot, parameter = key.rpartition(".")
+        if not dot:
+            scoped[key] = values
+        elif owner == method:
+            scoped[parameter] = values
+    if not scoped:
+        return [{}]
+    keys = sorted(scoped)
+    return [dict(zip(keys, values)) for values in itertools.product(*(scoped[k] for k in keys))]
+
+
+def settings_label(settings: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in sorted(settings.items())) or "default"

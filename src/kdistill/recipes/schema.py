@@ -41,7 +41,7 @@ from kdistill.data.text import (
 from kdistill.distill.teacher.speedup import parse_speedup
 from kdistill.distill.transforms import OnPolicyConfig
 from kdistill.engine.config import TrainConfig
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, KdistillError
 from kdistill.importpath import import_callable
 from kdistill.losses import LOSSES, create_loss
 from kdistill.models.specs import (
@@ -195,6 +195,28 @@ class AugmentSpec(Strict):
         return Augmentation(pad=self.pad, flip=self.flip, mixup=self.mixup, padding=self.padding)
 
 
+# the data fields only the data kinds read (`data.kind`)
+KIND_FIELDS = (
+    "val",
+    "file",
+    "fractions",
+    "documents",
+    "factory",
+    "classes",
+    "void",
+    "annotations",
+    "seg_classes",
+    "block_size",
+    "vocab_size",
+    "min_frequency",
+    "tokenizer_dir",
+    "field",
+    "max_length",
+    "eos_id",
+    "image_size",
+)
+
+
 class DataSpec(Strict):
     """The data: a registry dataset (`fashion_mnist`, `digits`), `fashion_mnist_scenes`,
     `kjv` (text for causal LMs, settings under `text`; `kdistill.data.text`),
@@ -202,6 +224,14 @@ class DataSpec(Strict):
     files `train` and `test` holding `x` and `y`) or `package.module:factory` (called with
     `kwargs`, returning `(train, test)` torch Datasets); see `kdistill.data.sources`."""
 
+    kind: str | None = Field(
+        None,
+        description="the data kind of your files (kdistill.data.kinds, docs/data-kinds.md), for "
+        "the recipe's task: imagefolder | npz | factory (classification), masks | npz | factory "
+        "(segmentation), coco | yolo | factory (detection, multitask), text | jsonl | factory "
+        "(language_modeling), jsonl | factory (completion); its files are named by the fields "
+        "below (root, train, test, val, file, factory, …) and checked when the recipe is read",
+    )
     dataset: str = Field(
         "fashion_mnist",
         description="fashion_mnist | digits | fashion_mnist_scenes | kjv | imagefolder | arrays | "
@@ -219,6 +249,39 @@ class DataSpec(Strict):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="dataset package.module:factory: its keyword arguments"
     )
+    val: str | None = Field(None, description="kinds npz, jsonl: the validation file")
+    file: str | None = Field(None, description="kind text: one file split by documents")
+    fractions: dict[str, float] | None = Field(
+        None, description="kind text with file: {val: f, test: f}, the documents held out"
+    )
+    documents: Literal["paragraph", "line", "file"] | None = Field(
+        None, description="kind text: what one document is"
+    )
+    factory: str | None = Field(None, description="kind factory: package.module:function")
+    classes: list[str] | int | None = Field(
+        None, description="kinds masks, npz (masks), yolo, factory: class names (or a count)"
+    )
+    void: int | None = Field(None, description="mask kinds: the void pixel value (default 255)")
+    annotations: str | None = Field(
+        None, description="kind coco: the JSON file in each split folder (annotations.json)"
+    )
+    seg_classes: list[str] | int | None = Field(
+        None, description="multitask coco / yolo: the mask classes"
+    )
+    block_size: int | None = Field(None, ge=2, description="token kinds: tokens per block")
+    vocab_size: int | None = Field(
+        None, ge=2, description="token kinds without data.tokenizer: the BPE trained on the text"
+    )
+    min_frequency: int | None = Field(None, ge=1, description="token kinds: BPE merge frequency")
+    tokenizer_dir: str | None = Field(
+        None, description="token kinds: where the trained BPE is kept (default <run>/tokenizer)"
+    )
+    field: str | None = Field(None, description="kind jsonl (text): the field holding the text")
+    max_length: int | None = Field(None, ge=4, description="completion kinds: longest sequence")
+    eos_id: int | None = Field(None, ge=0, description="token factory without a tokenizer")
+    image_size: int | list[int] | None = Field(
+        None, description="image kinds: resize every image (and mask, boxes) to this size"
+    )
     normalize: Literal["auto", "train", "none"] | NormalizeSpec = Field(
         "auto",
         description="auto: a built-in dataset's own normalisation, otherwise `train`; train: "
@@ -232,6 +295,12 @@ class DataSpec(Strict):
         None, ge=1, description="use a random subset (quick runs; kjv: of the token blocks)"
     )
     test_limit: int | None = Field(None, ge=1, description="use a random test subset (quick runs)")
+    tokenizer: str | None = Field(
+        None,
+        description="text: the teacher's tokenizer, `hf:<folder>` (its tokenizer.json) or a "
+        "tokenizer.json; none: a byte-level BPE trained on the training text (models built "
+        "from configs). A teacher folder holding a tokenizer must be named here",
+    )
     augment: AugmentSpec | None = Field(
         None,
         description="keyed augmentation of the students' training batches (none: off); the "
@@ -261,6 +330,8 @@ class DataSpec(Strict):
     @classmethod
     def factory_kwargs_fit(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         name = info.data.get("dataset")
+        if info.data.get("kind") is not None:
+            return kwargs  # the kind checks them (task.check)
         if name is None:
             return kwargs
         if ":" not in name:
@@ -276,8 +347,32 @@ class DataSpec(Strict):
             raise ValueError(str(error)) from None
         return kwargs
 
+    def kind_spec(self) -> dict[str, Any]:
+        """The data section as a data kind reads it (`kdistill.data.kinds.resolve`): the fields
+        the recipe sets, without the students' augmentation."""
+        spec = self.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        spec.pop("augment", None)
+        return spec
+
+    @model_validator(mode="after")
+    def kind_or_dataset(self) -> DataSpec:
+        kind_only = [name for name in KIND_FIELDS if name in self.model_fields_set]
+        if self.kind is None and kind_only:
+            raise ValueError(
+                f"{', '.join(kind_only)}: read by the data kinds; set data.kind (e.g. kind: coco, "
+                "masks, text, jsonl; docs/data-kinds.md)"
+            )
+        if self.kind is not None and "dataset" in self.model_fields_set:
+            raise ValueError(
+                f"data.dataset and data.kind: give one; kind: {self.kind} names the files' format "
+                "(a built-in set is a kind too: kind: fashion_mnist)"
+            )
+        return self
+
     @model_validator(mode="after")
     def fields_fit_the_dataset(self) -> DataSpec:
+        if self.kind is not None:
+            return self  # the task's kinds check the fields (Recipe.task_fits_data)
         kind = "scenes" if self.dataset == SCENES_DATASET else dataset_kind(self.dataset)
         if kind == ARRAYS:
             missing = [name for name in ("train", "test") if getattr(self, name) is None]
@@ -332,12 +427,20 @@ class DataSpec(Strict):
         the first recipes are left out while at their defaults (older runs stay recognised)."""
         data = self.model_dump(mode="json")
         del data["augment"]  # the students' views: the teacher trains on the plain images
-        for name, default in (("train", None), ("test", None), ("kwargs", {})):
+        for name, default in (("train", None), ("test", None), ("kwargs", {}), ("tokenizer", None)):
             if data[name] == default:
                 del data[name]
         if data["normalize"] == "auto":
             del data["normalize"]
-        if self.dataset in TEXT_DATASETS:
+        for name in ("kind", *KIND_FIELDS):  # added with the data kinds: left out while unset
+            if data[name] is None:
+                del data[name]
+        if self.kind is not None:  # the kind and its fields say what is read
+            for name in ("dataset", "scenes", "text"):
+                if name not in self.model_fields_set:
+                    del data[name]
+            data.pop("tokenizer_dir", None)  # where it is kept; its content follows from the text
+        elif self.dataset in TEXT_DATASETS:
             del data["text"]["tokenizer_dir"]  # where it is kept; its content follows from text
         else:
             del data["text"]
@@ -355,6 +458,19 @@ class ModelSpec(Strict):
         default_factory=dict,
         description="keyword arguments of the model's constructor, checked against its signature",
     )
+    output: str | int | None = Field(
+        None,
+        description="for a model returning several outputs (a tuple or a dict): the position or "
+        "key of the one it is scored on; the hard loss, the evaluation and every soft term read "
+        "it (`kdistill init` finds it on one batch)",
+    )
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def output_is_key_or_position(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"output: a key (str) or a position (int), got {value!r}")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -407,6 +523,11 @@ class TeacherSpec(ModelSpec):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2),
         description="the teacher's own budget (when it is trained, not loaded)",
+    )
+    fine_tune: bool = Field(
+        False,
+        description="a teacher that comes trained (checkpoint, hf:<folder>) is used as it is; "
+        "true: trained further with teacher.train first",
     )
     augment: AugmentSpec | None = Field(
         None,
@@ -819,6 +940,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def task_fits_data(self) -> Recipe:
         task = get_task(self.task)
+        if self.data.kind is not None:
+            return self._kind_fits(task)
         text = self.data.dataset in TEXT_DATASETS
         wanted = task.default_data
         if text != task.reads_text and ":" not in self.data.dataset:
@@ -876,6 +999,58 @@ class Recipe(Strict):
                 f"students {scarce}: labelled (label-scarce transfer) hides class labels; task "
                 f"{self.task} has masks / boxes (use it with task classification)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def cost_reads_images(self) -> Recipe:
+        if self.cost.enabled and get_task(self.task).reads_text:
+            raise ValueError(
+                f"cost.enabled: model costs (MACs, latency) are measured on image inputs; task "
+                f"{self.task} reads token ids: set cost: {{enabled: false}}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def tokenizer_is_the_teachers(self) -> Recipe:
+        """`data.tokenizer` (`recipes.vocabulary.check_vocabularies`)."""
+        from kdistill.recipes.vocabulary import check_vocabularies
+
+        check_vocabularies(self)
+        return self
+
+    def _kind_fits(self, task: Task) -> Recipe:
+        """`data.kind`: the task validates the data section itself (`Task.check`: the kinds it
+        reads, the files, the fields); then what the methods and options need of the data."""
+        try:
+            task.check(self.data.kind_spec())
+        except KdistillError as error:
+            raise ValueError(str(error)) from None
+        generated = sorted({*self.distill.on_policy, *self.distill.sequence_level})
+        if generated and task.target != "completions":
+            raise ValueError(
+                f"distill.on_policy / sequence_level (methods {generated}) generate completions "
+                f"of prompts: they need task completion (prompt → completion data)"
+            )
+        check_methods(task, self.distill)
+        for field_name, spec in (
+            ("data.augment", self.data.augment),
+            ("teacher.augment", self.teacher.augment),
+        ):
+            if task.dense and spec is not None:
+                raise ValueError(
+                    f"{field_name} crops and flips the inputs only; task {self.task}'s masks / "
+                    "boxes would no longer match them (augmentation is for classification)"
+                )
+        scarce = [s.name for s in self.students if s.labelled is not None]
+        if task.dense and scarce:
+            raise ValueError(
+                f"students {scarce}: labelled (label-scarce transfer) hides class labels; task "
+                f"{self.task} has masks / boxes (use it with task classification)"
+            )
+        if "mask" in task.target and self.distill.ignore_index is None:
+            # the kinds keep void pixels (255 unless data.void says) and declare them: the hard
+            # loss, the dense terms and mIoU must leave them out
+            self.distill.ignore_index = 255 if self.data.void is None else self.data.void
         return self
 
     @model_validator(mode="after")

@@ -58,7 +58,8 @@ def results_recipe(path: Path, data: dict, recipe: str | Path | None = None):
 
 def summary_from_results(data: dict, recipe, out_dir: Path):
     """A `RunSummary` holding the file's records, with the metrics of the recipe's task."""
-    from kdistill.recipes.runner import RunRecord, RunSummary, recipe_task
+    from kdistill.recipes.plan import recipe_task
+    from kdistill.recipes.run_store import RunRecord, RunSummary
     from kdistill.tasks.base import lower_is_better_metrics, percent_metrics
 
     task = recipe_task(recipe)

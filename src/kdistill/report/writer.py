@@ -25,7 +25,7 @@ from kdistill.report.table import (
 )
 
 # what the runner writes beside the report, in the order the closing line names them
-RUN_FILES = ("metrics.jsonl", "tuning.json", "recipe.yaml", "data.json")
+RUN_FILES = ("metrics.jsonl", "tuning.json", "recipe.yaml", "plan.json", "data.json")
 RUN_FOLDERS = ("models", "checkpoints", "teacher_cache", "tensorboard", "mlflow")
 
 
@@ -38,7 +38,7 @@ def show_settings_used(rows, recipe) -> None:
     """Fill each distilled row's `settings_shown`: every setting it trained with, the ones not
     chosen on validation marked (default) (`recipes.objective.settings_used`)."""
     from kdistill.recipes.objective import settings_used
-    from kdistill.recipes.runner import recipe_task
+    from kdistill.recipes.plan import recipe_task
 
     task = recipe_task(recipe)
     for row in rows:

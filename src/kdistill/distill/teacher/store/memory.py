@@ -145,6 +145,8 @@ class MemoryTeacherOutputs(_EpochRows):
                     values = output if isinstance(output, Mapping) else {None: output}
                     rows = batch.index.cpu() + epoch * size
                     for key, value in values.items():
+                        if not isinstance(value, Tensor):
+                            continue  # e.g. a Hugging Face output's past_key_values cache
                         value = value.float().cpu()
                         if key not in outputs:
                             outputs[key] = torch.zeros(total, *value.shape[1:])
