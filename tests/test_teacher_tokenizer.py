@@ -130,3 +130,15 @@ def test_a_student_folder_with_another_tokenizer_is_refused(tmp_path, teacher_di
     open(path, "w").write(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="students.other .* are not the same tokenizer"):
         load_recipe(path)
+
+
+def test_costs_are_off_by_default_for_token_tasks_and_refused_when_asked(tmp_path, teacher_dir):
+    # model costs are measured on image inputs: a language-model recipe that says nothing of
+    # cost reads with costs off; one that asks for them is refused, naming the field
+    path = lm_recipe(tmp_path, teacher_dir, data__tokenizer=f"hf:{teacher_dir}")
+    assert load_recipe(path).cost.enabled is False
+    asked = lm_recipe(
+        tmp_path, teacher_dir, data__tokenizer=f"hf:{teacher_dir}", cost={"enabled": True}
+    )
+    with pytest.raises(ConfigError, match=r"cost.enabled: model costs .* image inputs"):
+        load_recipe(asked)

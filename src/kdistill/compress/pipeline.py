@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from kdistill.compress.prune import (
@@ -335,7 +334,7 @@ class CompressionRun:
         started = time.perf_counter()
         atomic_write_text(
             self.out_dir / "recipe.yaml",
-            yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False),
+            self.recipe.as_yaml(),
         )
         teacher = self.teacher()
         self.reference_students()

@@ -17,7 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -240,7 +239,7 @@ class Experiment(TeacherSteps, StudentSteps):
             write_plan(self.out_dir, make_plan(recipe, methods).as_dict())
             atomic_write_text(
                 self.out_dir / "recipe.yaml",
-                yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),
+                recipe.as_yaml(),
             )
             atomic_write_text(
                 self.out_dir / "data.json",

@@ -1001,9 +1001,23 @@ class Recipe(Strict):
             )
         return self
 
+    def as_yaml(self) -> str:
+        """The recipe as YAML that reads back to this same recipe (`load_recipe`): the fields
+        that differ from their defaults. (A dump of every field does not read back: the settings
+        of data formats the recipe does not use, e.g. `data.text` beside an image folder, are
+        refused when present.)"""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
     @model_validator(mode="after")
     def cost_reads_images(self) -> Recipe:
-        if self.cost.enabled and get_task(self.task).reads_text:
+        """Costs are measured on image inputs: off by default for a task reading token ids,
+        refused when the recipe asks for them there."""
+        if not self.cost.enabled or not get_task(self.task).reads_text:
+            return self
+        if "enabled" not in self.cost.model_fields_set:  # the default, not the user's request
+            self.cost = self.cost.model_copy(update={"enabled": False})
+            return self
+        if self.cost.enabled:
             raise ValueError(
                 f"cost.enabled: model costs (MACs, latency) are measured on image inputs; task "
                 f"{self.task} reads token ids: set cost: {{enabled: false}}"
