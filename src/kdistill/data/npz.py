@@ -20,16 +20,15 @@ import torch
 from kdistill.data.arrays import ArrayDataset
 from kdistill.errors import DataError
 
-__all__ = ["load_npz_pair", "read_npz"]
+__all__ = ["load_npz_pair", "read_npz", "read_npz_arrays"]
 
 _CHANNEL_SIZES = (1, 2, 3, 4)
 
 
-def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    """`(inputs N×C×H×W float32, targets N int64, class names or None)` of one file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such .npz file")
+def read_npz_arrays(path: Path, y_name: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """`(x, y, class names or None)` as stored in the .npz file `path`, without unpickling;
+    DataError naming the file for a missing key (the keys found listed; `y_name` says what `y`
+    holds in the fix) or a file that is no .npz."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = sorted(archive.files)
@@ -37,7 +36,7 @@ def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | 
             if missing:
                 raise DataError(
                     f"{path}: no array {missing[0]!r}; the file holds {keys}; save it with "
-                    "np.savez(path, x=images, y=labels)"
+                    f"np.savez(path, x=images, y={y_name})"
                 )
             x, y = archive["x"], archive["y"]
             classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
@@ -45,6 +44,15 @@ def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | 
         raise
     except (ValueError, OSError) as error:
         raise DataError(f"{path}: cannot be read as an .npz file ({error})") from None
+    return x, y, classes
+
+
+def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """`(inputs N×C×H×W float32, targets N int64, class names or None)` of one file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such .npz file")
+    x, y, classes = read_npz_arrays(path, "labels")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:

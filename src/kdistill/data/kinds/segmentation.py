@@ -41,6 +41,7 @@ from kdistill.data.kinds.images import (
     split_folders,
     stack_images,
 )
+from kdistill.data.npz import read_npz_arrays
 from kdistill.errors import DataError
 
 __all__ = ["image_tensor", "read_mask_split", "void_of"]
@@ -153,21 +154,7 @@ class MaskFolderKind(FileKind):
 
 def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None]:
     """(inputs N×C×H×W float32, y as stored, class names or None) of one .npz file."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = sorted(archive.files)
-            missing = [key for key in ("x", "y") if key not in keys]
-            if missing:
-                raise DataError(
-                    f"{path}: no array {missing[0]!r}; the file holds {keys}; save it with "
-                    "np.savez(path, x=images, y=masks)"
-                )
-            x, y = archive["x"], archive["y"]
-            classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
-    except DataError:
-        raise
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path}: cannot be read as an .npz file ({error})") from None
+    x, y, classes = read_npz_arrays(path, "masks")
     return image_tensor(x, str(path)), y, classes
 
 
