@@ -64,8 +64,8 @@ def _to_tensor(value: Any) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def dataset_to_arrays(dataset: Any, label: str) -> ArrayDataset:
-    """Copy every `(x, y)` of an indexable dataset into an ArrayDataset (classes "0" … "K−1")."""
+def checked_len(dataset: Any, label: str) -> int:
+    """`len(dataset)`; DataError naming `label` for a dataset without len / indexing or empty."""
     try:
         size = len(dataset)
     except TypeError:
@@ -75,6 +75,12 @@ def dataset_to_arrays(dataset: Any, label: str) -> ArrayDataset:
         ) from None
     if size == 0:
         raise DataError(f"{label}: the dataset is empty")
+    return size
+
+
+def dataset_to_arrays(dataset: Any, label: str) -> ArrayDataset:
+    """Copy every `(x, y)` of an indexable dataset into an ArrayDataset (classes "0" … "K−1")."""
+    size = checked_len(dataset, label)
     inputs: Tensor | None = None
     targets = torch.empty(size, dtype=torch.int64)
     for index in range(size):

@@ -111,6 +111,18 @@ class ImageFolderKind(FileKind):
         return DataSplits(train, test, val, fingerprint, info)
 
 
+def npz_split_files(spec: Mapping[str, Any], kind: str, layout: str) -> list[Path]:
+    """The `train`, `test` (and optional `val`) .npz files of a data spec, each checked to
+    exist (DataError naming the field, the kind and its layout)."""
+    found = []
+    for key in ("train", "test", "val"):
+        if key == "val" and spec.get("val") is None:
+            continue
+        value = need(spec, key, kind, "an .npz file holding x and y")
+        found.append(existing_file(value, key, kind, layout))
+    return found
+
+
 class NpzKind(FileKind):
     name = "npz"
     target = "class"
@@ -121,13 +133,7 @@ class NpzKind(FileKind):
         self.files(spec)
 
     def files(self, spec: Mapping[str, Any]) -> list[Path]:
-        found = []
-        for key in ("train", "test", "val"):
-            if key == "val" and spec.get("val") is None:
-                continue
-            value = need(spec, key, self.name, "an .npz file holding x and y")
-            found.append(existing_file(value, key, self.name, self.layout))
-        return found
+        return npz_split_files(spec, self.name, self.layout)
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
         from kdistill.data.npz import load_npz_pair, read_npz

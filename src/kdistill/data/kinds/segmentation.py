@@ -18,15 +18,15 @@ import torch
 from torch import Tensor
 
 from kdistill.data.dense import VOID, MaskDataset, check_mask_values
+from kdistill.data.factory import checked_len
 from kdistill.data.kinds.base import (
     DataSplits,
     FileKind,
     existing_dir,
-    existing_file,
     need,
     register_kind,
 )
-from kdistill.data.kinds.classification import FactoryKind, split_digest
+from kdistill.data.kinds.classification import FactoryKind, npz_split_files, split_digest
 from kdistill.data.kinds.images import (
     check_not_binary_void,
     check_sizes,
@@ -204,13 +204,7 @@ class MaskNpzKind(FileKind):
         self.files(spec)
 
     def files(self, spec: Mapping[str, Any]) -> list[Path]:
-        found = []
-        for key in ("train", "test", "val"):
-            if key == "val" and spec.get("val") is None:
-                continue
-            value = need(spec, key, self.name, "an .npz file holding x and y")
-            found.append(existing_file(value, key, self.name, self.layout))
-        return found
+        return npz_split_files(spec, self.name, self.layout)
 
     def read(self, spec: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0) -> DataSplits:
         fingerprint = self.fingerprint(spec)
@@ -277,16 +271,7 @@ def sample_mask(value: Any, image: Tensor, where: str) -> Tensor:
 
 def samples(dataset: Any, label: str):
     """(index, sample) of an indexable dataset; DataError for one without len / indexing."""
-    try:
-        size = len(dataset)
-    except TypeError:
-        raise DataError(
-            f"{label}: a dataset must have len() and d[i] (a map-style torch Dataset), got "
-            f"{type(dataset).__name__}"
-        ) from None
-    if size == 0:
-        raise DataError(f"{label}: the dataset is empty")
-    for index in range(size):
+    for index in range(checked_len(dataset, label)):
         yield index, dataset[index]
 
 
