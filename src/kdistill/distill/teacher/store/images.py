@@ -22,7 +22,7 @@ from kdistill.distill.teacher.store.manifest import (
     _short,
     _view_key,
     is_randomly_augmented,
-    teacher_digest,
+    teacher_difference,
 )
 from kdistill.distill.teacher.store.signatures import InputSignatures, _EpochRows
 from kdistill.errors import CacheError
@@ -194,14 +194,9 @@ class TeacherCache(_EpochRows):
             problems.append(
                 f"the cache holds views of {held['epochs']} epoch(s), {views['epochs']} asked for"
             )
-        if teacher is not None:
-            expected, actual = manifest["teacher"]["sha256"], teacher_digest(teacher)
-            if expected != actual:
-                problems.append(
-                    f"teacher weights differ (cache built from {manifest['teacher']['class']} "
-                    f"with weights sha256 {_short(expected)}, this "
-                    f"{type(teacher).__name__} has {_short(actual)}) — a stale cache"
-                )
+        stale = None if teacher is None else teacher_difference(manifest, teacher)
+        if stale is not None:
+            problems.append(stale)
         if dataset is not None:
             expected, actual = manifest["dataset"]["fingerprint"], dataset.fingerprint()
             if expected != actual:

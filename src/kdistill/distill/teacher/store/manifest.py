@@ -168,6 +168,18 @@ class CachedTeacher(nn.Module):
         )
 
 
+def teacher_difference(manifest: Mapping[str, Any], teacher: nn.Module) -> str | None:
+    """What makes a store stale for `teacher` (its weights are not those the store was built
+    from, by digest), or None."""
+    expected, actual = manifest["teacher"]["sha256"], teacher_digest(teacher)
+    if expected == actual:
+        return None
+    return (
+        f"teacher weights differ (stored from {manifest['teacher']['class']} with weights sha256 "
+        f"{_short(expected)}, this {type(teacher).__name__} has {_short(actual)}) — a stale store"
+    )
+
+
 def _short(digest: str) -> str:
     return digest[:12] + "…"
 

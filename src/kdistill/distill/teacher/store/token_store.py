@@ -19,7 +19,7 @@ from kdistill.distill.teacher.store.manifest import (
     _file_digest,
     _from_storage,
     _short,
-    teacher_digest,
+    teacher_difference,
 )
 from kdistill.distill.teacher.store.signatures import (
     InputSignatures,
@@ -189,14 +189,9 @@ class TokenTeacherCache(_EpochRows):
     @staticmethod
     def _differences(manifest, teacher, dataset, topk, temperature, dtype) -> list[str]:
         problems = []
-        if teacher is not None:
-            expected, actual = manifest["teacher"]["sha256"], teacher_digest(teacher)
-            if expected != actual:
-                problems.append(
-                    f"teacher weights differ (stored from {manifest['teacher']['class']} with "
-                    f"weights sha256 {_short(expected)}, this {type(teacher).__name__} has "
-                    f"{_short(actual)}) — stale"
-                )
+        stale = None if teacher is None else teacher_difference(manifest, teacher)
+        if stale is not None:
+            problems.append(stale)
         if dataset is not None:
             fingerprint = getattr(dataset, "fingerprint", None)
             actual = fingerprint() if callable(fingerprint) else None
